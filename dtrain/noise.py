@@ -27,11 +27,12 @@ def check_noise(model: str, rate: float, num_classes: int, mapping: list[int] | 
             f"noise rate {rate} must lie in [0, {limit:.3g}) for {model} noise with "
             f"{num_classes} classes; above it the wrong label is the most common one"
         )
-    if mapping is not None:
-        if len(mapping) != num_classes or not all(0 <= m < num_classes for m in mapping):
-            raise ValueError(
-                f"noise map {mapping} must give one target class in [0, {num_classes}) per class"
-            )
+    if mapping is not None and (
+        len(mapping) != num_classes or not all(0 <= m < num_classes for m in mapping)
+    ):
+        raise ValueError(
+            f"noise map {mapping} must give one target class in [0, {num_classes}) per class"
+        )
 
 
 def apply_noise(

@@ -330,5 +330,5 @@ def _print_summary(out: Path, meta: dict) -> None:
         print("  train transition matrix P(noisy | clean), rows clean, columns noisy:")
         width = max(7, max(len(c) for c in classes) + 2)
         print(" " * (width + 2) + "".join(f"{c:>{width}s}" for c in classes))
-        for c, row in zip(classes, train["transition_matrix"]):
+        for c, row in zip(classes, train["transition_matrix"], strict=False):
             print(f"  {c:>{width}s}" + "".join(f"{v:>{width}.3f}" for v in row))

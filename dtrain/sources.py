@@ -155,10 +155,7 @@ def from_manifest(path: Path, classes: list[str] | None = None) -> Source:
     if not path.is_file():
         raise DataError(f"manifest {path} does not exist")
     try:
-        if path.suffix.lower() == ".parquet":
-            table = pq.read_table(path)
-        else:
-            table = pacsv.read_csv(path)
+        table = pq.read_table(path) if path.suffix.lower() == ".parquet" else pacsv.read_csv(path)
     except Exception as err:  # pyarrow raises several types for malformed files
         raise DataError(f"cannot read manifest {path}: {err}") from err
     missing = {"path", "label"} - set(table.column_names)
