@@ -34,23 +34,38 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("source", nargs="?", default=None)
     p.add_argument("--out", help="output folder (default data/<name>_<noise><rate>_seed<seed>)")
     p.add_argument("--classes", type=_csv(str), help="class names in index order, comma-separated")
-    p.add_argument("--noise", choices=NOISE_MODELS,
-                   help="label noise on train (default: symmetric for the embedded set, none "
-                   "for your own data)")
+    p.add_argument(
+        "--noise",
+        choices=NOISE_MODELS,
+        help="label noise on train (default: symmetric for the embedded set, none "
+        "for your own data)",
+    )
     p.add_argument("--noise-rate", type=float, help="fraction of wrong labels (default 0.4)")
-    p.add_argument("--noise-map", type=_csv(int),
-                   help="asymmetric class map, e.g. 1,2,0 (default: next class)")
+    p.add_argument(
+        "--noise-map", type=_csv(int), help="asymmetric class map, e.g. 1,2,0 (default: next class)"
+    )
     p.add_argument("--noise-val", action="store_true", help="also put noise on val labels")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--split", type=_csv(float), default=[0.7, 0.1, 0.2],
-                   help="train,val,test fractions (default 0.7,0.1,0.2)")
-    p.add_argument("--dedup-threshold", type=float, default=0.95,
-                   help="thumbnail correlation above which images share a group (default 0.95)")
+    p.add_argument(
+        "--split",
+        type=_csv(float),
+        default=[0.7, 0.1, 0.2],
+        help="train,val,test fractions (default 0.7,0.1,0.2)",
+    )
+    p.add_argument(
+        "--dedup-threshold",
+        type=float,
+        default=0.95,
+        help="thumbnail correlation above which images share a group (default 0.95)",
+    )
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     p.add_argument("--shard-bytes", type=_size, help="bytes per shard, e.g. 500MB")
     p.add_argument("--resize", type=int, help="resize the shorter side to this many pixels")
-    p.add_argument("--skip-bad-images", action="store_true",
-                   help="leave unreadable images out instead of failing")
+    p.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        help="leave unreadable images out instead of failing",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a different dataset at --out")
     p.add_argument("--no-progress", action="store_true")
 
@@ -58,14 +73,26 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
 def _run_prepare(args: argparse.Namespace) -> None:
     from dtrain.prepare import PrepareConfig, prepare
 
-    prepare(PrepareConfig(
-        source=args.source, out=args.out, classes=args.classes, noise=args.noise,
-        noise_rate=args.noise_rate, noise_map=args.noise_map, noise_val=args.noise_val,
-        seed=args.seed, split=tuple(args.split), dedup_threshold=args.dedup_threshold,
-        shard_size=args.shard_size, shard_bytes=args.shard_bytes, resize=args.resize,
-        skip_bad_images=args.skip_bad_images, overwrite=args.overwrite,
-        progress=not args.no_progress,
-    ))
+    prepare(
+        PrepareConfig(
+            source=args.source,
+            out=args.out,
+            classes=args.classes,
+            noise=args.noise,
+            noise_rate=args.noise_rate,
+            noise_map=args.noise_map,
+            noise_val=args.noise_val,
+            seed=args.seed,
+            split=tuple(args.split),
+            dedup_threshold=args.dedup_threshold,
+            shard_size=args.shard_size,
+            shard_bytes=args.shard_bytes,
+            resize=args.resize,
+            skip_bad_images=args.skip_bad_images,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -31,12 +31,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dtrain.sources import DataError
 from dtrain.transforms import (
+    center_crop,
     decode_image,
     decode_side,
-    eval_geometry,
     jitter_and_normalise,
     normalise,
-    train_geometry,
+    random_flip,
+    random_resized_crop,
+    stack,
 )
 
 log = logging.getLogger(__name__)
@@ -94,8 +96,13 @@ class EpochPlan:
 
 
 def plan_epoch(
-    counts: dict[str, int], world_size: int, workers: int, batch_size: int, seed: int,
-    epoch: int, shuffle: bool,
+    counts: dict[str, int],
+    world_size: int,
+    workers: int,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    shuffle: bool,
 ) -> EpochPlan:
     """Balanced shard assignment (largest first to the emptiest slot, in a seeded random order
     among equals) and the padding that gives every rank the same number of full batches."""
@@ -144,17 +151,33 @@ def _decode(sample: dict, num_classes: int | None, channels: int, min_side: int)
         image = decode_image(sample[image_keys[0]], channels, min_side)
     except Exception as err:  # PIL raises OSError, ValueError, SyntaxError... on bad bytes
         raise CorruptSampleError(f"{where}: cannot decode ({err})") from err
-    return {"image": image, "label": label, "clean_label": int(meta.get("clean_label", label)),
-            "key": sample["__key__"]}
+    return {
+        "image": image,
+        "label": label,
+        "clean_label": int(meta.get("clean_label", label)),
+        "key": sample["__key__"],
+    }
 
 
 class ShardStream(IterableDataset):
     """Batches (dicts of tensors) for one rank; see the module docstring."""
 
     def __init__(
-        self, urls: list[str], counts: dict[str, int] | None, *, train: bool, batch_size: int,
-        image_size: int, channels: int, num_classes: int | None, rank: int, world_size: int,
-        workers: int, seed: int, shuffle_buffer: int, samples_per_epoch: int | None,
+        self,
+        urls: list[str],
+        counts: dict[str, int] | None,
+        *,
+        train: bool,
+        batch_size: int,
+        image_size: int,
+        channels: int,
+        num_classes: int | None,
+        rank: int,
+        world_size: int,
+        workers: int,
+        seed: int,
+        shuffle_buffer: int,
+        samples_per_epoch: int | None,
         strict: bool,
     ) -> None:
         self.urls, self.counts, self.train = urls, counts, train
@@ -163,14 +186,21 @@ class ShardStream(IterableDataset):
         self.seed, self.shuffle_buffer, self.strict = seed, shuffle_buffer, strict
         self.samples_per_epoch = samples_per_epoch
         self.min_side = decode_side(image_size, train)
-        self.geometry = train_geometry(image_size) if train else eval_geometry(image_size)
+        self.image_size = image_size
         self.epoch = 0
 
     def plan(self) -> EpochPlan | None:
         if self.counts is None:
             return None
-        return plan_epoch(self.counts, self.world_size, self.workers, self.batch_size,
-                          self.seed, self.epoch, shuffle=self.train)
+        return plan_epoch(
+            self.counts,
+            self.world_size,
+            self.workers,
+            self.batch_size,
+            self.seed,
+            self.epoch,
+            shuffle=self.train,
+        )
 
     def batches_per_rank(self) -> int:
         if self.samples_per_epoch is not None:
@@ -185,9 +215,11 @@ class ShardStream(IterableDataset):
     def _raw_samples(self, slot: int, plan: EpochPlan | None) -> Iterator[dict]:
         rng = random.Random(hash((self.seed, self.epoch, slot)))
         if plan is None:  # resampled: shards drawn with replacement, forever
+
             def urls():
                 while True:
                     yield {"url": rng.choice(self.urls)}
+
             source = urls()
         else:
             shards = list(plan.shards[slot])
@@ -196,8 +228,9 @@ class ShardStream(IterableDataset):
             source = [{"url": u} for u in shards]
         samples = wds.tarfile_to_samples(handler=_reraise_with_shard)(source)
         if self.train:
-            samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer // 4,
-                                  rng=rng)(samples)
+            samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer // 4, rng=rng)(
+                samples
+            )
         return samples
 
     def _samples(self, slot: int, plan: EpochPlan | None, total: int) -> Iterator[dict]:
@@ -230,8 +263,10 @@ class ShardStream(IterableDataset):
                 f"{plan.samples[slot]}; re-create them with dtrain prepare"
             )
         if not recent:
-            raise DataError(f"rank {self.rank} slot {slot} read no decodable sample from "
-                            f"{plan.shards[slot] if plan else self.urls}")
+            raise DataError(
+                f"rank {self.rank} slot {slot} read no decodable sample from "
+                f"{plan.shards[slot] if plan else self.urls}"
+            )
         for pad in range(total - emitted):
             corrupt = pad < owed_corrupt
             yield {**recent[pad % len(recent)], "valid": False, "corrupt": corrupt}
@@ -244,12 +279,13 @@ class ShardStream(IterableDataset):
             "corrupt": torch.tensor([s["corrupt"] for s in samples]),
             "key": [s["key"] for s in samples],
         }
+        size = self.image_size
         if self.train:
             for view in ("view1", "view2"):
-                pixels = torch.stack([self.geometry(s["image"]) for s in samples])
-                batch[view] = jitter_and_normalise(pixels)
+                crops = stack([random_resized_crop(s["image"], size) for s in samples])
+                batch[view] = jitter_and_normalise(random_flip(crops))
         else:
-            batch["image"] = normalise(torch.stack([self.geometry(s["image"]) for s in samples]))
+            batch["image"] = normalise(stack([center_crop(s["image"], size) for s in samples]))
         return batch
 
     def __iter__(self) -> Iterator[dict]:
@@ -292,9 +328,15 @@ class ShardLoader:
 
     def __init__(self, stream: ShardStream, num_workers: int, pin_memory: bool) -> None:
         self.stream = stream
-        self.loader = DataLoader(stream, batch_size=None, num_workers=num_workers,
-                                 pin_memory=pin_memory,
-                                 prefetch_factor=4 if num_workers else None)
+        # its own generator: creating an iterator must not draw from the training RNG
+        self.loader = DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            prefetch_factor=4 if num_workers else None,
+            generator=torch.Generator().manual_seed(stream.seed),
+        )
 
     def set_epoch(self, epoch: int) -> None:
         self.stream.epoch = epoch
@@ -308,14 +350,18 @@ class ShardLoader:
     def describe(self) -> str:
         s = self.stream
         if s.samples_per_epoch is not None:
-            return (f"resampled: {s.samples_per_epoch} samples per epoch over "
-                    f"{s.world_size} rank(s); {len(self)} batches of {s.batch_size} per rank")
+            return (
+                f"resampled: {s.samples_per_epoch} samples per epoch over "
+                f"{s.world_size} rank(s); {len(self)} batches of {s.batch_size} per rank"
+            )
         plan = s.plan()
         total = sum(plan.samples)
         padding = len(self) * s.world_size * s.batch_size - total
-        return (f"{total} samples in {len(s.urls)} shards over {s.world_size} rank(s) x "
-                f"{s.workers} worker(s); {len(self)} batches of {s.batch_size} per rank "
-                f"({padding} padding)")
+        return (
+            f"{total} samples in {len(s.urls)} shards over {s.world_size} rank(s) x "
+            f"{s.workers} worker(s); {len(self)} batches of {s.batch_size} per rank "
+            f"({padding} padding)"
+        )
 
 
 def _dist_rank_world() -> tuple[int, int]:
@@ -325,11 +371,23 @@ def _dist_rank_world() -> tuple[int, int]:
 
 
 def make_loader(
-    urls: str | Sequence[str], *, train: bool, batch_size: int, image_size: int = 64,
-    channels: int | None = None, num_classes: int | None = None, num_workers: int = 0,
-    rank: int | None = None, world_size: int | None = None, seed: int = 0,
-    shuffle_buffer: int = 1000, resampled: bool = False, samples_per_epoch: int | None = None,
-    shard_counts: dict[str, int] | None = None, strict: bool = False, pin_memory: bool = False,
+    urls: str | Sequence[str],
+    *,
+    train: bool,
+    batch_size: int,
+    image_size: int = 64,
+    channels: int | None = None,
+    num_classes: int | None = None,
+    num_workers: int = 0,
+    rank: int | None = None,
+    world_size: int | None = None,
+    seed: int = 0,
+    shuffle_buffer: int = 1000,
+    resampled: bool = False,
+    samples_per_epoch: int | None = None,
+    shard_counts: dict[str, int] | None = None,
+    strict: bool = False,
+    pin_memory: bool = False,
 ) -> ShardLoader:
     """A loader for one rank. Rank and world size default to torch.distributed or RANK and
     WORLD_SIZE. Channels and classes default to the `dataset.json` beside the shards."""
@@ -361,10 +419,20 @@ def make_loader(
         num_classes = num_classes or len(meta["classes"])
     workers = max(1, num_workers)
     stream = ShardStream(
-        shard_urls, None if resampled else shard_counts, train=train, batch_size=batch_size,
-        image_size=image_size, channels=channels or 3, num_classes=num_classes, rank=rank,
-        world_size=world_size, workers=workers, seed=seed, shuffle_buffer=shuffle_buffer,
-        samples_per_epoch=samples_per_epoch if resampled else None, strict=strict,
+        shard_urls,
+        None if resampled else shard_counts,
+        train=train,
+        batch_size=batch_size,
+        image_size=image_size,
+        channels=channels or 3,
+        num_classes=num_classes,
+        rank=rank,
+        world_size=world_size,
+        workers=workers,
+        seed=seed,
+        shuffle_buffer=shuffle_buffer,
+        samples_per_epoch=samples_per_epoch if resampled else None,
+        strict=strict,
     )
     if not resampled:
         stream.plan()  # fail now, not inside a worker, if shards < ranks x workers

@@ -8,6 +8,8 @@ import io
 import numpy as np
 from PIL import Image
 
+from dtrain.transforms import to_8bit
+
 THUMB_SIDE = 16
 
 
@@ -24,7 +26,7 @@ def decode_thumbnail(data: bytes, side: int = THUMB_SIDE) -> tuple[np.ndarray, b
         image = Image.open(io.BytesIO(data))
         size = image.size
         image.draft(None, (side * 4, side * 4))
-        image = image.convert("RGB")
+        image = to_8bit(image).convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise BadImageError(str(err)) from err
     rgb = np.asarray(image.resize((side, side), Image.Resampling.BOX), dtype=np.float32)
@@ -40,9 +42,7 @@ def standardise(thumbs: np.ndarray) -> np.ndarray:
     return (x / np.maximum(norms, 1e-8)).astype(np.float32)
 
 
-def near_duplicate_groups(
-    thumbs: np.ndarray, threshold: float, block: int = 2048
-) -> np.ndarray:
+def near_duplicate_groups(thumbs: np.ndarray, threshold: float, block: int = 2048) -> np.ndarray:
     """Group id per image: connected components of the graph `corr(i, j) > threshold`.
 
     Exact copies correlate at 1.0. Constant images (no variance) only join their exact copies.

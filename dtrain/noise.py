@@ -68,14 +68,18 @@ def apply_noise(
 
 
 def _instance_noise(
-    labels: np.ndarray, num_classes: int, rate: float, rng: np.random.Generator,
+    labels: np.ndarray,
+    num_classes: int,
+    rate: float,
+    rng: np.random.Generator,
     features: np.ndarray,
 ) -> np.ndarray:
     from scipy.stats import truncnorm
 
     std = 0.1
-    q = truncnorm.rvs((0 - rate) / std, (1 - rate) / std, loc=rate, scale=std,
-                      size=len(labels), random_state=rng)
+    q = truncnorm.rvs(
+        (0 - rate) / std, (1 - rate) / std, loc=rate, scale=std, size=len(labels), random_state=rng
+    )
     x = features.reshape(len(features), -1).astype(np.float64)
     x = (x - x.mean(axis=1, keepdims=True)) / (x.std(axis=1, keepdims=True) + 1e-8)
     w = rng.standard_normal((num_classes, x.shape[1], num_classes))

@@ -76,11 +76,20 @@ class PrepareConfig:
     def request(self, source: Source) -> dict:
         """What determines the output bytes; two runs with equal requests write equal shards."""
         model, rate = self.resolved_noise()
-        keep = {k: v for k, v in asdict(self).items()
-                if k not in ("out", "overwrite", "progress", "noise", "noise_rate")}
+        keep = {
+            k: v
+            for k, v in asdict(self).items()
+            if k not in ("out", "overwrite", "progress", "noise", "noise_rate")
+        }
         keep["split"] = list(self.split)
-        return {**keep, "noise": model, "noise_rate": rate, "source_kind": source.kind,
-                "num_items": len(source), "format_version": FORMAT_VERSION}
+        return {
+            **keep,
+            "noise": model,
+            "noise_rate": rate,
+            "source_kind": source.kind,
+            "num_items": len(source),
+            "format_version": FORMAT_VERSION,
+        }
 
 
 def default_out(config: PrepareConfig, source: Source) -> Path:
@@ -101,7 +110,8 @@ def _resize(data: bytes, ext: str, side: int) -> tuple[bytes, str]:
     buffer = io.BytesIO()
     if ext == "jpg":
         image.convert("RGB" if image.mode not in ("L", "RGB") else image.mode).save(
-            buffer, format="JPEG", quality=95)
+            buffer, format="JPEG", quality=95
+        )
         return buffer.getvalue(), "jpg"
     image.save(buffer, format="PNG")
     return buffer.getvalue(), "png"
@@ -176,8 +186,11 @@ def _check_destination(out: Path, request: dict, overwrite: bool) -> bool:
             for name, info in old["shards"].items()
         )
     if not overwrite:
-        changed = sorted(k for k in set(request) | set(old.get("request", {}))
-                         if request.get(k) != old.get("request", {}).get(k))
+        changed = sorted(
+            k
+            for k in set(request) | set(old.get("request", {}))
+            if request.get(k) != old.get("request", {}).get(k)
+        )
         raise DataError(
             f"{out} holds a different dataset (differs in: {', '.join(changed)}); pass "
             "--overwrite to replace it or choose another --out"
@@ -185,35 +198,62 @@ def _check_destination(out: Path, request: dict, overwrite: bool) -> bool:
     return False
 
 
+TAR_BLOCK = 512
+TAR_RECORD = 20 * TAR_BLOCK  # tar pads each file to a multiple of this
+
+
+def _tar_bytes(sample: dict) -> int:
+    """Bytes a sample adds to a tar file: a header block per member plus its padded payload."""
+    return sum(
+        TAR_BLOCK + -(-len(v) // TAR_BLOCK) * TAR_BLOCK for k, v in sample.items() if k != "__key__"
+    )
+
+
 def _write_shards(
     staging: Path, source: Source, rows: list[dict], config: PrepareConfig, split: str
 ) -> dict[str, dict]:
-    """Write one split's rows in order; returns shard name -> {count, bytes} and sets row shard."""
+    """Write one split's rows in order, starting a new shard when the next sample would pass
+    `shard_size` samples or `shard_bytes` file bytes (tar's final record padding aside).
+    Returns shard name -> {split, count} and records each row's shard."""
     import webdataset as wds
 
-    if not rows:
-        return {}
     shards: dict[str, dict] = {}
-    maxsize = float(config.shard_bytes) if config.shard_bytes else 3e9
-    pattern = str(staging / f"{split}-%06d.tar")
-    with wds.ShardWriter(pattern, maxcount=config.shard_size, maxsize=maxsize, verbose=0,
-                         mtime=0.0) as writer:
+    writer, size, count = None, 0, 0
+    max_bytes = config.shard_bytes or float("inf")
+    try:
         for row in _progress(rows, len(rows), f"writing {split}", config.progress):
             data, ext = source.read(row["index"])
             if config.resize:
                 data, ext = _resize(data, ext, config.resize)
-            record = {"clean_label": row["clean_label"], "noisy_label": row["noisy_label"],
-                      "source": row["source"], "group": row["group"]}
-            writer.write({
+            record = {
+                "clean_label": row["clean_label"],
+                "noisy_label": row["noisy_label"],
+                "source": row["source"],
+                "group": row["group"],
+            }
+            sample = {
                 "__key__": row["key"],
                 ext: data,
                 "cls": str(row["noisy_label"]).encode(),
                 "json": json.dumps(record, sort_keys=True).encode(),
-            })
-            name = Path(writer.fname).name
+            }
+            nbytes = _tar_bytes(sample)
+            if writer is None or count >= config.shard_size or size + nbytes > max_bytes:
+                if writer is not None:
+                    writer.close()
+                name = f"{split}-{len(shards):06d}.tar"
+                # integer mtime: a float one makes tarfile add a PAX header to every member
+                writer = wds.TarWriter(str(staging / name), mtime=0)
+                shards[name] = {"split": split, "count": 0}
+                size, count = 2 * TAR_BLOCK, 0  # the end-of-archive blocks
+            writer.write(sample)
+            size += nbytes
+            count += 1
+            shards[name]["count"] = count
             row["shard"] = name
-            entry = shards.setdefault(name, {"split": split, "count": 0})
-            entry["count"] += 1
+    finally:
+        if writer is not None:
+            writer.close()
     return shards
 
 
@@ -242,11 +282,18 @@ def prepare(config: PrepareConfig) -> Path:
         if name in noised_splits:
             members = np.flatnonzero(split_of == s)
             noisy[members] = apply_noise(
-                clean[members], len(source.classes), noise_model, noise_rate,
-                seed=config.seed + 1000 * (s + 1), mapping=config.noise_map,
-                features=thumbs[members])
-    print(f"{source.name}: {len(kept)} images, {groups.max() + 1} near-duplicate groups "
-          f"(correlation > {config.dedup_threshold} on {thumbs.shape[1]}px thumbnails)")
+                clean[members],
+                len(source.classes),
+                noise_model,
+                noise_rate,
+                seed=config.seed + 1000 * (s + 1),
+                mapping=config.noise_map,
+                features=thumbs[members],
+            )
+    print(
+        f"{source.name}: {len(kept)} images, {groups.max() + 1} near-duplicate groups "
+        f"(correlation > {config.dedup_threshold} on {thumbs.shape[1]}px thumbnails)"
+    )
 
     rng = np.random.default_rng(config.seed)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -258,18 +305,26 @@ def prepare(config: PrepareConfig) -> Path:
     for s, split in enumerate(SPLITS):
         members = np.flatnonzero(split_of == s)
         members = members[rng.permutation(len(members))]  # mix classes and groups in each shard
-        rows = [{"key": f"s{kept[m]:07d}", "index": int(kept[m]), "split": split,
-                 "clean_label": int(clean[m]), "noisy_label": int(noisy[m]),
-                 "is_noisy": bool(clean[m] != noisy[m]), "group": int(groups[m]),
-                 "source": source.paths[kept[m]]} for m in members]
+        rows = [
+            {
+                "key": f"s{kept[m]:07d}",
+                "index": int(kept[m]),
+                "split": split,
+                "clean_label": int(clean[m]),
+                "noisy_label": int(noisy[m]),
+                "is_noisy": bool(clean[m] != noisy[m]),
+                "group": int(groups[m]),
+                "source": source.paths[kept[m]],
+            }
+            for m in members
+        ]
         shards.update(_write_shards(staging, source, rows, config, split))
         rows_all += rows
     for name, info in shards.items():
         info["bytes"] = (staging / name).stat().st_size
         info["sha256"] = _sha256(staging / name)
 
-    columns = ["key", "shard", "split", "clean_label", "noisy_label", "is_noisy", "group",
-               "source"]
+    columns = ["key", "shard", "split", "clean_label", "noisy_label", "is_noisy", "group", "source"]
     table = pa.table({c: [r[c] for r in rows_all] for c in columns})
     pq.write_table(table, staging / MANIFEST)
 
@@ -282,10 +337,12 @@ def prepare(config: PrepareConfig) -> Path:
             "groups": int(len(np.unique(groups[members]))),
             "per_class_clean": np.bincount(clean[members], minlength=num_classes).tolist(),
             "per_class_noisy": np.bincount(noisy[members], minlength=num_classes).tolist(),
-            "noise_rate": float((clean[members] != noisy[members]).mean()) if members.any()
+            "noise_rate": float((clean[members] != noisy[members]).mean())
+            if members.any()
             else 0.0,
-            "transition_matrix": transition_matrix(clean[members], noisy[members],
-                                                   num_classes).round(6).tolist(),
+            "transition_matrix": transition_matrix(clean[members], noisy[members], num_classes)
+            .round(6)
+            .tolist(),
         }
     meta = {
         "format_version": FORMAT_VERSION,
@@ -294,12 +351,19 @@ def prepare(config: PrepareConfig) -> Path:
         "source": {"kind": source.kind, **source.description},
         "images": image_stats,
         "dedup": {"threshold": config.dedup_threshold, "groups": int(groups.max() + 1)},
-        "noise": {"model": noise_model, "rate": noise_rate, "seed": config.seed,
-                  "map": config.noise_map, "splits": noised_splits},
+        "noise": {
+            "model": noise_model,
+            "rate": noise_rate,
+            "seed": config.seed,
+            "map": config.noise_map,
+            "splits": noised_splits,
+        },
         "splits": per_split,
-        "shard_pattern": {split: f"{split}-{{000000..{max(0, n - 1):06d}}}.tar"
-                          for split in SPLITS
-                          if (n := sum(1 for i in shards.values() if i["split"] == split))},
+        "shard_pattern": {
+            split: f"{split}-{{000000..{max(0, n - 1):06d}}}.tar"
+            for split in SPLITS
+            if (n := sum(1 for i in shards.values() if i["split"] == split))
+        },
         "shards": shards,
         "request": request,
     }
@@ -323,8 +387,10 @@ def _print_summary(out: Path, meta: dict) -> None:
     for split, info in meta["splits"].items():
         if not info["count"]:
             continue
-        print(f"  {split:5s} {info['count']:6d} images in {info['groups']:5d} groups, "
-              f"noise rate {info['noise_rate']:.3f}")
+        print(
+            f"  {split:5s} {info['count']:6d} images in {info['groups']:5d} groups, "
+            f"noise rate {info['noise_rate']:.3f}"
+        )
     train = meta["splits"]["train"]
     if meta["noise"]["model"] != "none":
         print("  train transition matrix P(noisy | clean), rows clean, columns noisy:")

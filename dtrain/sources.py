@@ -234,9 +234,7 @@ def from_npz(path: Path, classes: list[str] | None = None) -> Source:
         if y.ndim == 2 and y.shape[1] == 1:
             y = y[:, 0]
         if y.ndim != 1:
-            raise DataError(
-                f"{path}:{key} has shape {y.shape}; multi-label sets are not supported"
-            )
+            raise DataError(f"{path}:{key} has shape {y.shape}; multi-label sets are not supported")
         if x.dtype != np.uint8 or x.ndim not in (3, 4) or len(x) != len(y):
             raise DataError(
                 f"{path}:{part}_images must be uint8 (N,H,W) or (N,H,W,3) matching {key}; "
@@ -250,8 +248,7 @@ def from_npz(path: Path, classes: list[str] | None = None) -> Source:
     bad = np.flatnonzero((all_labels < 0) | (all_labels >= num_classes))
     if len(bad):
         raise DataError(
-            f"{paths[bad[0]]}: label {all_labels[bad[0]]} is out of range for {num_classes} "
-            "classes"
+            f"{paths[bad[0]]}: label {all_labels[bad[0]]} is out of range for {num_classes} classes"
         )
     return Source(
         name=path.stem,
@@ -279,6 +276,4 @@ def open_source(spec: str | None, classes: list[str] | None = None) -> Source:
         return from_npz(path, classes)
     if not path.exists():
         raise DataError(f"source {spec} does not exist")
-    raise DataError(
-        f"source {spec} is neither a folder, a .csv/.parquet manifest nor an .npz file"
-    )
+    raise DataError(f"source {spec} is neither a folder, a .csv/.parquet manifest nor an .npz file")

@@ -1,0 +1,144 @@
+"""Images/s of the streaming loader (decode + two augmented views, 64 px) at 0, 1 and 2 workers,
+against decoding the same JPEGs with PIL in a plain loop. Ratios come from one run.
+
+    python benchmarks/loader_throughput.py [--data DIR] [--repeats 3]
+
+Prints a table and writes benchmarks/results/loader.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import tarfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from dtrain.data import make_loader, split_urls
+from dtrain.prepare import PrepareConfig, prepare
+
+RESULTS = Path(__file__).parent / "results" / "loader.json"
+
+
+def jpeg_bytes(urls: list[str]) -> list[bytes]:
+    images = []
+    for url in urls:
+        with tarfile.open(url) as tar:
+            images += [
+                tar.extractfile(m).read()
+                for m in tar.getmembers()
+                if m.name.endswith((".jpg", ".png"))
+            ]
+    return images
+
+
+def plain_decode(urls: list[str], size: int, draft: bool) -> float:
+    """Images/s of: read the shards, decode each image with PIL, grayscale, resize to size."""
+    start = time.perf_counter()
+    images = jpeg_bytes(urls)
+    for data in images:
+        image = Image.open(io.BytesIO(data))
+        if draft:
+            image.draft("L", (size, size))
+        image.convert("L").resize((size, size), Image.Resampling.BILINEAR)
+    return len(images) / (time.perf_counter() - start)
+
+
+def loader_rate(urls: list[str], size: int, workers: int, batch_size: int) -> float:
+    """Images/s over one full epoch, worker start-up included (as a trainer sees it)."""
+    loader = make_loader(
+        urls,
+        train=True,
+        batch_size=batch_size,
+        image_size=size,
+        num_workers=workers,
+        rank=0,
+        world_size=1,
+    )
+    start = time.perf_counter()
+    seen = sum(int(batch["valid"].sum()) for batch in loader)
+    return seen / (time.perf_counter() - start)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", help="a dtrain prepare folder (default: the embedded set)")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3, help="best of N runs per row")
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args()
+    data = Path(args.data) if args.data else prepare(PrepareConfig(progress=False))
+    urls = split_urls(data, "train")
+
+    rows = {}
+
+    def best(name, fn):
+        rows[name] = max(fn() for _ in range(args.repeats))
+
+    best("PIL decode + resize, plain loop", lambda: plain_decode(urls, args.size, draft=False))
+    for workers in (0, 1, 2):
+        best(
+            f"dtrain loader, {workers} workers",
+            lambda w=workers: loader_rate(urls, args.size, w, args.batch_size),
+        )
+    best(
+        "PIL decode + resize, plain loop (again)",
+        lambda: plain_decode(urls, args.size, draft=False),
+    )
+    best(
+        "PIL decode with JPEG draft + resize (reference)",
+        lambda: plain_decode(urls, args.size, draft=True),
+    )
+
+    baseline = (
+        rows["PIL decode + resize, plain loop"] + rows["PIL decode + resize, plain loop (again)"]
+    ) / 2
+    print(f"{'pipeline':50s} {'images/s':>10s} {'x plain':>8s}")
+    for name, rate in rows.items():
+        print(f"{name:50s} {rate:10.0f} {rate / baseline:8.2f}")
+    ratio = rows["dtrain loader, 1 workers"] / baseline
+    print(
+        f"target: loader at 1 worker >= 0.9x plain decode -> {ratio:.2f}x "
+        f"({'met' if ratio >= 0.9 else 'missed'})"
+    )
+    result = {
+        "images": len(jpeg_bytes(urls)),
+        "size": args.size,
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
+        "images_per_s": rows,
+        "plain_baseline": baseline,
+        "ratio_1_worker": ratio,
+        "target_ratio": 0.9,
+        "machine": {
+            "cpu": cpu_model(),
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+        },
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

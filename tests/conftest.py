@@ -1,0 +1,47 @@
+"""Shared fixtures: small real image collections written to temporary folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def make_image(seed: int, side: int = 40, channels: int = 1) -> np.ndarray:
+    """A smooth random uint8 image: unlike white noise, it survives JPEG and downscaling."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, size=(6, 6, channels)).astype(np.uint8)
+    mode = "L" if channels == 1 else "RGB"
+    image = Image.fromarray(coarse[..., 0] if channels == 1 else coarse, mode)
+    return np.asarray(image.resize((side, side), Image.Resampling.BICUBIC))
+
+
+def near_copy(array: np.ndarray, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.clip(array.astype(int) + rng.integers(-3, 4, array.shape), 0, 255).astype(np.uint8)
+
+
+def write_folder(
+    root: Path, per_class: dict[str, int], fmt: str = "png", seed: int = 0, duplicates: int = 0
+) -> Path:
+    """`root/<class>/<i>.<fmt>`; the first `duplicates` images of each class also get a near copy
+    (`<i>_dup.<fmt>`)."""
+    offset = seed * 10_000
+    for c, (name, count) in enumerate(per_class.items()):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            array = make_image(offset + c * 1000 + i)
+            Image.fromarray(array).save(folder / f"{i:03d}.{fmt}")
+            if i < duplicates:
+                Image.fromarray(near_copy(array, i)).save(folder / f"{i:03d}_dup.{fmt}")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    return write_folder(
+        tmp_path / "images", {"benign": 30, "malignant": 30, "normal": 30}, duplicates=5
+    )

@@ -1,0 +1,293 @@
+"""The streaming loader: exactly-once coverage with equal batch counts over ranks and workers,
+corrupt samples skipped or fatal, nothing unpickled, seeded shuffling, clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+import webdataset as wds
+from conftest import write_folder
+
+from dtrain.data import CorruptSampleError, make_loader, split_urls
+from dtrain.prepare import PrepareConfig, prepare
+from dtrain.sources import DataError
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """120 images, all in train, in 18 shards of 7 (the last holds 1): uneven on purpose."""
+    root = tmp_path_factory.mktemp("loader")
+    folder = write_folder(root / "images", {"a": 40, "b": 40, "c": 40}, fmt="jpg")
+    return prepare(
+        PrepareConfig(
+            source=str(folder),
+            out=str(root / "ds"),
+            split=(1.0, 0, 0),
+            shard_size=7,
+            noise="symmetric",
+            noise_rate=0.3,
+            progress=False,
+        )
+    )
+
+
+def all_keys(dataset: Path) -> set[str]:
+    return {k for name in dataset.glob("*.tar") for k in _tar_keys(name)}
+
+
+def _tar_keys(path: Path) -> set[str]:
+    with tarfile.open(path) as tar:
+        return {m.name.split(".", 1)[0] for m in tar.getmembers()}
+
+
+def rewrite_shard(path: Path, change) -> None:
+    """Rewrite a shard in place with `change(sample) -> sample` applied to each sample."""
+    samples = list(wds.WebDataset(str(path), shardshuffle=False))
+    with wds.TarWriter(str(path)) as writer:
+        for sample in samples:
+            writer.write(
+                change(
+                    {k: v for k, v in sample.items() if k != "__url__" and k != "__local_path__"}
+                )
+            )
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_each_sample_exactly_once_with_equal_batches_over_2_ranks_x_2_workers(
+    dataset, tmp_path, mode
+):
+    procs = []
+    for rank in range(2):
+        out = tmp_path / f"rank{rank}.json"
+        procs.append(
+            (
+                out,
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        str(HERE / "loader_rank.py"),
+                        str(dataset),
+                        str(rank),
+                        "2",
+                        mode,
+                        str(out),
+                    ],
+                    stderr=subprocess.PIPE,
+                    text=True,
+                ),
+            )
+        )
+    results = []
+    for out, proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        results.append(json.loads(out.read_text()))
+    expected = all_keys(dataset)
+    assert len(expected) == 120
+    for epoch in ("0", "1"):
+        keys = results[0][epoch]["keys"] + results[1][epoch]["keys"]
+        assert sorted(keys) == sorted(expected)  # every sample once, none twice
+        assert results[0][epoch]["batches"] == results[1][epoch]["batches"]
+        assert results[0][epoch]["batches"] == results[0][epoch]["len"]
+    if mode == "train":  # seeded reshuffle: the epochs differ in order
+        assert results[0]["0"]["keys"] != results[0]["1"]["keys"]
+
+
+def test_batches_hold_two_views_labels_and_clean_labels(dataset):
+    loader = make_loader(split_urls(dataset, "train"), train=True, batch_size=16, image_size=24)
+    batch = next(iter(loader))
+    assert batch["view1"].shape == batch["view2"].shape == (16, 1, 24, 24)
+    assert not torch.equal(batch["view1"], batch["view2"])
+    assert batch["view1"].min() >= -1 and batch["view1"].max() <= 1
+    labels = {}
+    for shard in dataset.glob("*.tar"):
+        for sample in wds.WebDataset(str(shard), shardshuffle=False):
+            labels[sample["__key__"]] = (
+                int(sample["cls"]),
+                json.loads(sample["json"])["clean_label"],
+            )
+    for key, label, clean in zip(
+        batch["key"], batch["label"].tolist(), batch["clean_label"].tolist(), strict=True
+    ):
+        assert labels[key] == (label, clean)
+    print(loader.describe())
+    assert "120 samples in 18 shards" in loader.describe()
+
+
+def test_shuffling_is_seeded_and_leaves_the_callers_rng_alone(dataset):
+    def first_batch(seed, epoch):
+        loader = make_loader(
+            split_urls(dataset, "train"), train=True, batch_size=8, image_size=16, seed=seed
+        )
+        loader.set_epoch(epoch)
+        return next(iter(loader))
+
+    torch.manual_seed(0)
+    a = first_batch(1, 0)
+    after = torch.rand(3)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    assert torch.equal(after, expected)  # augmenting did not consume the training RNG
+    b = first_batch(1, 0)
+    assert a["key"] == b["key"] and torch.equal(a["view1"], b["view1"])
+    assert first_batch(1, 1)["key"] != a["key"]
+    assert first_batch(2, 0)["key"] != a["key"]
+
+
+def test_eval_is_deterministic(dataset):
+    def keys_and_pixels():
+        loader = make_loader(
+            split_urls(dataset, "train"), train=False, batch_size=10, image_size=16, num_workers=2
+        )
+        batches = list(loader)
+        return [k for b in batches for k in b["key"]], torch.cat([b["image"] for b in batches])
+
+    (k1, p1), (k2, p2) = keys_and_pixels(), keys_and_pixels()
+    assert k1 == k2 and torch.equal(p1, p2)
+
+
+def test_resampled_mode_gives_a_fixed_number_of_full_batches(dataset):
+    loader = make_loader(
+        split_urls(dataset, "train"),
+        train=True,
+        batch_size=8,
+        image_size=16,
+        resampled=True,
+        samples_per_epoch=50,
+    )
+    batches = list(loader)
+    assert len(batches) == len(loader) == 7
+    assert all(b["valid"].all() for b in batches)
+
+
+@pytest.fixture
+def damaged(dataset, tmp_path) -> tuple[Path, str]:
+    """A copy of the dataset whose first shard has one undecodable image."""
+    copy = tmp_path / "ds"
+    copy.mkdir()
+    for path in dataset.iterdir():
+        (copy / path.name).write_bytes(path.read_bytes())
+    shard = sorted(copy.glob("train-*.tar"))[0]
+    victim = sorted(_tar_keys(shard))[2]
+
+    def corrupt(sample):
+        if sample["__key__"] == victim:
+            sample["jpg"] = sample["jpg"][:40]  # truncated JPEG
+        return sample
+
+    rewrite_shard(shard, corrupt)
+    return copy, victim
+
+
+def test_corrupt_sample_is_skipped_and_counted(damaged, caplog):
+    copy, victim = damaged
+    loader = make_loader(split_urls(copy, "train"), train=True, batch_size=8, image_size=16)
+    batches = list(loader)
+    valid = [k for b in batches for k, v in zip(b["key"], b["valid"].tolist(), strict=True) if v]
+    assert len(batches) == len(loader)
+    assert victim not in valid and len(valid) == 119
+    assert sum(int(b["corrupt"].sum()) for b in batches) == 1
+    assert any(victim in r.getMessage() for r in caplog.records)
+
+
+def test_corrupt_sample_is_fatal_when_strict(damaged):
+    copy, victim = damaged
+    loader = make_loader(
+        split_urls(copy, "train"), train=True, batch_size=8, image_size=16, strict=True
+    )
+    with pytest.raises(CorruptSampleError, match=rf"sample '{victim}' in .*train-000000.tar"):
+        list(loader)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.mkdir, (os.environ["DTRAIN_PICKLE_MARKER"],))
+
+
+@pytest.mark.parametrize("extension", ["pyd", "pickle"])
+def test_pickle_members_are_never_unpickled(dataset, tmp_path, monkeypatch, extension):
+    marker = tmp_path / "unpickled"
+    monkeypatch.setenv("DTRAIN_PICKLE_MARKER", str(marker))
+    payload = pickle.dumps(_Payload())
+    with pytest.raises(FileNotFoundError):
+        marker.stat()
+    copy = tmp_path / "ds"
+    copy.mkdir()
+    for path in dataset.iterdir():
+        (copy / path.name).write_bytes(path.read_bytes())
+    for shard in copy.glob("train-*.tar"):
+        rewrite_shard(shard, lambda s: {**s, extension: payload})
+    loader = make_loader(
+        split_urls(copy, "train"),
+        train=True,
+        batch_size=8,
+        image_size=16,
+        num_workers=1,
+        strict=True,
+    )
+    valid = sum(int(b["valid"].sum()) for b in loader)
+    assert valid == 120
+    assert not marker.exists()
+    pickle.loads(payload)  # the payload is live: this is what the loader must never do
+    assert marker.exists()
+
+
+def test_fewer_shards_than_readers_is_a_clear_error(dataset):
+    urls = split_urls(dataset, "train")[:3]
+    with pytest.raises(DataError, match=r"3 shards cannot feed 2 ranks x 2 workers"):
+        make_loader(urls, train=True, batch_size=8, num_workers=2, rank=0, world_size=2)
+
+
+def test_shards_without_dataset_json_need_counts_or_resampling(dataset, tmp_path):
+    lone = tmp_path / "train-000000.tar"
+    lone.write_bytes(sorted(dataset.glob("train-*.tar"))[0].read_bytes())
+    with pytest.raises(DataError, match=r"dataset.json.*shard_counts"):
+        make_loader(str(lone), train=True, batch_size=4)
+    loader = make_loader(
+        str(lone), train=True, batch_size=4, channels=1, num_classes=3, shard_counts={str(lone): 7}
+    )
+    assert sum(int(b["valid"].sum()) for b in loader) == 7
+
+
+def test_a_shard_that_disagrees_with_dataset_json_fails(dataset, tmp_path):
+    lone = tmp_path / "train-000000.tar"
+    lone.write_bytes(sorted(dataset.glob("train-*.tar"))[0].read_bytes())
+    loader = make_loader(
+        str(lone), train=True, batch_size=4, channels=1, num_classes=3, shard_counts={str(lone): 9}
+    )
+    with pytest.raises(DataError, match=r"hold 7 samples but their dataset.json says 9"):
+        list(loader)
+
+
+def test_16_bit_scans_keep_their_contrast(tmp_path):
+    """PIL alone would clip 16-bit pixels above 255 to white; the loader stretches them."""
+    import numpy as np
+    from PIL import Image
+
+    for name in ("a", "b"):
+        (tmp_path / "img" / name).mkdir(parents=True)
+        for i in range(4):
+            ramp = np.add.outer(np.arange(32), np.arange(32) * (i + 1)) * 500
+            Image.fromarray(ramp.astype(np.uint16)).save(tmp_path / "img" / name / f"{i}.png")
+    out = prepare(
+        PrepareConfig(
+            source=str(tmp_path / "img"),
+            out=str(tmp_path / "ds"),
+            split=(1.0, 0, 0),
+            progress=False,
+        )
+    )
+    loader = make_loader(split_urls(out, "train"), train=False, batch_size=8, image_size=16)
+    pixels = next(iter(loader))["image"]
+    assert pixels.min() < -0.8 and pixels.max() > 0.8
+    assert len(pixels.unique()) > 50
