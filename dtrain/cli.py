@@ -44,7 +44,11 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--noise-map", type=_csv(int), help="asymmetric class map, e.g. 1,2,0 (default: next class)"
     )
-    p.add_argument("--noise-val", action="store_true", help="also put noise on val labels")
+    p.add_argument(
+        "--clean-val",
+        action="store_true",
+        help="keep val labels clean (default: noisy like train, as a real user's are)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--split",
@@ -81,7 +85,7 @@ def _run_prepare(args: argparse.Namespace) -> None:
             noise=args.noise,
             noise_rate=args.noise_rate,
             noise_map=args.noise_map,
-            noise_val=args.noise_val,
+            noise_val=not args.clean_val,
             seed=args.seed,
             split=tuple(args.split),
             dedup_threshold=args.dedup_threshold,
@@ -95,16 +99,62 @@ def _run_prepare(args: argparse.Namespace) -> None:
     )
 
 
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a classifier on noisy labels",
+        description="Train with the config (defaults < --config YAML < key=value overrides). "
+        "With no arguments: prepare the embedded Br35H set if missing and train the method.",
+    )
+    p.add_argument("--config", help="YAML config, e.g. configs/iam.yaml")
+    p.add_argument("--resume", action="store_true", help="continue the run in train.run_dir")
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="e.g. method.group_size=4 optim.lr=0.1"
+    )
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a finished run on a split")
+    p.add_argument("run_dir")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--checkpoint", default="best", choices=["best", "last"])
+
+
+def _run_train(args: argparse.Namespace) -> None:
+    import signal
+
+    from dtrain.config import load_config
+    from dtrain.trainer import Trainer
+
+    config = load_config(args.config, args.overrides)
+    config.validate()
+    trainer = Trainer(config, resume=args.resume)
+    # SLURM sends SIGTERM (or the --signal of your choice) before preemption or the time limit:
+    # checkpoint at the next step and exit; `--resume` continues.
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda *_: trainer.request_stop())
+    trainer.fit()
+
+
+def _run_eval(args: argparse.Namespace) -> None:
+    from dtrain.evaluate import evaluate_run
+
+    evaluate_run(args.run_dir, args.split, args.checkpoint)
+
+
 def main(argv: list[str] | None = None) -> None:
     from dtrain.sources import DataError
 
     parser = argparse.ArgumentParser(prog="dtrain", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_prepare(sub)
+    _add_train(sub)
+    _add_eval(sub)
     args = parser.parse_args(argv)
+    commands = {"prepare": _run_prepare, "train": _run_train, "eval": _run_eval}
     try:
-        {"prepare": _run_prepare}[args.command](args)
-    except (DataError, ValueError) as err:
+        commands[args.command](args)
+    except (DataError, ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"dtrain {args.command}: error: {err}", file=sys.stderr)
         sys.exit(2)
 

@@ -40,7 +40,7 @@ class PrepareConfig:
     noise: str | None = None
     noise_rate: float | None = None
     noise_map: list[int] | None = None
-    noise_val: bool = False
+    noise_val: bool = True  # val labels as noisy as train's: model selection sees what users see
     seed: int = 0
     split: tuple[float, float, float] = (0.7, 0.1, 0.2)
     dedup_threshold: float = 0.95

@@ -45,3 +45,24 @@ def image_folder(tmp_path: Path) -> Path:
     return write_folder(
         tmp_path / "images", {"benign": 30, "malignant": 30, "normal": 30}, duplicates=5
     )
+
+
+def stripes(seed: int, vertical: bool, side: int = 32) -> np.ndarray:
+    """Stripes at a random frequency and phase, plus noise: an easy, flip-proof two-class task
+    whose images are still all different (they do not collapse into near-duplicate groups)."""
+    rng = np.random.default_rng(seed)
+    period = rng.uniform(4, 9)
+    axis = np.arange(side) * 2 * np.pi / period + rng.uniform(0, 2 * np.pi)
+    wave = np.tile(np.sin(axis), (side, 1))
+    image = 128 + 80 * (wave if vertical else wave.T) + rng.normal(0, 30, (side, side))
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def write_stripes(root: Path, per_class: int) -> Path:
+    for c, name in enumerate(("horizontal", "vertical")):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(stripes(10_000 * c + i, vertical=bool(c))).save(
+                root / name / f"{i:03d}.png"
+            )
+    return root

@@ -116,12 +116,13 @@ def test_embedded_default_is_br35h_with_40_percent_symmetric_noise(tmp_path):
         "rate": 0.4,
         "seed": 0,
         "map": None,
-        "splits": ["train"],
+        "splits": ["train", "val"],
     }
     counts = {s: meta["splits"][s]["count"] for s in ("train", "val", "test")}
     assert sum(counts.values()) == 3000
     assert abs(meta["splits"]["train"]["noise_rate"] - 0.4) < 0.01
     assert meta["splits"]["test"]["noise_rate"] == 0
+    assert abs(meta["splits"]["val"]["noise_rate"] - 0.4) < 0.01
     rows = pq.read_table(out / "manifest.parquet").to_pylist()
     split_of_group: dict[int, set] = {}
     for row in rows:

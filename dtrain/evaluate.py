@@ -1,0 +1,31 @@
+"""`dtrain eval RUN_DIR`: a finished run's checkpoint on any split of its dataset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dtrain import checkpoint
+from dtrain.config import load_config
+from dtrain.trainer import Trainer
+
+
+def evaluate_run(run_dir: str | Path, split: str = "test", which: str = "best") -> dict:
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{run_dir} holds no config.yaml: not a dtrain run folder")
+    config = load_config(config_path, [f"train.run_dir={run_dir}", "train.progress=false"])
+    trainer = Trainer(config, resume=True)
+    trainer.build()
+    ckpt = checkpoint.load(run_dir / f"{which}.pt")
+    trainer.accelerator.unwrap_model(trainer.model).load_state_dict(ckpt["model"])
+    metrics = trainer.evaluate(trainer.loader(split, train=False))
+    if trainer.is_main:
+        print(
+            json.dumps(
+                {"run": str(run_dir), "checkpoint": which, "split": split, **metrics}, indent=2
+            )
+        )
+    trainer.accelerator.end_training()
+    return metrics

@@ -1,0 +1,150 @@
+"""The losses of method.md and of the baselines. Every function takes a `valid` mask: the loader's
+padding samples (valid=False) never count."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def masked_mean(values: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    if valid is None:
+        return values.mean()
+    weights = valid.to(values.dtype)
+    return (values * weights).sum() / weights.sum().clamp_min(1)
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-row cross-entropy against a probability vector."""
+    return -(targets * F.log_softmax(logits.float(), dim=-1)).sum(dim=-1)
+
+
+def nt_xent(
+    z1: torch.Tensor, z2: torch.Tensor, temperature: float, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """SimCLR's NT-Xent on normalised projections [B, d]: the positive of each view is the other
+    view of the same image, every other view of the batch is a negative. Invalid (padding)
+    samples take no part at all."""
+    if valid is not None:
+        z1, z2 = z1[valid], z2[valid]
+    z = torch.cat([z1, z2]).float()
+    n = len(z1)
+    sim = (z @ z.T / temperature).fill_diagonal_(float("-inf"))
+    positives = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    return F.cross_entropy(sim, positives)
+
+
+def make_groups(
+    batch_size: int, group_size: int, device: torch.device | None = None
+) -> torch.Tensor:
+    """A random partition of the batch into [G, K] index groups."""
+    return torch.randperm(batch_size, device=device).view(-1, group_size)
+
+
+def group_pairs(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch indices (i, j) of every unordered pair inside every group: G * K(K-1)/2 pairs."""
+    k = groups.shape[1]
+    first, second = torch.triu_indices(k, k, offset=1, device=groups.device)
+    return groups[:, first].reshape(-1), groups[:, second].reshape(-1)
+
+
+def sample_lam(n: int, alpha: float, device: torch.device | None = None) -> torch.Tensor:
+    """lam ~ Beta(alpha, alpha) per pair; alpha <= 0 gives lam = 0.5."""
+    if alpha <= 0:
+        return torch.full((n,), 0.5, device=device)
+    concentration = torch.tensor(float(alpha), device=device)
+    return torch.distributions.Beta(concentration, concentration).sample((n,))
+
+
+def pair_weight(a_i: torch.Tensor, a_j: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """w_i = lam a_i / (lam a_i + (1 - lam) a_j); w_j = 1 - w_i."""
+    num = lam * a_i
+    return num / (num + (1 - lam) * a_j).clamp_min(1e-12)
+
+
+def intra_group_mixup(
+    values: torch.Tensor,
+    attention: torch.Tensor,
+    labels: torch.Tensor,
+    pairs: tuple,
+    lam: torch.Tensor,
+    num_classes: int,
+    head: torch.nn.Module | None = None,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """L_iam: mean soft-target CE over every pair (i, j) of every group.
+
+    `values` are pooled features h [B, D] with `head` the linear classifier (feature-space path),
+    or logits g(h) [B, C] with `head=None` (the exact logit-space shortcut: g is linear and
+    w_i + w_j = 1, so g(w_i h_i + w_j h_j) = w_i g(h_i) + w_j g(h_j)).
+    """
+    i, j = pairs
+    w_i = pair_weight(attention[i], attention[j], lam).unsqueeze(-1)
+    mixed = w_i * values[i] + (1 - w_i) * values[j]
+    logits = head(mixed) if head is not None else mixed
+    onehot = F.one_hot(labels, num_classes).to(w_i.dtype)
+    targets = w_i * onehot[i] + (1 - w_i) * onehot[j]
+    pair_valid = None if valid is None else valid[i] & valid[j]
+    return masked_mean(soft_cross_entropy(logits, targets), pair_valid)
+
+
+def afm_loss(
+    features: torch.Tensor,
+    attention: torch.Tensor,
+    labels: torch.Tensor,
+    head: torch.nn.Module,
+    num_classes: int,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """AFM as published (Peng et al. 2020): sample i paired with i + B/2, mixed feature
+    w h_i + (1 - w) h_j with w = a_i / (a_i + a_j), fixed 0.5/0.5 label mix, and
+    1.5 * mixed loss + 0.5 * plain CE."""
+    half = len(features) // 2
+    i = torch.arange(half, device=features.device)
+    j = i + half
+    w = pair_weight(attention[i], attention[j], torch.full_like(attention[i], 0.5)).unsqueeze(-1)
+    mixed_logits = head(w * features[i] + (1 - w) * features[j])
+    onehot = F.one_hot(labels, num_classes).float()
+    targets = 0.5 * onehot[i] + 0.5 * onehot[j]
+    pair_valid = None if valid is None else valid[i] & valid[j]
+    mixed = masked_mean(soft_cross_entropy(mixed_logits, targets), pair_valid)
+    plain = masked_mean(F.cross_entropy(head(features).float(), labels, reduction="none"), valid)
+    return 1.5 * mixed + 0.5 * plain
+
+
+def gce_loss(logits: torch.Tensor, labels: torch.Tensor, q: float) -> torch.Tensor:
+    """Generalised CE (Zhang & Sabuncu 2018), per sample: (1 - p_y^q) / q; q -> 0 is CE."""
+    p_y = logits.float().softmax(-1).gather(1, labels[:, None]).squeeze(1).clamp_min(1e-7)
+    if q == 0:
+        return -p_y.log()
+    return (1 - p_y**q) / q
+
+
+def sce_loss(logits: torch.Tensor, labels: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """Symmetric CE (Wang et al. 2019), per sample: alpha CE + beta reverse CE, log 0 := -4."""
+    ce = F.cross_entropy(logits.float(), labels, reduction="none")
+    p_y = logits.float().softmax(-1).gather(1, labels[:, None]).squeeze(1)
+    reverse = -math.log(1e-4) * (1 - p_y)
+    return alpha * ce + beta * reverse
+
+
+def coteaching_loss(
+    logits1: torch.Tensor,
+    logits2: torch.Tensor,
+    labels: torch.Tensor,
+    forget_rate: float,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Co-teaching (Han et al. 2018): each peer picks its (1 - forget_rate) smallest-loss samples
+    and the other peer learns from them."""
+    loss1 = F.cross_entropy(logits1.float(), labels, reduction="none")
+    loss2 = F.cross_entropy(logits2.float(), labels, reduction="none")
+    if valid is None:
+        valid = torch.ones_like(labels, dtype=torch.bool)
+    keep = max(1, math.ceil((1 - forget_rate) * int(valid.sum())))
+    big = torch.finfo(loss1.dtype).max
+    pick1 = loss1.detach().masked_fill(~valid, big).argsort()[:keep]
+    pick2 = loss2.detach().masked_fill(~valid, big).argsort()[:keep]
+    return loss1[pick2].mean() + loss2[pick1].mean()

@@ -1,0 +1,59 @@
+"""Evaluation metrics: accuracy, balanced accuracy, macro-F1, one-vs-rest AUROC and expected
+calibration error, and the AUROC of a mislabel score for finding the injected wrong labels."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """Mean |accuracy - confidence| over equal-width confidence bins, weighted by bin size."""
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == labels
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        members = which == b
+        if members.any():
+            ece += members.mean() * abs(correct[members].mean() - confidence[members].mean())
+    return float(ece)
+
+
+def auroc(scores: np.ndarray, positives: np.ndarray) -> float:
+    """AUROC of `scores` for flagging `positives`; NaN when only one kind is present."""
+    if positives.all() or not positives.any():
+        return float("nan")
+    return float(roc_auc_score(positives, scores))
+
+
+def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """probs [N, C] (softmax), labels [N] -> accuracy, balanced accuracy, macro-F1, AUROC, ECE."""
+    num_classes = probs.shape[1]
+    predictions = probs.argmax(axis=1)
+    present = np.unique(labels)
+    if len(present) < 2:
+        roc = float("nan")
+    elif num_classes == 2:
+        roc = float(roc_auc_score(labels, probs[:, 1]))
+    else:
+        roc = float(
+            roc_auc_score(
+                labels,
+                probs[:, present] / probs[:, present].sum(1, keepdims=True),
+                multi_class="ovr",
+                labels=present,
+            )
+        )
+    return {
+        "accuracy": float((predictions == labels).mean()),
+        "balanced_accuracy": float(balanced_accuracy_score(labels, predictions)),
+        "macro_f1": float(
+            f1_score(
+                labels, predictions, average="macro", labels=np.arange(num_classes), zero_division=0
+            )
+        ),
+        "auroc": roc,
+        "ece": expected_calibration_error(probs, labels),
+    }

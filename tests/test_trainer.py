@@ -1,0 +1,249 @@
+"""The trainer end to end on tiny generated shards: it learns, writes its report, resumes
+exactly, and refuses bad configs before doing any work."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import write_stripes
+from PIL import Image
+
+from dtrain.config import METHODS, ConfigError, load_config
+from dtrain.methods import training_step
+from dtrain.model import build_model
+from dtrain.prepare import PrepareConfig, prepare
+from dtrain.trainer import Trainer
+
+CONFIGS = Path(__file__).parent.parent / "configs"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """Horizontal vs vertical stripes, 160 per class, 20% symmetric label noise."""
+    root = tmp_path_factory.mktemp("tiny")
+    write_stripes(root / "img", 160)
+    return prepare(
+        PrepareConfig(
+            source=str(root / "img"),
+            out=str(root / "ds"),
+            noise="symmetric",
+            noise_rate=0.2,
+            shard_size=16,
+            progress=False,
+        )
+    )
+
+
+def config(data: Path, run_dir: Path, *overrides: str):
+    return load_config(
+        None,
+        [
+            f"data.path={data}",
+            "data.image_size=32",
+            "data.batch_size=16",
+            "data.num_workers=0",
+            "model.backbone=test_resnet",
+            "train.epochs=2",
+            f"train.run_dir={run_dir}",
+            "train.progress=false",
+            "method.group_size=4",
+            "method.score_epochs=1",
+            *overrides,
+        ],
+    )
+
+
+def test_two_epochs_learn_and_leave_a_report(tiny, tmp_path):
+    epochs_seen = []
+    run = tmp_path / "run"
+    summary = Trainer(config(tiny, run), on_epoch_end=lambda m, p: epochs_seen.append((m, p))).fit()
+    assert summary["test_last"]["clean_accuracy"] >= 0.7  # chance is 0.5 on 64 test images
+    assert summary["test_last"]["samples"] == 64
+    assert [m["epoch"] for m, _ in epochs_seen] == [1, 2]
+    assert all(p == run / "last.pt" for _, p in epochs_seen)
+    for name in ("config.yaml", "last.pt", "best.pt", "summary.json", "metrics.jsonl"):
+        assert (run / name).is_file(), name
+    assert Image.open(run / "curves.png").size[0] > 500
+    assert any((run / "tensorboard").iterdir())
+    epochs = [
+        json.loads(line)
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["kind"] == "epoch"
+    ]
+    assert len(epochs) == 2 and {"val_accuracy", "val_clean_accuracy"} <= set(epochs[0])
+    scores = pq.read_table(run / "label_scores.parquet").to_pylist()
+    assert len(scores) == 224  # every train sample once
+    assert [r["rank"] for r in scores] == list(range(1, 225))
+    assert scores[0]["score"] >= scores[-1]["score"]
+    assert {
+        "key",
+        "noisy_label",
+        "predicted_label",
+        "score",
+        "attention_score",
+        "loss_score",
+        "is_noisy",
+        "source",
+    } <= set(scores[0])
+    assert set(summary["mislabel_auroc"]) == {"attention", "loss"}
+    assert load_config(run / "config.yaml").to_dict() == config(tiny, run).to_dict()
+
+
+def test_resume_after_a_stop_gives_the_same_weights(tiny, tmp_path):
+    straight = tmp_path / "straight"
+    Trainer(config(tiny, straight)).fit()
+
+    interrupted = tmp_path / "interrupted"
+    trainer = Trainer(
+        config(tiny, interrupted), on_step=lambda step: step == 5 and trainer.request_stop()
+    )
+    result = trainer.fit()
+    assert result == {"stopped": True, "epoch": 0, "batch": 5}
+    Trainer(config(tiny, interrupted), resume=True).fit()
+
+    a = torch.load(straight / "last.pt", weights_only=True)
+    b = torch.load(interrupted / "last.pt", weights_only=True)
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    assert a["state"]["step"] == b["state"]["step"]
+    assert (
+        json.loads(a["history"])[-1]["val_accuracy"] == json.loads(b["history"])[-1]["val_accuracy"]
+    )
+
+
+def test_an_existing_run_is_never_overwritten(tiny, tmp_path):
+    run = tmp_path / "run"
+    Trainer(config(tiny, run, "train.epochs=1")).fit()
+    before = (run / "last.pt").read_bytes()
+    with pytest.raises(FileExistsError, match="--resume"):
+        Trainer(config(tiny, run, "train.epochs=1")).fit()
+    assert (run / "last.pt").read_bytes() == before
+
+
+def test_eval_command_reports_the_best_checkpoint(tiny, tmp_path):
+    run = tmp_path / "run"
+    summary = Trainer(config(tiny, run, "train.epochs=1", "method.name=ce")).fit()
+    result = subprocess.run(
+        [sys.executable, "-m", "dtrain.cli", "eval", str(run)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout[result.stdout.index("{") :])
+    assert printed["split"] == "test" and printed["checkpoint"] == "best"
+    assert printed["accuracy"] == pytest.approx(summary["test_best"]["accuracy"])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_takes_a_finite_step(method):
+    cfg = load_config(
+        None, [f"method.name={method}", "model.backbone=test_resnet", "method.group_size=4"]
+    )
+    torch.manual_seed(0)
+    model = build_model(cfg.model, method, num_classes=3, in_chans=1)
+    batch = {
+        "view1": torch.randn(16, 1, 32, 32),
+        "view2": torch.randn(16, 1, 32, 32),
+        "label": torch.randint(0, 3, (16,)),
+        "valid": torch.ones(16, dtype=torch.bool),
+    }
+    batch["valid"][-3:] = False  # padding never breaks a loss
+    out = training_step(model, batch, cfg.method, epoch=1, num_classes=3, forget_rate=0.2)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    has_attention = method in ("iam", "iam_no_con", "iam_no_mixup", "afm")
+    assert (out.attention is not None) == has_attention
+    expected_terms = {
+        "iam": {"ce", "iam", "con"},
+        "iam_no_con": {"ce", "iam"},
+        "iam_no_mixup": {"ce", "con"},
+        "afm": {"afm"},
+    }.get(method, {method})
+    assert set(out.terms) == expected_terms
+
+
+def test_feature_and_logit_mixup_give_the_same_training_loss():
+    losses = {}
+    for space in ("feature", "logit"):
+        cfg = load_config(
+            None,
+            [
+                "model.backbone=test_resnet",
+                "method.group_size=4",
+                f"method.mixup_space={space}",
+                "method.lambda_con=0",
+            ],
+        )
+        torch.manual_seed(0)
+        model = build_model(cfg.model, "iam", num_classes=3, in_chans=1)
+        batch = {
+            "view1": torch.randn(16, 1, 32, 32),
+            "view2": torch.randn(16, 1, 32, 32),
+            "label": torch.randint(0, 3, (16,)),
+            "valid": torch.ones(16, dtype=torch.bool),
+        }
+        losses[space] = training_step(model, batch, cfg.method, 1, 3, 0.0).terms["iam"]
+    torch.testing.assert_close(losses["feature"], losses["logit"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_every_preset_loads_and_validates(preset):
+    cfg = load_config(CONFIGS / preset)
+    cfg.validate()
+    assert cfg.method.name == preset.removesuffix(".yaml")
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["method.group_size=6"], r"method.group_size=6 .*divisor of the per-rank batch"),
+        (["method.temperature=0"], r"method.temperature=0.0 .*> 0"),
+        (["method.mixup_alpha=-1"], r"method.mixup_alpha=-1.0 .*>= 0"),
+        (["optim.lrr=0.1"], r"unknown config key 'optim.lrr'; did you mean optim.lr\?"),
+        (["temperature=0.1"], r"did you mean method.temperature\?"),
+        (["method.name=mixupp"], r"method.name='mixupp' .*one of"),
+        (["train.epochs=many"], r"train.epochs='many' is not a valid int"),
+        (["data.batch_size"], r"must look like section.key=value"),
+    ],
+)
+def test_config_errors_name_the_key(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, overrides).validate()
+
+
+def test_yaml_file_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("method:\n  name: gce\n  gce_q: 0.5\noptim:\n  lr: 0.2\n")
+    cfg = load_config(path, ["optim.lr=0.01"])
+    assert (cfg.method.name, cfg.method.gce_q, cfg.optim.lr) == ("gce", 0.5, 0.01)
+    path.write_text("method:\n  nmae: gce\n")
+    with pytest.raises(ConfigError, match="did you mean method.name"):
+        load_config(path)
+
+
+def test_cli_rejects_a_bad_key_before_any_work(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dtrain.cli",
+            "train",
+            f"train.run_dir={tmp_path / 'r'}",
+            "method.group_szie=4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "did you mean method.group_size?" in result.stderr
+    assert not (tmp_path / "r").exists()
