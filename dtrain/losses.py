@@ -28,6 +28,8 @@ def nt_xent(
     view of the same image, every other view of the batch is a negative. Invalid (padding)
     samples take no part at all."""
     if valid is not None:
+        if not valid.any():  # an all-padding batch: zero, with the graph kept for DDP
+            return (z1.sum() + z2.sum()) * 0.0
         z1, z2 = z1[valid], z2[valid]
     z = torch.cat([z1, z2]).float()
     n = len(z1)
@@ -123,7 +125,7 @@ def gce_loss(logits: torch.Tensor, labels: torch.Tensor, q: float) -> torch.Tens
 
 
 def sce_loss(logits: torch.Tensor, labels: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
-    """Symmetric CE (Wang et al. 2019), per sample: alpha CE + beta reverse CE, log 0 := -4."""
+    """Symmetric CE (Wang et al. 2019), alpha CE + beta reverse CE (log 0 := log 1e-4)."""
     ce = F.cross_entropy(logits.float(), labels, reduction="none")
     p_y = logits.float().softmax(-1).gather(1, labels[:, None]).squeeze(1)
     reverse = -math.log(1e-4) * (1 - p_y)
@@ -143,6 +145,8 @@ def coteaching_loss(
     loss2 = F.cross_entropy(logits2.float(), labels, reduction="none")
     if valid is None:
         valid = torch.ones_like(labels, dtype=torch.bool)
+    if not valid.any():  # an all-padding batch teaches nothing
+        return (loss1.sum() + loss2.sum()) * 0.0
     keep = max(1, math.ceil((1 - forget_rate) * int(valid.sum())))
     big = torch.finfo(loss1.dtype).max
     pick1 = loss1.detach().masked_fill(~valid, big).argsort()[:keep]
