@@ -1,6 +1,7 @@
 """Checkpoints written atomically (temp file in the same folder, then rename) and read back with
 `weights_only=True`: a crash mid-write never leaves a broken `last.pt`, and loading one never runs
-code from it."""
+code from it. The learning-rate schedule is a function of the step, so the step is its state; bf16
+needs no loss scaler."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", which: str = "best") 
     trainer = Trainer(config, resume=True)
     trainer.build()
     ckpt = checkpoint.load(run_dir / f"{which}.pt")
-    trainer.accelerator.unwrap_model(trainer.model).load_state_dict(ckpt["model"])
+    trainer.net.load_state_dict(ckpt["model"])
     metrics = trainer.evaluate(trainer.loader(split, train=False))
     if trainer.is_main:
         print(

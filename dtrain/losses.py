@@ -8,6 +8,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from dtrain.distributed import all_gather_nograd, all_gather_with_grad, world
+
 
 def masked_mean(values: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     if valid is None:
@@ -22,20 +24,46 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 
 
 def nt_xent(
-    z1: torch.Tensor, z2: torch.Tensor, temperature: float, valid: torch.Tensor | None = None
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    temperature: float,
+    valid: torch.Tensor | None = None,
+    gather: bool = True,
 ) -> torch.Tensor:
     """SimCLR's NT-Xent on normalised projections [B, d]: the positive of each view is the other
-    view of the same image, every other view of the batch is a negative. Invalid (padding)
-    samples take no part at all."""
-    if valid is not None:
-        if not valid.any():  # an all-padding batch: zero, with the graph kept for DDP
-            return (z1.sum() + z2.sum()) * 0.0
-        z1, z2 = z1[valid], z2[valid]
-    z = torch.cat([z1, z2]).float()
+    view of the same image, every other view of the batch is a negative. Padding samples
+    (valid=False) take no part.
+
+    With several processes and `gather`, the negatives are the views of the *global* batch
+    (an all-gather that keeps gradients) while each rank averages over its own anchors (the
+    local-loss form): after DDP averages gradients this equals the one-process loss on the global
+    batch."""
     n = len(z1)
-    sim = (z @ z.T / temperature).fill_diagonal_(float("-inf"))
-    positives = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
-    return F.cross_entropy(sim, positives)
+    if valid is None:
+        valid = torch.ones(n, dtype=torch.bool, device=z1.device)
+    if not valid.any():  # an all-padding batch: zero, with the graph kept for DDP
+        return (z1.sum() + z2.sum()) * 0.0
+    rank, offset = 0, 0
+    keys1, keys2, keys_valid = z1, z2, valid
+    if gather:
+        rank, _ = world()
+        keys1, keys2 = all_gather_with_grad(z1), all_gather_with_grad(z2)
+        keys_valid = all_gather_nograd(valid)
+        offset = rank * n
+    total = len(keys1)
+    anchors = torch.cat([z1, z2]).float()
+    keys = torch.cat([keys1, keys2]).float()
+    sim = anchors @ keys.T / temperature
+    own = torch.arange(n, device=z1.device) + offset
+    self_index = torch.cat([own, own + total])
+    positive = torch.cat([own + total, own])
+    mask = torch.zeros_like(sim, dtype=torch.bool)
+    mask[torch.arange(2 * n, device=z1.device), self_index] = True
+    mask |= ~torch.cat([keys_valid, keys_valid]).unsqueeze(0)
+    # drop padding anchors before the softmax: an all -inf row would put NaN into the backward
+    rows = torch.cat([valid, valid])
+    logits = sim[rows].masked_fill(mask[rows], float("-inf"))
+    return F.cross_entropy(logits, positive[rows])
 
 
 def make_groups(

@@ -138,3 +138,30 @@ def training_step(
     if cfg.name in ("iam", "iam_no_con", "iam_no_mixup", "afm"):
         return attention_method_step(model, batch, cfg, epoch, num_classes)
     return baseline_step(model, batch, cfg, epoch, forget_rate)
+
+
+class TrainStep(torch.nn.Module):
+    """The training loss as one module, so that DDP and DeepSpeed see a single forward pass per
+    step (their gradient hooks are armed by it). `net` is the network tested and saved."""
+
+    def __init__(
+        self, net: torch.nn.Module, cfg: MethodConfig, num_classes: int, forget_rate: float
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.forget_rate = forget_rate
+
+    def forward(
+        self,
+        view1: torch.Tensor,
+        view2: torch.Tensor,
+        label: torch.Tensor,
+        valid: torch.Tensor,
+        epoch: int,
+    ) -> dict:
+        """StepOutput's fields as a plain dict: DDP looks for tensors in dicts."""
+        batch = {"view1": view1, "view2": view2, "label": label, "valid": valid}
+        out = training_step(self.net, batch, self.cfg, epoch, self.num_classes, self.forget_rate)
+        return dict(vars(out))

@@ -102,6 +102,8 @@ def summary_table(summary: dict) -> str:
     lines = [f"{'test (clean labels)':22s}" + "".join(f"{n:>19s}" for n in names)]
     for which in ("best", "last"):
         metrics = summary[f"test_{which}"]
+        if metrics is None:
+            continue
         lines.append(
             f"{which + ' checkpoint':22s}"
             + "".join(f"{metrics['clean_' + n]:19.4f}" for n in names)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -20,12 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
 
-from dtrain import checkpoint, report
+from dtrain import checkpoint, distributed, report
 from dtrain.config import Config, config_from_dict, save_config
 from dtrain.data import ShardLoader, make_loader, read_dataset_json, split_urls
-from dtrain.methods import training_step
+from dtrain.ds_config import resolve_deepspeed_config
+from dtrain.methods import TrainStep
 from dtrain.metrics import classification_metrics
 from dtrain.model import build_model
 
@@ -70,6 +72,7 @@ class TrainState:
     # key -> [attention sum, loss sum, count, is_noisy, label, last prediction]
     scores: dict = field(default_factory=dict)
     skipped_steps: int = 0
+    nonfinite_in_a_row: int = 0
     corrupt_samples: int = 0
 
 
@@ -91,16 +94,43 @@ class Trainer:
         self.on_step = on_step
         self.resume = resume
         self._stop = threading.Event()
+        config.validate()
+        distributed.env_from_slurm()
         cpu = not torch.cuda.is_available()
         precision = config.train.precision
         if precision == "auto":
             precision = "bf16" if not cpu and torch.cuda.is_bf16_supported() else "fp32"
-        self.accelerator = Accelerator(
-            cpu=cpu, mixed_precision="bf16" if precision == "bf16" else "no"
-        )
         self.precision = precision
-        config.validate(self.accelerator.num_processes)
-        run = config.train.run_dir or f"runs/{config.method.name}_seed{config.train.seed}"
+        t = config.train
+        self.native_deepspeed = t.backend == "deepspeed"
+        self.ds_config = None
+        plugin = None
+        if t.deepspeed:
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            self.ds_config = resolve_deepspeed_config(t.deepspeed, config, precision, world)
+            if self.native_deepspeed:
+                import deepspeed
+
+                deepspeed.init_distributed(dist_backend="gloo" if cpu else "nccl")
+            else:
+                from accelerate.utils import DeepSpeedPlugin
+
+                plugin = DeepSpeedPlugin(hf_ds_config=self.ds_config)
+        try:
+            self.accelerator = Accelerator(
+                cpu=cpu,
+                mixed_precision="bf16" if precision == "bf16" else "no",
+                deepspeed_plugin=plugin,
+                # methods leave parts unused (the projector for CE, attention during warm-up)
+                kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+            )
+        except Exception as err:
+            raise RuntimeError(
+                f"could not join the process group at {distributed.rendezvous()} ({err}); check "
+                "that all ranks were started and that every node can reach that address"
+            ) from err
+        distributed.preflight(self.accelerator.device)
+        run = t.run_dir or f"runs/{config.method.name}_seed{t.seed}"
         self.run_dir = Path(run)
 
     def request_stop(self) -> None:
@@ -137,9 +167,14 @@ class Trainer:
         self.train_loader = self.loader("train", train=True)
         self.val_loader = self.loader("val", train=False)
         self.test_loader = self.loader("test", train=False)
-        model = build_model(
+        net = build_model(
             cfg.model, cfg.method.name, len(self.classes), self.meta["images"]["channels"]
         )
+        if cfg.model.sync_batchnorm and self.accelerator.num_processes > 1:
+            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        rate = cfg.method.coteaching_forget_rate
+        self.forget_rate = self.meta["splits"]["train"]["noise_rate"] if rate < 0 else rate
+        model = TrainStep(net, cfg.method, len(self.classes), self.forget_rate)
         o = cfg.optim
         if o.name == "sgd":
             optimizer = torch.optim.SGD(
@@ -151,10 +186,26 @@ class Trainer:
             )
         else:
             optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        rate = cfg.method.coteaching_forget_rate
-        self.forget_rate = self.meta["splits"]["train"]["noise_rate"] if rate < 0 else rate
+        if self.native_deepspeed:
+            import deepspeed
+
+            self.model, self.optimizer, _, _ = deepspeed.initialize(
+                model=model, optimizer=optimizer, config=self.ds_config
+            )
+        else:
+            self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.state = TrainState()
+
+    @property
+    def net(self) -> torch.nn.Module:
+        """The network as tested and saved, unwrapped from DDP or DeepSpeed."""
+        if self.ds_config is not None:
+            return self.model.module.net
+        return self.accelerator.unwrap_model(self.model).net
+
+    @property
+    def zero3(self) -> bool:
+        return self.ds_config is not None and self.ds_config["zero_optimization"]["stage"] == 3
 
     def _open_run(self) -> None:
         """Refuse to overwrite a run, or restore it; save the resolved config; open logs."""
@@ -176,11 +227,19 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------
 
+    def _net_state(self) -> dict:
+        """The network's full weights (collective under ZeRO-3: every rank must call it)."""
+        if self.zero3:
+            full = self.model._zero3_consolidated_16bit_state_dict() or {}
+            return {k.removeprefix("net."): v for k, v in full.items()}
+        return self.net.state_dict()
+
     def _checkpoint(self) -> dict:
         s = self.state
         return {
-            "model": self.accelerator.unwrap_model(self.model).state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": self._net_state(),
+            # under DeepSpeed the optimizer state is sharded: it lives in run_dir/deepspeed
+            "optimizer": None if self.ds_config else self.optimizer.state_dict(),
             "rng": checkpoint.rng_state(),
             "state": {
                 "epoch": s.epoch,
@@ -188,6 +247,7 @@ class Trainer:
                 "step": s.step,
                 "best_val": s.best_val,
                 "skipped_steps": s.skipped_steps,
+                "nonfinite_in_a_row": s.nonfinite_in_a_row,
                 "corrupt_samples": s.corrupt_samples,
             },
             "history": json.dumps(s.history),
@@ -197,9 +257,13 @@ class Trainer:
         }
 
     def _save(self, name: str) -> Path:
+        """Collective: every rank calls it; rank 0 writes `name`, DeepSpeed shards its own."""
         path = self.run_dir / name
+        payload = self._checkpoint()
+        if self.ds_config is not None and name == "last.pt":
+            self.model.save_checkpoint(str(self.run_dir / "deepspeed"), tag="last")
         if self.is_main:
-            checkpoint.save_atomic(self._checkpoint(), path)
+            checkpoint.save_atomic(payload, path)
         self.accelerator.wait_for_everyone()
         return path
 
@@ -209,11 +273,16 @@ class Trainer:
                 f"{self.run_dir}/last.pt was written with a different config; "
                 "resume with the saved config.yaml or start a new run_dir"
             )
-        self.accelerator.unwrap_model(self.model).load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.ds_config is not None:
+            self.model.load_checkpoint(str(self.run_dir / "deepspeed"), tag="last")
+        else:
+            self.net.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
         checkpoint.set_rng_state(ckpt["rng"])
         self.state = TrainState(
-            **ckpt["state"], history=json.loads(ckpt["history"]), scores=json.loads(ckpt["scores"])
+            **ckpt["state"],
+            history=json.loads(ckpt["history"]),
+            scores=json.loads(ckpt["scores"]),
         )
 
     # -- evaluation ----------------------------------------------------------------------------
@@ -221,14 +290,13 @@ class Trainer:
     @torch.no_grad()
     def predict(self, loader: ShardLoader) -> dict[str, np.ndarray]:
         """Softmax outputs and labels of every real sample once, gathered over all ranks."""
-        model = self.model
-        was_training = model.training
-        model.eval()
+        was_training = self.model.training
+        self.model.eval()
         out: dict[str, list] = {"probs": [], "label": [], "clean_label": []}
         device = self.accelerator.device
         for batch in loader:
             with self.accelerator.autocast():
-                logits = model(batch["image"].to(device))
+                logits = self.net(batch["image"].to(device))
             gathered = self.accelerator.gather(
                 {
                     "probs": logits.float().softmax(-1),
@@ -240,7 +308,7 @@ class Trainer:
             keep = gathered["valid"]
             for name in out:
                 out[name].append(gathered[name][keep].cpu())
-        model.train(was_training)
+        self.model.train(was_training)
         return {name: torch.cat(values).numpy() for name, values in out.items()}
 
     def evaluate(self, loader: ShardLoader) -> dict[str, float]:
@@ -256,14 +324,14 @@ class Trainer:
 
     # -- training ------------------------------------------------------------------------------
 
-    def _record_scores(self, out, batch: dict) -> None:
+    def _record_scores(self, out: dict, batch: dict) -> None:
         """Per-sample attention, loss and prediction, for the mislabel ranking."""
         valid = batch["valid"].tolist()
         labels = batch["label"].tolist()
         noisy = (batch["label"] != batch["clean_label"]).tolist()
-        attention = out.attention.float().tolist() if out.attention is not None else None
-        losses = out.sample_loss.float().tolist()
-        predicted = out.logits.argmax(-1).tolist()
+        attention = out["attention"].float().tolist() if out["attention"] is not None else None
+        losses = out["sample_loss"].float().tolist()
+        predicted = out["logits"].argmax(-1).tolist()
         records = [
             (
                 key,
@@ -308,26 +376,18 @@ class Trainer:
                     progress, cfg.optim.warmup_epochs, cfg.train.epochs
                 )
             with acc.autocast():
-                out = training_step(
-                    self.model, batch, cfg.method, state.epoch, len(self.classes), self.forget_rate
+                out = self.model(
+                    batch["view1"], batch["view2"], batch["label"], batch["valid"], state.epoch
                 )
-            if not torch.isfinite(out.loss):
-                state.skipped_steps += 1
-                self.optimizer.zero_grad(set_to_none=True)
-            else:
-                acc.backward(out.loss)
-                if cfg.optim.grad_clip > 0:
-                    acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+            self._optimise(out["loss"])
             state.batch = index + 1
             state.step += 1
             state.corrupt_samples += int(batch["corrupt"].sum())
             valid = batch["valid"]
             seen += int(valid.sum())
-            correct += int(((out.logits.argmax(-1) == batch["label"]) & valid).sum())
-            loss_value = float(out.loss.detach())
-            for name, value in {"loss": out.loss.detach(), **out.terms}.items():
+            correct += int(((out["logits"].argmax(-1) == batch["label"]) & valid).sum())
+            loss_value = float(out["loss"].detach())
+            for name, value in {"loss": out["loss"].detach(), **out["terms"]}.items():
                 totals[name] = totals.get(name, 0.0) + float(value)
             if score_window:
                 self._record_scores(out, batch)
@@ -347,7 +407,8 @@ class Trainer:
                 )
             if self.on_step is not None:
                 self.on_step(state.step)
-            if self._stop.is_set():
+            if distributed.any_rank(self._stop.is_set(), acc.device):
+                self._stop.set()  # a signal seen by one rank stops them all at the same step
                 break
         bar.close()
         done = max(1, state.batch)
@@ -356,6 +417,34 @@ class Trainer:
             "train_accuracy": correct / max(1, seen),
             "images_per_s": seen * acc.num_processes / (time.perf_counter() - started),
         }
+
+    def _optimise(self, loss: torch.Tensor) -> None:
+        """One optimiser step; a non-finite loss on any rank skips it on every rank."""
+        cfg, state, acc = self.config, self.state, self.accelerator
+        if distributed.any_rank(not bool(torch.isfinite(loss)), acc.device):
+            state.skipped_steps += 1
+            state.nonfinite_in_a_row += 1
+            if state.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
+                self._save("last.pt")
+                raise FloatingPointError(
+                    f"the loss was not finite for {state.nonfinite_in_a_row} steps in a row "
+                    f"(epoch {state.epoch}, step {state.step}); the weights before them are in "
+                    f"{self.run_dir / 'last.pt'}. Lower optim.lr or raise optim.warmup_epochs, "
+                    "then --resume"
+                )
+            if self.ds_config is None:
+                self.optimizer.zero_grad(set_to_none=True)
+            return
+        state.nonfinite_in_a_row = 0
+        if self.native_deepspeed:
+            self.model.backward(loss)
+            self.model.step()  # clips (gradient_clipping) and zeroes the gradients itself
+            return
+        acc.backward(loss)  # under Accelerate's DeepSpeed plugin this also steps the engine
+        if self.ds_config is None and cfg.optim.grad_clip > 0:
+            acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
     def _log(self, record: dict) -> None:
         with open(self.run_dir / "metrics.jsonl", "a") as handle:
@@ -419,12 +508,12 @@ class Trainer:
 
     def _finish(self) -> dict:
         test_last = self.evaluate(self.test_loader)
-        best = checkpoint.load(self.run_dir / "best.pt")
-        self.accelerator.unwrap_model(self.model).load_state_dict(best["model"])
-        test_best = self.evaluate(self.test_loader)
+        test_best = None
+        if not self.zero3:  # ZeRO-3 shards the weights: `dtrain eval RUN_DIR` scores best.pt
+            self.net.load_state_dict(checkpoint.load(self.run_dir / "best.pt")["model"])
+            test_best = self.evaluate(self.test_loader)
         summary = {}
         if self.is_main:
-            manifest = self.data_dir / "manifest.parquet"
             summary = report.write_run_report(
                 self.run_dir,
                 self.config,
@@ -432,7 +521,7 @@ class Trainer:
                 self.state.scores,
                 test_best=test_best,
                 test_last=test_last,
-                manifest=manifest,
+                manifest=self.data_dir / "manifest.parquet",
                 classes=self.classes,
             )
             self.tb.close()

@@ -1,0 +1,106 @@
+"""Process-group plumbing: rank and world from the launcher or from SLURM, a preflight that fails
+fast and readably, and an all-gather that keeps gradients (for contrastive negatives over the
+global batch)."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+
+import torch
+import torch.distributed as dist
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: `gpu[03-05,09],cpu1` -> `gpu03`."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not match:
+        raise ValueError(f"cannot read the SLURM node list {nodelist!r}")
+    prefix, ranges = match.groups()
+    if not ranges:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def env_from_slurm() -> bool:
+    """Started by `srun` directly (no torchrun / accelerate / deepspeed launcher): derive RANK,
+    WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT from SLURM's variables, as open_clip does.
+    Returns whether it did. A launcher's own variables always win."""
+    env = os.environ
+    if "RANK" in env or "SLURM_PROCID" not in env or "SLURM_STEP_ID" not in env:
+        return False
+    if int(env.get("SLURM_NTASKS", "1")) < 2:
+        return False
+    env["RANK"] = env["SLURM_PROCID"]
+    env["WORLD_SIZE"] = env["SLURM_NTASKS"]
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    env.setdefault(
+        "MASTER_ADDR",
+        first_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "localhost"))),
+    )
+    # one port per job, so that two jobs sharing a node do not collide
+    env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+    return True
+
+
+def rendezvous() -> str:
+    return f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+
+
+def preflight(device: torch.device) -> None:
+    """A one-element all-reduce across all ranks before any work, so that a rank that cannot
+    talk to the others fails now with a message that says which rank and which address."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    rank, world = dist.get_rank(), dist.get_world_size()
+    probe = torch.ones(1, device=device)
+    try:
+        dist.all_reduce(probe)
+    except Exception as err:  # gloo and nccl raise different types
+        raise RuntimeError(
+            f"preflight: rank {rank} of {world} on {socket.gethostname()} could not all-reduce "
+            f"with the other ranks through {rendezvous()} ({err}); check that every rank was "
+            "started and that all nodes can reach that address and port"
+        ) from err
+    if int(probe.item()) != world:
+        raise RuntimeError(
+            f"preflight: rank {rank} summed {probe.item()} over {world} ranks; "
+            "the ranks disagree on the world size"
+        )
+
+
+def world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenation of `x` from every rank, in rank order; gradients flow back to each rank's
+    own slice (torch.distributed.nn's differentiable all_gather)."""
+    rank, size = world()
+    if size == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x))
+
+
+def all_gather_nograd(x: torch.Tensor) -> torch.Tensor:
+    rank, size = world()
+    if size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(size)]
+    dist.all_gather(parts, x)
+    return torch.cat(parts)
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is true on any rank."""
+    rank, size = world()
+    if size == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
