@@ -143,6 +143,7 @@ def _run_eval(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from dtrain.distributed import DistributedError
     from dtrain.sources import DataError
 
     parser = argparse.ArgumentParser(prog="dtrain", description=__doc__)
@@ -154,7 +155,14 @@ def main(argv: list[str] | None = None) -> None:
     commands = {"prepare": _run_prepare, "train": _run_train, "eval": _run_eval}
     try:
         commands[args.command](args)
-    except (DataError, ValueError, FileNotFoundError, FileExistsError) as err:
+    except (
+        DataError,
+        ValueError,
+        FileNotFoundError,
+        FileExistsError,
+        DistributedError,
+        FloatingPointError,
+    ) as err:
         print(f"dtrain {args.command}: error: {err}", file=sys.stderr)
         sys.exit(2)
 

@@ -87,11 +87,25 @@ class TrainConfig:
     log_every: int = 10  # steps between JSONL/TensorBoard step logs
     progress: bool = True
     max_nonfinite_steps: int = 20  # stop (with a checkpoint) after this many in a row
+    # checkpoint and exit after this many steps in this invocation (0: never); for jobs cut into
+    # time-limited pieces, each continued with --resume
+    stop_after_steps: int = 0
+    dist_timeout_s: int = 600  # how long a rank waits for the others before it gives up
     # DeepSpeed: a standard JSON config (configs/deepspeed/zero{1,2,3}.json); "auto" values are
     # filled from this config. backend "accelerate" runs it through Accelerate's DeepSpeed plugin,
     # "deepspeed" through deepspeed.initialize (for the `deepspeed` launcher).
     deepspeed: str = ""
     backend: str = "accelerate"
+
+
+# keys that say how to run, not what to compute: a resumed run may change them
+OPERATIONAL_KEYS = (
+    "train.progress",
+    "train.log_every",
+    "train.stop_after_steps",
+    "train.max_nonfinite_steps",
+    "train.dist_timeout_s",
+)
 
 
 @dataclass
@@ -180,6 +194,14 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def identity(self) -> dict:
+        """The config less its operational keys: what a resumed run must share."""
+        values = self.to_dict()
+        for key in OPERATIONAL_KEYS:
+            section, name = key.split(".")
+            values[section].pop(name)
+        return values
 
 
 def _check(ok: bool, key: str, value: Any, expected: str) -> None:

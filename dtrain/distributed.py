@@ -12,6 +12,10 @@ import torch
 import torch.distributed as dist
 
 
+class DistributedError(RuntimeError):
+    """Ranks that cannot talk to each other; the message says which rank and which address."""
+
+
 def first_host(nodelist: str) -> str:
     """The first host of a SLURM node list: `gpu[03-05,09],cpu1` -> `gpu03`."""
     match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
@@ -58,7 +62,7 @@ def preflight(device: torch.device) -> None:
     try:
         dist.all_reduce(probe)
     except Exception as err:  # gloo and nccl raise different types
-        raise RuntimeError(
+        raise DistributedError(
             f"preflight: rank {rank} of {world} on {socket.gethostname()} could not all-reduce "
             f"with the other ranks through {rendezvous()} ({err}); check that every rank was "
             "started and that all nodes can reach that address and port"

@@ -11,6 +11,11 @@ import torch.nn.functional as F
 from dtrain.distributed import all_gather_nograd, all_gather_with_grad, world
 
 
+def wide(x: torch.Tensor) -> torch.Tensor:
+    """At least fp32 for a loss (bf16/fp16 logits are widened; fp64 stays fp64)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def masked_mean(values: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     if valid is None:
         return values.mean()
@@ -20,7 +25,7 @@ def masked_mean(values: torch.Tensor, valid: torch.Tensor | None) -> torch.Tenso
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-row cross-entropy against a probability vector."""
-    return -(targets * F.log_softmax(logits.float(), dim=-1)).sum(dim=-1)
+    return -(targets * F.log_softmax(wide(logits), dim=-1)).sum(dim=-1)
 
 
 def nt_xent(
@@ -51,8 +56,8 @@ def nt_xent(
         keys_valid = all_gather_nograd(valid)
         offset = rank * n
     total = len(keys1)
-    anchors = torch.cat([z1, z2]).float()
-    keys = torch.cat([keys1, keys2]).float()
+    anchors = wide(torch.cat([z1, z2]))
+    keys = wide(torch.cat([keys1, keys2]))
     sim = anchors @ keys.T / temperature
     own = torch.arange(n, device=z1.device) + offset
     self_index = torch.cat([own, own + total])
@@ -140,13 +145,13 @@ def afm_loss(
     targets = 0.5 * onehot[i] + 0.5 * onehot[j]
     pair_valid = None if valid is None else valid[i] & valid[j]
     mixed = masked_mean(soft_cross_entropy(mixed_logits, targets), pair_valid)
-    plain = masked_mean(F.cross_entropy(head(features).float(), labels, reduction="none"), valid)
+    plain = masked_mean(F.cross_entropy(wide(head(features)), labels, reduction="none"), valid)
     return 1.5 * mixed + 0.5 * plain
 
 
 def gce_loss(logits: torch.Tensor, labels: torch.Tensor, q: float) -> torch.Tensor:
     """Generalised CE (Zhang & Sabuncu 2018), per sample: (1 - p_y^q) / q; q -> 0 is CE."""
-    p_y = logits.float().softmax(-1).gather(1, labels[:, None]).squeeze(1).clamp_min(1e-7)
+    p_y = wide(logits).softmax(-1).gather(1, labels[:, None]).squeeze(1).clamp_min(1e-7)
     if q == 0:
         return -p_y.log()
     return (1 - p_y**q) / q
@@ -154,8 +159,8 @@ def gce_loss(logits: torch.Tensor, labels: torch.Tensor, q: float) -> torch.Tens
 
 def sce_loss(logits: torch.Tensor, labels: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
     """Symmetric CE (Wang et al. 2019), alpha CE + beta reverse CE (log 0 := log 1e-4)."""
-    ce = F.cross_entropy(logits.float(), labels, reduction="none")
-    p_y = logits.float().softmax(-1).gather(1, labels[:, None]).squeeze(1)
+    ce = F.cross_entropy(wide(logits), labels, reduction="none")
+    p_y = wide(logits).softmax(-1).gather(1, labels[:, None]).squeeze(1)
     reverse = -math.log(1e-4) * (1 - p_y)
     return alpha * ce + beta * reverse
 
@@ -169,8 +174,8 @@ def coteaching_loss(
 ) -> torch.Tensor:
     """Co-teaching (Han et al. 2018): each peer picks its (1 - forget_rate) smallest-loss samples
     and the other peer learns from them."""
-    loss1 = F.cross_entropy(logits1.float(), labels, reduction="none")
-    loss2 = F.cross_entropy(logits2.float(), labels, reduction="none")
+    loss1 = F.cross_entropy(wide(logits1), labels, reduction="none")
+    loss2 = F.cross_entropy(wide(logits2), labels, reduction="none")
     if valid is None:
         valid = torch.ones_like(labels, dtype=torch.bool)
     if not valid.any():  # an all-padding batch teaches nothing

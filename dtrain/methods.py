@@ -41,7 +41,7 @@ def attention_method_step(
     else:
         h1 = model.encoder(x1)
     logits = model.classifier(h1)
-    sample_loss = F.cross_entropy(logits.float(), labels, reduction="none")
+    sample_loss = F.cross_entropy(losses.wide(logits), labels, reduction="none")
     terms: dict[str, torch.Tensor] = {}
     attention = None
 
@@ -109,9 +109,9 @@ def baseline_step(
         perm = torch.randperm(len(x), device=x.device)
         logits_mixed = model(lam * x + (1 - lam) * x[perm])
         both = valid & valid[perm]
-        per = lam * F.cross_entropy(logits_mixed.float(), labels, reduction="none") + (
+        per = lam * F.cross_entropy(losses.wide(logits_mixed), labels, reduction="none") + (
             1 - lam
-        ) * F.cross_entropy(logits_mixed.float(), labels[perm], reduction="none")
+        ) * F.cross_entropy(losses.wide(logits_mixed), labels[perm], reduction="none")
         loss = losses.masked_mean(per, both)
         logits = logits_mixed  # monitoring only: a clean forward pass would cost half a step
     else:
@@ -121,9 +121,9 @@ def baseline_step(
         elif cfg.name == "sce":
             per = losses.sce_loss(logits, labels, cfg.sce_alpha, cfg.sce_beta)
         else:
-            per = F.cross_entropy(logits.float(), labels, reduction="none")
+            per = F.cross_entropy(losses.wide(logits), labels, reduction="none")
         loss = losses.masked_mean(per, valid)
-    sample_loss = F.cross_entropy(logits.detach().float(), labels, reduction="none")
+    sample_loss = F.cross_entropy(losses.wide(logits.detach()), labels, reduction="none")
     return StepOutput(loss, logits.detach(), sample_loss, None, {cfg.name: loss.detach()})
 
 

@@ -16,15 +16,21 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    InitProcessGroupKwargs,
+    gather_object,
+    set_seed,
+)
 
 from dtrain import checkpoint, distributed, report
-from dtrain.config import Config, config_from_dict, save_config
+from dtrain.config import Config, ConfigError, config_from_dict, save_config
 from dtrain.data import ShardLoader, make_loader, read_dataset_json, split_urls
 from dtrain.ds_config import resolve_deepspeed_config
 from dtrain.methods import TrainStep
@@ -106,14 +112,20 @@ class Trainer:
         self.ds_config = None
         plugin = None
         if t.deepspeed:
+            import deepspeed
+
             world = int(os.environ.get("WORLD_SIZE", "1"))
             self.ds_config = resolve_deepspeed_config(t.deepspeed, config, precision, world)
-            if self.native_deepspeed:
-                import deepspeed
-
-                deepspeed.init_distributed(dist_backend="gloo" if cpu else "nccl")
-            else:
+            # gloo on CPU (DS_ACCELERATOR=cpu), nccl on GPUs; Accelerate then joins this group
+            deepspeed.init_distributed(dist_backend="gloo" if cpu else "nccl")
+            if not self.native_deepspeed:
                 from accelerate.utils import DeepSpeedPlugin
+
+                if cpu:  # Accelerate selects DeepSpeed only with an accelerator device
+                    raise ConfigError(
+                        "Accelerate runs DeepSpeed only on GPUs; on CPU set "
+                        "train.backend=deepspeed to use deepspeed.initialize directly"
+                    )
 
                 plugin = DeepSpeedPlugin(hf_ds_config=self.ds_config)
         try:
@@ -122,14 +134,23 @@ class Trainer:
                 mixed_precision="bf16" if precision == "bf16" else "no",
                 deepspeed_plugin=plugin,
                 # methods leave parts unused (the projector for CE, attention during warm-up)
-                kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+                kwargs_handlers=[
+                    DistributedDataParallelKwargs(find_unused_parameters=True),
+                    InitProcessGroupKwargs(timeout=timedelta(seconds=t.dist_timeout_s)),
+                ],
             )
-        except Exception as err:
-            raise RuntimeError(
-                f"could not join the process group at {distributed.rendezvous()} ({err}); check "
-                "that all ranks were started and that every node can reach that address"
+        except (torch.distributed.DistError, TimeoutError) as err:
+            raise distributed.DistributedError(
+                f"rank {os.environ.get('RANK', '?')} could not join the process group at "
+                f"{distributed.rendezvous()} ({err}); check that all ranks were started and "
+                "that every node can reach that address"
             ) from err
         distributed.preflight(self.accelerator.device)
+        if config.model.sync_batchnorm and cpu and self.accelerator.num_processes > 1:
+            raise ConfigError(
+                "model.sync_batchnorm=true needs CUDA (torch's SyncBatchNorm has "
+                "no CPU path); set it to false"
+            )
         run = t.run_dir or f"runs/{config.method.name}_seed{t.seed}"
         self.run_dir = Path(run)
 
@@ -268,7 +289,7 @@ class Trainer:
         return path
 
     def _restore(self, ckpt: dict) -> None:
-        if config_from_dict(ckpt["config"]).to_dict() != self.config.to_dict():
+        if config_from_dict(ckpt["config"]).identity() != self.config.identity():
             raise ValueError(
                 f"{self.run_dir}/last.pt was written with a different config; "
                 "resume with the saved config.yaml or start a new run_dir"
@@ -407,6 +428,9 @@ class Trainer:
                 )
             if self.on_step is not None:
                 self.on_step(state.step)
+            steps_here = state.step - self._first_step
+            if cfg.train.stop_after_steps and steps_here >= cfg.train.stop_after_steps:
+                self._stop.set()
             if distributed.any_rank(self._stop.is_set(), acc.device):
                 self._stop.set()  # a signal seen by one rank stops them all at the same step
                 break
@@ -462,6 +486,7 @@ class Trainer:
         self.build()
         self._open_run()
         cfg, state = self.config, self.state
+        self._first_step = state.step
         if self.is_main:
             print(
                 f"run {self.run_dir}: {cfg.method.name} on {self.data_dir}, "
