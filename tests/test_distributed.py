@@ -1,0 +1,237 @@
+"""Multi-process training on the CPU with real launchers and real process groups (gloo):
+torchrun, accelerate launch, a DeepSpeed engine (ZeRO-2 and ZeRO-3) and two torchrun "nodes"."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import write_stripes
+
+from dtrain.distributed import env_from_slurm, first_host
+from dtrain.prepare import PrepareConfig, prepare
+
+HERE = Path(__file__).parent
+ROOT = HERE.parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """128 stripe images in shards of 8, so that every split feeds 2 ranks."""
+    root = tmp_path_factory.mktemp("dist")
+    write_stripes(root / "img", 64)
+    return prepare(
+        PrepareConfig(
+            source=str(root / "img"),
+            out=str(root / "ds"),
+            noise="symmetric",
+            noise_rate=0.2,
+            shard_size=8,
+            progress=False,
+        )
+    )
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict:
+    extensions = tmp_path_factory.mktemp("torch_extensions")
+    return {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "TORCH_EXTENSIONS_DIR": str(extensions),
+        "OMP_NUM_THREADS": "1",
+    }
+
+
+def train_args(data: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [
+        "-m",
+        "dtrain.cli",
+        "train",
+        f"data.path={data}",
+        "data.image_size=32",
+        "data.batch_size=8",
+        "data.num_workers=0",
+        "model.backbone=test_resnet",
+        "train.epochs=2",
+        "train.progress=false",
+        "method.group_size=4",
+        "method.score_epochs=1",
+        f"train.run_dir={run_dir}",
+        *extra,
+    ]
+
+
+def run(command: list[str], env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def torchrun(nproc: int, *args: str) -> list[str]:
+    return [
+        str(BIN / "torchrun"),
+        f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}",
+        *args,
+    ]
+
+
+def test_first_host_of_slurm_node_lists():
+    assert first_host("gpu[03-05,09],cpu1") == "gpu03"
+    assert first_host("node7") == "node7"
+    assert first_host("a[1,4]") == "a1"
+
+
+def test_srun_variables_become_torch_variables(monkeypatch):
+    fake = {
+        "SLURM_PROCID": "3",
+        "SLURM_NTASKS": "8",
+        "SLURM_LOCALID": "1",
+        "SLURM_STEP_ID": "0",
+        "SLURM_JOB_ID": "123456",
+        "SLURM_JOB_NODELIST": "gpu[12-13]",
+    }
+    monkeypatch.setattr(os, "environ", dict(fake))  # never touch the real environment
+    assert env_from_slurm()
+    assert [os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")] == [
+        "3",
+        "8",
+        "1",
+        "gpu12",
+    ]
+    assert os.environ["MASTER_PORT"] == str(20000 + 123456 % 20000)
+    monkeypatch.setattr(os, "environ", {**fake, "RANK": "5"})  # a launcher's variables win
+    assert not env_from_slurm()
+    assert os.environ["RANK"] == "5" and "MASTER_ADDR" not in os.environ
+
+
+@pytest.mark.parametrize("method", ["ce", "iam"])
+def test_two_processes_equal_one_on_the_same_global_batch(method, tmp_path, env):
+    """DDP gradient averaging, and for iam the contrastive loss over the global batch."""
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    run([sys.executable, str(HERE / "dist_equivalence.py"), method, str(one), "3"], env)
+    run(torchrun(2, str(HERE / "dist_equivalence.py"), method, str(two), "3"), env)
+    a, b = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
+    assert a.keys() == b.keys()
+    for name, tensor in a.items():
+        torch.testing.assert_close(b[name], tensor, rtol=1e-5, atol=1e-8, msg=name)
+
+
+def test_accelerate_launch_with_a_config_file(tiny, tmp_path, env):
+    """A GPU cluster's usual config (MULTI_GPU, torch elastic underneath); with no GPU the
+    trainer runs each process on the CPU over gloo. (Accelerate's MULTI_CPU type would need
+    mpirun.)"""
+    config = tmp_path / "accelerate.yaml"
+    config.write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_machines: 1\n"
+        f"num_processes: 2\nmachine_rank: 0\nmain_process_ip: 127.0.0.1\n"
+        f"main_process_port: {free_port()}\nmixed_precision: 'no'\nuse_cpu: false\n"
+        "gpu_ids: all\n"
+    )
+    run_dir = tmp_path / "run"
+    result = run(
+        [
+            str(BIN / "accelerate"),
+            "launch",
+            "--config_file",
+            str(config),
+            *train_args(tiny, run_dir, "train.epochs=1", "method.name=ce"),
+        ],
+        env,
+    )
+    assert "2 process(es)" in result.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["epochs"] == 1
+    assert summary["test_last"]["samples"] == 26  # every test image once, over both ranks
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_trains_checkpoints_resumes_and_finishes(tiny, tmp_path, env, stage):
+    run_dir = tmp_path / "run"
+    args = train_args(
+        tiny,
+        run_dir,
+        "train.backend=deepspeed",
+        f"train.deepspeed={ROOT / 'configs' / 'deepspeed' / f'zero{stage}.json'}",
+    )
+    first = run(torchrun(2, *args, "train.stop_after_steps=3"), env)
+    assert "stopped at epoch 0 batch 3" in first.stdout
+    assert (run_dir / "deepspeed" / "last").is_dir()
+    second = run(torchrun(2, args[0], args[1], args[2], "--resume", *args[3:]), env)
+    assert "epoch   2" in second.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["epochs"] == 2 and summary["test_last"]["samples"] == 26
+    state = torch.load(run_dir / "last.pt", weights_only=True)
+    assert state["state"]["epoch"] == 2
+    assert state["model"]  # consolidated weights, readable without DeepSpeed
+    evaluated = run(
+        [sys.executable, "-m", "dtrain.cli", "eval", str(run_dir), "--checkpoint", "last"], env
+    )
+    assert json.loads(evaluated.stdout[evaluated.stdout.index("{") :])["samples"] == 26
+
+
+def test_two_nodes_as_two_torchrun_invocations(tiny, tmp_path, env):
+    port = free_port()
+    run_dir = tmp_path / "run"
+    nodes = [
+        subprocess.Popen(
+            [
+                str(BIN / "torchrun"),
+                "--nnodes=2",
+                f"--node_rank={rank}",
+                "--nproc_per_node=1",
+                "--master_addr=127.0.0.1",
+                f"--master_port={port}",
+                *train_args(tiny, run_dir, "train.epochs=1", "method.name=iam"),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        for rank in range(2)
+    ]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    for node, (out, err) in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, out[-2000:] + err[-2000:]
+    assert "2 process(es)" in outputs[0][0]
+    assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 1
+
+
+def test_a_missing_rank_fails_fast_with_rank_and_address(tiny, tmp_path, env):
+    port = free_port()
+    lonely = {
+        **env,
+        "RANK": "0",
+        "WORLD_SIZE": "2",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
+    result = subprocess.run(
+        [sys.executable, *train_args(tiny, tmp_path / "run", "train.dist_timeout_s=5")],
+        env=lonely,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert result.returncode == 2
+    assert f"rank 0 could not join the process group at 127.0.0.1:{port}" in result.stderr
