@@ -147,6 +147,9 @@ def main(argv: list[str] | None = None) -> None:
     from dtrain.sources import DataError
 
     parser = argparse.ArgumentParser(prog="dtrain", description=__doc__)
+    # the deepspeed launcher passes --local_rank=N first; LOCAL_RANK in the environment says
+    # the same, so it is accepted and not needed
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_prepare(sub)
     _add_train(sub)

@@ -503,7 +503,7 @@ class Trainer:
                         f"stopped at epoch {state.epoch} batch {state.batch}; "
                         f"checkpoint {self.run_dir / 'last.pt'}"
                     )
-                return {"stopped": True, "epoch": state.epoch, "batch": state.batch}
+                return self._close({"stopped": True, "epoch": state.epoch, "batch": state.batch})
             val = self.evaluate(self.val_loader)
             record = {
                 "kind": "epoch",
@@ -528,7 +528,7 @@ class Trainer:
             if self.on_epoch_end is not None:
                 self.on_epoch_end(record, path)
             if self._stop.is_set():
-                return {"stopped": True, "epoch": state.epoch, "batch": 0}
+                return self._close({"stopped": True, "epoch": state.epoch, "batch": 0})
         return self._finish()
 
     def _finish(self) -> dict:
@@ -549,7 +549,12 @@ class Trainer:
                 manifest=self.data_dir / "manifest.parquet",
                 classes=self.classes,
             )
+        return self._close(summary)
+
+    def _close(self, result: dict) -> dict:
+        """Every rank leaves together: a rank that exits alone aborts the others (SIGABRT)."""
+        if self.is_main:
             self.tb.close()
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
-        return summary
+        return result

@@ -161,8 +161,22 @@ def test_accelerate_launch_with_a_config_file(tiny, tmp_path, env):
     assert summary["test_last"]["samples"] == 26  # every test image once, over both ranks
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_zero_trains_checkpoints_resumes_and_finishes(tiny, tmp_path, env, stage):
+def deepspeed_launcher(nproc: int, *args: str) -> list[str]:
+    """The `deepspeed` launcher; it passes --local_rank=N to the module, which dtrain accepts."""
+    assert args[0] == "-m"
+    return [
+        str(BIN / "deepspeed"),
+        f"--num_gpus={nproc}",
+        f"--master_port={free_port()}",
+        "--module",
+        *args[1:],
+    ]
+
+
+@pytest.mark.parametrize("stage, launcher", [(2, deepspeed_launcher), (3, torchrun)])
+def test_deepspeed_zero_trains_checkpoints_resumes_and_finishes(
+    tiny, tmp_path, env, stage, launcher
+):
     run_dir = tmp_path / "run"
     args = train_args(
         tiny,
@@ -170,10 +184,11 @@ def test_deepspeed_zero_trains_checkpoints_resumes_and_finishes(tiny, tmp_path, 
         "train.backend=deepspeed",
         f"train.deepspeed={ROOT / 'configs' / 'deepspeed' / f'zero{stage}.json'}",
     )
-    first = run(torchrun(2, *args, "train.stop_after_steps=3"), env)
+    first = run(launcher(2, *args, "train.stop_after_steps=3"), env)
     assert "stopped at epoch 0 batch 3" in first.stdout
+    assert "2 process(es)" in first.stdout
     assert (run_dir / "deepspeed" / "last").is_dir()
-    second = run(torchrun(2, args[0], args[1], args[2], "--resume", *args[3:]), env)
+    second = run(launcher(2, args[0], args[1], args[2], "--resume", *args[3:]), env)
     assert "epoch   2" in second.stdout
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["epochs"] == 2 and summary["test_last"]["samples"] == 26
