@@ -59,6 +59,9 @@ class MethodConfig:
     lambda_iam: float = 1.0
     lambda_con: float = 1.0
     mixup_space: str = "logit"  # "logit": exact shortcut; "feature": mix pooled features
+    mixup_backend: str = (
+        "auto"  # auto: fused Triton op on CUDA, torch reference on CPU | triton | torch
+    )
     warmup_epochs: int = 0  # epochs of plain CE (+ contrastive) before the mixup term starts
     gce_q: float = 0.7
     sce_alpha: float = 0.1
@@ -168,6 +171,13 @@ class Config:
         _check(o.lr > 0, "optim.lr", o.lr, "> 0")
         _check(0 <= m.gce_q <= 1, "method.gce_q", m.gce_q, "in [0, 1]")
         _check(m.score_epochs >= 1, "method.score_epochs", m.score_epochs, ">= 1")
+        _check(
+            m.mixup_backend in ("auto", "triton", "torch"),
+            "method.mixup_backend",
+            m.mixup_backend,
+            "auto, triton or torch",
+        )
+        _check(not uses_groups or m.group_size <= 32, "method.group_size", m.group_size, "<= 32")
         for key in ("lambda_iam", "lambda_con", "warmup_epochs"):
             _check(getattr(m, key) >= 0, f"method.{key}", getattr(m, key), ">= 0")
         _check(

@@ -16,8 +16,15 @@ def evaluate_run(run_dir: str | Path, split: str = "test", which: str = "best") 
     if not config_path.is_file():
         raise FileNotFoundError(f"{run_dir} holds no config.yaml: not a dtrain run folder")
     # one process reads the consolidated weights in best.pt/last.pt, however the run was trained
-    config = load_config(config_path, [f"train.run_dir={run_dir}", "train.progress=false",
-                                       "train.deepspeed=", "train.backend=accelerate"])
+    config = load_config(
+        config_path,
+        [
+            f"train.run_dir={run_dir}",
+            "train.progress=false",
+            "train.deepspeed=",
+            "train.backend=accelerate",
+        ],
+    )
     trainer = Trainer(config, resume=True)
     trainer.build()
     ckpt = checkpoint.load(run_dir / f"{which}.pt")

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from dtrain.distributed import all_gather_nograd, all_gather_with_grad, world
+from dtrain.mixup_kernels import pair_mix, pair_mix_loss
 
 
 def wide(x: torch.Tensor) -> torch.Tensor:
@@ -103,26 +104,32 @@ def intra_group_mixup(
     values: torch.Tensor,
     attention: torch.Tensor,
     labels: torch.Tensor,
-    pairs: tuple,
+    groups: torch.Tensor,
     lam: torch.Tensor,
     num_classes: int,
     head: torch.nn.Module | None = None,
     valid: torch.Tensor | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
-    """L_iam: mean soft-target CE over every pair (i, j) of every group.
+    """L_iam: mean soft-target CE over every pair (i, j) of every group [G, K].
 
     `values` are pooled features h [B, D] with `head` the linear classifier (feature-space path),
     or logits g(h) [B, C] with `head=None` (the exact logit-space shortcut: g is linear and
-    w_i + w_j = 1, so g(w_i h_i + w_j h_j) = w_i g(h_i) + w_j g(h_j)).
+    w_i + w_j = 1, so g(w_i h_i + w_j h_j) = w_i g(h_i) + w_j g(h_j)). `lam` holds one prior per
+    pair in group_pairs order. `backend` picks the fused Triton op or the torch reference
+    (dtrain.mixup_kernels; auto = Triton on CUDA).
     """
-    i, j = pairs
-    w_i = pair_weight(attention[i], attention[j], lam).unsqueeze(-1)
-    mixed = w_i * values[i] + (1 - w_i) * values[j]
-    logits = head(mixed) if head is not None else mixed
-    onehot = F.one_hot(labels, num_classes).to(w_i.dtype)
-    targets = w_i * onehot[i] + (1 - w_i) * onehot[j]
-    pair_valid = None if valid is None else valid[i] & valid[j]
-    return masked_mean(soft_cross_entropy(logits, targets), pair_valid)
+    i, j = group_pairs(groups)
+    w = pair_weight(attention[i], attention[j], lam).view(groups.shape[0], -1)
+    pair_valid = (valid[i] & valid[j]) if valid is not None else torch.ones_like(i, dtype=bool)
+    pair_valid = pair_valid.view_as(w)
+    if head is None:
+        return pair_mix_loss(values, groups, w, labels, pair_valid, backend)
+    logits = head(pair_mix(values, groups, w, backend))
+    onehot = F.one_hot(labels, num_classes).to(w.dtype)
+    weight = w.reshape(-1, 1)
+    targets = weight * onehot[i] + (1 - weight) * onehot[j]
+    return masked_mean(soft_cross_entropy(logits, targets), pair_valid.reshape(-1))
 
 
 def afm_loss(

@@ -58,18 +58,19 @@ def attention_method_step(
         groups = losses.make_groups(len(h1), cfg.group_size, h1.device)
         attention = _attention(model, h1, labels, logits, groups)
         if _uses_mixup(cfg) and epoch >= cfg.warmup_epochs:
-            pairs = losses.group_pairs(groups)
-            lam = losses.sample_lam(len(pairs[0]), cfg.mixup_alpha, h1.device)
+            num_pairs = groups.shape[0] * cfg.group_size * (cfg.group_size - 1) // 2
+            lam = losses.sample_lam(num_pairs, cfg.mixup_alpha, h1.device)
             feature_space = cfg.mixup_space == "feature"
             iam = losses.intra_group_mixup(
                 h1 if feature_space else logits,
                 attention,
                 labels,
-                pairs,
+                groups,
                 lam,
                 num_classes,
                 head=model.classifier if feature_space else None,
                 valid=valid,
+                backend=cfg.mixup_backend,
             )
             loss = loss + cfg.lambda_iam * iam
             terms["iam"] = iam.detach()

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# Triton decides at import whether its kernels run interpreted: set it before dtrain is imported,
+# so that the fused mixup kernels can be checked on CPU tensors (backend="triton").
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from pathlib import Path
 
 import numpy as np

@@ -167,9 +167,9 @@ def test_intra_group_mixup_logit_path_by_hand():
     logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.5]])
     attention = torch.tensor([0.8, 0.5, 0.2, 0.5])
     labels = torch.tensor([0, 1, 1, 0])
-    pairs = losses.group_pairs(torch.tensor([[0, 2], [1, 3]]))
+    groups = torch.tensor([[0, 2], [1, 3]])
     lam = torch.tensor([0.5, 0.25])
-    got = losses.intra_group_mixup(logits, attention, labels, pairs, lam, 2)
+    got = losses.intra_group_mixup(logits, attention, labels, groups, lam, 2)
     # pair (0,2): mixed 0.8*[2,0] + 0.2*[1,1] = [1.8, 0.2], target [0.8, 0.2]
     # pair (1,3): mixed 0.25*[0,1] + 0.75*[-1,0.5] = [-0.75, 0.625], target [0.75, 0.25]
     first = 0.8 * math.log(1 + math.exp(0.2 - 1.8)) + 0.2 * math.log(1 + math.exp(1.8 - 0.2))
@@ -183,7 +183,8 @@ def test_intra_group_mixup_feature_and_logit_paths_agree():
     torch.manual_seed(7)
     h0, att0 = torch.randn(16, 32), torch.rand(16) * 0.9 + 0.05
     labels = torch.randint(0, 3, (16,))
-    pairs = losses.group_pairs(losses.make_groups(16, 4))
+    groups = losses.make_groups(16, 4)
+    pairs = losses.group_pairs(groups)
     lam = losses.sample_lam(len(pairs[0]), 1.0)
     head = nn.Linear(32, 3)
     results = []
@@ -191,7 +192,7 @@ def test_intra_group_mixup_feature_and_logit_paths_agree():
         head.zero_grad()
         h, att = h0.clone().requires_grad_(), att0.clone().requires_grad_()
         values, used_head = (h, head) if feature_space else (head(h), None)
-        loss = losses.intra_group_mixup(values, att, labels, pairs, lam, 3, head=used_head)
+        loss = losses.intra_group_mixup(values, att, labels, groups, lam, 3, head=used_head)
         loss.backward()
         grads = [h.grad, att.grad, head.weight.grad.clone(), head.bias.grad.clone()]
         results.append((loss.detach(), grads))
@@ -207,17 +208,18 @@ def test_intra_group_mixup_valid_mask():
     torch.manual_seed(11)
     logits, attention = torch.randn(8, 3), torch.rand(8) * 0.9 + 0.05
     labels = torch.randint(0, 3, (8,))
-    pairs = losses.group_pairs(losses.make_groups(8, 4))
+    groups = losses.make_groups(8, 4)
+    pairs = losses.group_pairs(groups)
     lam = losses.sample_lam(len(pairs[0]), 1.0)
     valid = torch.tensor([True, True, False, True, True, True, True, False])
-    got = losses.intra_group_mixup(logits, attention, labels, pairs, lam, 3, valid=valid)
+    got = losses.intra_group_mixup(logits, attention, labels, groups, lam, 3, valid=valid)
     expected = iam_reference(
         logits.tolist(), attention.tolist(), labels.tolist(), pairs, lam, valid.tolist()
     )
     assert got.item() == pytest.approx(expected, rel=1e-5)
     changed = logits.clone()
     changed[~valid] = 100.0
-    again = losses.intra_group_mixup(changed, attention, labels, pairs, lam, 3, valid=valid)
+    again = losses.intra_group_mixup(changed, attention, labels, groups, lam, 3, valid=valid)
     torch.testing.assert_close(again, got)
 
 
@@ -225,12 +227,13 @@ def test_intra_group_mixup_special_cases():
     """alpha=0 with equal attention is plain 50/50 mixup; K=2 gives exactly B/2 disjoint pairs."""
     torch.manual_seed(5)
     logits, labels = torch.randn(6, 3), [0, 1, 2, 2, 1, 0]
-    pairs = losses.group_pairs(losses.make_groups(6, 2))
+    groups = losses.make_groups(6, 2)
+    pairs = losses.group_pairs(groups)
     assert len(pairs[0]) == 3
     assert sorted(pairs[0].tolist() + pairs[1].tolist()) == list(range(6))
     lam = losses.sample_lam(3, 0.0)
     got = losses.intra_group_mixup(
-        logits, torch.full((6,), 0.3), torch.tensor(labels), pairs, lam, 3
+        logits, torch.full((6,), 0.3), torch.tensor(labels), groups, lam, 3
     )
     expected = 0.0
     for i, j in zip(pairs[0].tolist(), pairs[1].tolist(), strict=True):
