@@ -108,6 +108,9 @@ OPERATIONAL_KEYS = (
     "train.stop_after_steps",
     "train.max_nonfinite_steps",
     "train.dist_timeout_s",
+    "optim.lr",
+    "optim.warmup_epochs",
+    "optim.grad_clip",
 )
 
 
@@ -145,7 +148,7 @@ class Config:
         _check(m.temperature > 0, "method.temperature", m.temperature, "> 0")
         _check(m.mixup_alpha >= 0, "method.mixup_alpha", m.mixup_alpha, ">= 0")
         _check(m.group_size >= 2, "method.group_size", m.group_size, ">= 2")
-        uses_groups = m.name in ("iam", "iam_no_con")
+        uses_groups = m.name in ("iam", "iam_no_con", "iam_no_mixup")
         _check(
             not uses_groups or d.batch_size % m.group_size == 0,
             "method.group_size",
@@ -308,4 +311,6 @@ def config_from_dict(values: dict) -> Config:
 
 
 def save_config(config: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    from dtrain.checkpoint import write_text_atomic
+
+    write_text_atomic(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

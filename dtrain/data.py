@@ -103,11 +103,25 @@ def plan_epoch(
     seed: int,
     epoch: int,
     shuffle: bool,
+    split_samples: bool = False,
 ) -> EpochPlan:
     """Balanced shard assignment (largest first to the emptiest slot, in a seeded random order
-    among equals) and the padding that gives every rank the same number of full batches."""
+    among equals) and the padding that gives every rank the same number of full batches.
+
+    `split_samples` (evaluation on fewer shards than readers): every slot reads every shard in
+    order and keeps the samples whose running index is its own modulo the slot count."""
     slots = world_size * workers
     urls = list(counts)
+    if split_samples:
+        total = sum(counts.values())
+        assigned = [list(urls) for _ in range(slots)]
+        return _equalise(
+            assigned,
+            [len(range(s, total, slots)) for s in range(slots)],
+            world_size,
+            workers,
+            batch_size,
+        )
     if len(urls) < slots:
         raise DataError(
             f"{len(urls)} shards cannot feed {world_size} ranks x {workers} workers = {slots} "
@@ -123,6 +137,13 @@ def plan_epoch(
         slot = min(range(slots), key=lambda s: (samples[s], s))
         assigned[slot].append(url)
         samples[slot] += counts[url]
+    return _equalise(assigned, samples, world_size, workers, batch_size)
+
+
+def _equalise(
+    assigned: list[list[str]], samples: list[int], world_size: int, workers: int, batch_size: int
+) -> EpochPlan:
+    """Padding batches so that every rank yields as many batches as the busiest one."""
     batches = [math.ceil(n / batch_size) for n in samples]
     per_rank = [sum(batches[r * workers : (r + 1) * workers]) for r in range(world_size)]
     target = max(per_rank)
@@ -188,6 +209,9 @@ class ShardStream(IterableDataset):
         self.min_side = decode_side(image_size, train)
         self.image_size = image_size
         self.epoch = 0
+        # evaluation on fewer shards than readers: split by sample instead of by shard
+        slots = world_size * workers
+        self.split_samples = not train and counts is not None and len(counts) < slots
 
     def plan(self) -> EpochPlan | None:
         if self.counts is None:
@@ -200,6 +224,7 @@ class ShardStream(IterableDataset):
             self.seed,
             self.epoch,
             shuffle=self.train,
+            split_samples=self.split_samples,
         )
 
     def batches_per_rank(self) -> int:
@@ -227,6 +252,9 @@ class ShardStream(IterableDataset):
                 rng.shuffle(shards)
             source = [{"url": u} for u in shards]
         samples = wds.tarfile_to_samples(handler=_reraise_with_shard)(source)
+        if self.split_samples:
+            slots = self.world_size * self.workers
+            samples = (x for n, x in enumerate(samples) if n % slots == slot)
         if self.train:
             samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer // 4, rng=rng)(
                 samples
@@ -242,6 +270,8 @@ class ShardStream(IterableDataset):
             if plan is None and emitted >= total:
                 break
             read += 1
+            if plan is not None and read > plan.samples[slot]:
+                break  # more than dataset.json says: fail now, before the ranks drift apart
             try:
                 sample = _decode(raw, self.num_classes, self.channels, self.min_side)
             except CorruptSampleError as err:
@@ -258,6 +288,7 @@ class ShardStream(IterableDataset):
             emitted += owed_corrupt
             owed_corrupt = 0
         if plan is not None and read != plan.samples[slot]:
+            read = read if read <= plan.samples[slot] else f"more than {plan.samples[slot]}"
             raise DataError(
                 f"shards {plan.shards[slot]} hold {read} samples but their dataset.json says "
                 f"{plan.samples[slot]}; re-create them with dtrain prepare"

@@ -47,8 +47,6 @@ def nt_xent(
     n = len(z1)
     if valid is None:
         valid = torch.ones(n, dtype=torch.bool, device=z1.device)
-    if not valid.any():  # an all-padding batch: zero, with the graph kept for DDP
-        return (z1.sum() + z2.sum()) * 0.0
     rank, offset = 0, 0
     keys1, keys2, keys_valid = z1, z2, valid
     if gather:
@@ -56,6 +54,10 @@ def nt_xent(
         keys1, keys2 = all_gather_with_grad(z1), all_gather_with_grad(z2)
         keys_valid = all_gather_nograd(valid)
         offset = rank * n
+    # after the gathers, which every rank must join: an all-padding batch is a zero that keeps
+    # the graph (its backward joins the gathers' collectives too)
+    if not valid.any():
+        return (keys1.sum() + keys2.sum()) * 0.0
     total = len(keys1)
     anchors = wide(torch.cat([z1, z2]))
     keys = wide(torch.cat([keys1, keys2]))

@@ -56,8 +56,9 @@ def attention_method_step(
         loss = losses.masked_mean(sample_loss, valid)
         terms["ce"] = loss.detach()
         groups = losses.make_groups(len(h1), cfg.group_size, h1.device)
-        attention = _attention(model, h1, labels, logits, groups)
+        # the attention learns only through L_iam: without it its weights are noise, not a score
         if _uses_mixup(cfg) and epoch >= cfg.warmup_epochs:
+            attention = _attention(model, h1, labels, logits, groups)
             num_pairs = groups.shape[0] * cfg.group_size * (cfg.group_size - 1) // 2
             lam = losses.sample_lam(num_pairs, cfg.mixup_alpha, h1.device)
             feature_space = cfg.mixup_space == "feature"
@@ -78,7 +79,13 @@ def attention_method_step(
         con = losses.nt_xent(model.project(h1), model.project(h2), cfg.temperature, valid)
         loss = loss + cfg.lambda_con * con
         terms["con"] = con.detach()
-    return StepOutput(loss, logits.detach(), sample_loss.detach(), attention.detach(), terms)
+    return StepOutput(
+        loss,
+        logits.detach(),
+        sample_loss.detach(),
+        None if attention is None else attention.detach(),
+        terms,
+    )
 
 
 def _attention(

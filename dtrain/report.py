@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dtrain.checkpoint import write_text_atomic
 from dtrain.metrics import auroc
 
 SUSPECTS_SHOWN = 10
@@ -157,7 +158,7 @@ def write_run_report(
             }
             for r in rows[:SUSPECTS_SHOWN]
         ]
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(summary_table(summary))
     if scores:
         print(

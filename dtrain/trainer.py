@@ -301,7 +301,7 @@ class Trainer:
             self.optimizer.load_state_dict(ckpt["optimizer"])
         checkpoint.set_rng_state(ckpt["rng"])
         self.state = TrainState(
-            **ckpt["state"],
+            **{**ckpt["state"], "nonfinite_in_a_row": 0},  # a resume is a fresh chance
             history=json.loads(ckpt["history"]),
             scores=json.loads(ckpt["scores"]),
         )
@@ -379,7 +379,7 @@ class Trainer:
         num_batches = len(loader)
         score_window = state.epoch >= cfg.train.epochs - cfg.method.score_epochs
         totals: dict[str, float] = {}
-        seen = correct = 0
+        seen = correct = stepped = 0
         started = time.perf_counter()
         bar = report.progress(
             num_batches,
@@ -403,6 +403,7 @@ class Trainer:
             self._optimise(out["loss"])
             state.batch = index + 1
             state.step += 1
+            stepped += 1
             state.corrupt_samples += int(batch["corrupt"].sum())
             valid = batch["valid"]
             seen += int(valid.sum())
@@ -435,7 +436,7 @@ class Trainer:
                 self._stop.set()  # a signal seen by one rank stops them all at the same step
                 break
         bar.close()
-        done = max(1, state.batch)
+        done = max(1, stepped)  # this invocation's batches: after a resume, fewer than batch
         return {
             **{f"train_{k}": v / done for k, v in totals.items()},
             "train_accuracy": correct / max(1, seen),
@@ -519,9 +520,9 @@ class Trainer:
             improved = val["accuracy"] > state.best_val
             if improved:
                 state.best_val = val["accuracy"]
-            path = self._save("last.pt")
-            if improved:
+            if improved:  # best first: a crash in between must not leave last.pt ahead of it
                 self._save("best.pt")
+            path = self._save("last.pt")
             if self.is_main:
                 self._log(record)
                 print(report.epoch_line(record))

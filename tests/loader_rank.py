@@ -8,10 +8,11 @@ from dtrain.data import make_loader
 
 if __name__ == "__main__":
     dataset, rank, world, train, out = sys.argv[1:6]
+    shards = int(sys.argv[6]) if len(sys.argv) > 6 else None  # only the first N shards
     from dtrain.data import split_urls
 
     loader = make_loader(
-        split_urls(dataset, "train"),
+        split_urls(dataset, "train")[:shards],
         train=train == "train",
         batch_size=8,
         image_size=16,

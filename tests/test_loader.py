@@ -62,10 +62,11 @@ def rewrite_shard(path: Path, change) -> None:
             )
 
 
-@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("mode, shards", [("train", 18), ("eval", 18), ("eval", 3)])
 def test_each_sample_exactly_once_with_equal_batches_over_2_ranks_x_2_workers(
-    dataset, tmp_path, mode
+    dataset, tmp_path, mode, shards
 ):
+    """3 shards for 4 readers: evaluation then splits by sample instead of by shard."""
     procs = []
     for rank in range(2):
         out = tmp_path / f"rank{rank}.json"
@@ -81,6 +82,7 @@ def test_each_sample_exactly_once_with_equal_batches_over_2_ranks_x_2_workers(
                         "2",
                         mode,
                         str(out),
+                        str(shards),
                     ],
                     stderr=subprocess.PIPE,
                     text=True,
@@ -92,8 +94,9 @@ def test_each_sample_exactly_once_with_equal_batches_over_2_ranks_x_2_workers(
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
         results.append(json.loads(out.read_text()))
-    expected = all_keys(dataset)
-    assert len(expected) == 120
+    first = sorted(dataset.glob("train-*.tar"))[:shards]
+    expected = {k for shard in first for k in _tar_keys(shard)}
+    assert len(expected) == min(120, 7 * shards)
     for epoch in ("0", "1"):
         keys = results[0][epoch]["keys"] + results[1][epoch]["keys"]
         assert sorted(keys) == sorted(expected)  # every sample once, none twice
