@@ -1,0 +1,150 @@
+"""Time and effective bandwidth of the intra-group attention mixup feature op: the fused Triton
+kernel vs the torch reference vs torch.compile(reference), bf16, over B x K x D.
+
+    python benchmarks/mixup_bench.py [--batch 256 1024 4096] [--group 2 4 8 16] [--dim 512 2048]
+
+Effective bandwidth = bytes that must move (read H once, write every mixed row once) / time.
+On a GPU it also measures the device-to-device copy bandwidth for reference and the logit-space
+fused loss (forward + backward) against a ResNet-50 training step at batch 256. Without a GPU the
+fused kernel is not timed (Triton's interpreter is a correctness tool, not a speed one). Writes
+benchmarks/results/mixup_<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from dtrain import mixup_kernels as mk
+from dtrain.losses import make_groups
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def timed(fn, repeats: int) -> float:
+    """Median seconds of `fn()` after a warm-up."""
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(device: str, repeats: int) -> float:
+    x = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    return 2 * x.numel() / timed(lambda: y.copy_(x), repeats)
+
+
+def resnet50_step_seconds(repeats: int) -> float:
+    import timm
+
+    model = timm.create_model("resnet50", num_classes=1000).cuda()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(256, 3, 224, 224, device="cuda")
+    y = torch.randint(0, 1000, (256,), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return timed(step, repeats)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", nargs="+", type=int, default=[256, 1024, 4096])
+    parser.add_argument("--group", nargs="+", type=int, default=[2, 4, 8, 16])
+    parser.add_argument("--dim", nargs="+", type=int, default=[512, 2048])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--no-compile", action="store_true")
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    name = torch.cuda.get_device_name(0) if cuda else f"cpu-{os.cpu_count()}cores"
+    reference = mk.pair_mix_reference
+    compiled = None if args.no_compile else torch.compile(reference)
+    rows = []
+    print(f"{'B':>5s} {'K':>3s} {'D':>5s} {'variant':>10s} {'ms':>9s} {'GB/s':>8s}")
+    for b in args.batch:
+        for k in args.group:
+            for d in args.dim:
+                torch.manual_seed(0)
+                h = torch.randn(b, d, device=device, dtype=torch.bfloat16)
+                groups = make_groups(b, k, torch.device(device))
+                w = torch.rand(b // k, k * (k - 1) // 2, device=device)
+                moved = (b * d + (b // k) * k * (k - 1) // 2 * d) * h.element_size()
+                call = (h, groups, w)
+                variants = {"reference": lambda c=call: reference(*c)}
+                if compiled is not None:
+                    variants["compiled"] = lambda c=call: compiled(*c)
+                if cuda:
+                    variants["fused"] = lambda c=call: mk.pair_mix(*c, backend="triton")
+                for variant, fn in variants.items():
+                    seconds = timed(fn, args.repeats)
+                    rows.append(
+                        {
+                            "B": b,
+                            "K": k,
+                            "D": d,
+                            "variant": variant,
+                            "ms": 1e3 * seconds,
+                            "GB_s": moved / seconds / 1e9,
+                        }
+                    )
+                    print(
+                        f"{b:5d} {k:3d} {d:5d} {variant:>10s} {1e3 * seconds:9.3f} "
+                        f"{moved / seconds / 1e9:8.1f}"
+                    )
+    result = {
+        "device": name,
+        "dtype": "bfloat16",
+        "rows": rows,
+        "command": " ".join(sys.argv),
+        "machine": {"platform": platform.platform(), "torch": torch.__version__},
+    }
+    if cuda:
+        result["copy_GB_s"] = copy_bandwidth(device, args.repeats) / 1e9
+        groups = make_groups(256, 8, torch.device("cuda"))
+        z = torch.randn(256, 1000, device="cuda", requires_grad=True)
+        w = torch.rand(32, 28, device="cuda", requires_grad=True)
+        labels = torch.randint(0, 1000, (256,), device="cuda")
+        valid = torch.ones(32, 28, dtype=torch.bool, device="cuda")
+
+        def loss_step():
+            mk.pair_mix_loss(z, groups, w, labels, valid, backend="triton").backward()
+
+        result["logit_loss_ms"] = 1e3 * timed(loss_step, args.repeats)
+        result["resnet50_step_ms"] = 1e3 * resnet50_step_seconds(5)
+        print(
+            f"copy bandwidth {result['copy_GB_s']:.0f} GB/s; logit-space loss "
+            f"{result['logit_loss_ms']:.3f} ms vs ResNet-50 step {result['resnet50_step_ms']:.1f}"
+            " ms at batch 256"
+        )
+    out = RESULTS / f"mixup_{name.replace(' ', '_').lower()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
