@@ -77,6 +77,7 @@ def main() -> None:
     parser.add_argument("--dim", nargs="+", type=int, default=[512, 2048])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--tag", default="", help="suffix for the result file name")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -140,7 +141,7 @@ def main() -> None:
             f"{result['logit_loss_ms']:.3f} ms vs ResNet-50 step {result['resnet50_step_ms']:.1f}"
             " ms at batch 256"
         )
-    out = RESULTS / f"mixup_{name.replace(' ', '_').lower()}.json"
+    out = RESULTS / f"mixup_{name.replace(' ', '_').lower()}{args.tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")

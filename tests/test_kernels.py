@@ -20,7 +20,7 @@ RTOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 def close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
     rtol = RTOL[dtype]
-    atol = rtol * float(want.abs().max()) + 1e-7
+    atol = rtol * float(want.detach().abs().max()) + 1e-7
     torch.testing.assert_close(got.double(), want.double(), rtol=rtol, atol=atol)
 
 
