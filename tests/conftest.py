@@ -72,3 +72,32 @@ def write_stripes(root: Path, per_class: int) -> Path:
                 root / name / f"{i:03d}.png"
             )
     return root
+
+
+def stripes_dataset(root: Path, per_class: int, shard_size: int) -> Path:
+    """A prepared two-class stripes dataset with 20% symmetric label noise."""
+    from dtrain.prepare import PrepareConfig, prepare
+
+    write_stripes(root / "img", per_class)
+    return prepare(
+        PrepareConfig(
+            source=str(root / "img"),
+            out=str(root / "ds"),
+            noise="symmetric",
+            noise_rate=0.2,
+            shard_size=shard_size,
+            progress=False,
+        )
+    )
+
+
+def random_batch(size: int = 16, classes: int = 3, side: int = 32) -> dict:
+    """A training batch of random one-channel views, all samples valid."""
+    import torch
+
+    return {
+        "view1": torch.randn(size, 1, side, side),
+        "view2": torch.randn(size, 1, side, side),
+        "label": torch.randint(0, classes, (size,)),
+        "valid": torch.ones(size, dtype=torch.bool),
+    }

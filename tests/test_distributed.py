@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_stripes
+from conftest import stripes_dataset
 
 from dtrain.distributed import env_from_slurm, first_host
-from dtrain.prepare import PrepareConfig, prepare
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
@@ -31,18 +30,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     """128 stripe images in shards of 8, so that every split feeds 2 ranks."""
-    root = tmp_path_factory.mktemp("dist")
-    write_stripes(root / "img", 64)
-    return prepare(
-        PrepareConfig(
-            source=str(root / "img"),
-            out=str(root / "ds"),
-            noise="symmetric",
-            noise_rate=0.2,
-            shard_size=8,
-            progress=False,
-        )
-    )
+    return stripes_dataset(tmp_path_factory.mktemp("dist"), 64, shard_size=8)
 
 
 @pytest.fixture(scope="module")

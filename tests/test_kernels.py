@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import random_batch
 
 from dtrain import mixup_kernels as mk
 from dtrain.config import load_config
@@ -137,12 +138,7 @@ def test_the_trainer_step_gives_the_same_loss_with_either_path(space):
         )
         torch.manual_seed(0)
         model = build_model(cfg.model, "iam", num_classes=3, in_chans=1)
-        batch = {
-            "view1": torch.randn(16, 1, 32, 32),
-            "view2": torch.randn(16, 1, 32, 32),
-            "label": torch.randint(0, 3, (16,)),
-            "valid": torch.ones(16, dtype=torch.bool),
-        }
+        batch = random_batch()
         out = training_step(model, batch, cfg.method, 1, 3, 0.0)
         out.loss.backward()
         results[backend] = (out.terms["iam"], model.attention.score.weight.grad.clone())

@@ -11,13 +11,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import write_stripes
+from conftest import random_batch, stripes_dataset
 from PIL import Image
 
 from dtrain.config import METHODS, ConfigError, load_config
 from dtrain.methods import training_step
 from dtrain.model import build_model
-from dtrain.prepare import PrepareConfig, prepare
 from dtrain.trainer import Trainer
 
 CONFIGS = Path(__file__).parent.parent / "configs"
@@ -26,18 +25,7 @@ CONFIGS = Path(__file__).parent.parent / "configs"
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     """Horizontal vs vertical stripes, 160 per class, 20% symmetric label noise."""
-    root = tmp_path_factory.mktemp("tiny")
-    write_stripes(root / "img", 160)
-    return prepare(
-        PrepareConfig(
-            source=str(root / "img"),
-            out=str(root / "ds"),
-            noise="symmetric",
-            noise_rate=0.2,
-            shard_size=16,
-            progress=False,
-        )
-    )
+    return stripes_dataset(tmp_path_factory.mktemp("tiny"), 160, shard_size=16)
 
 
 def config(data: Path, run_dir: Path, *overrides: str):
@@ -185,12 +173,7 @@ def test_feature_and_logit_mixup_give_the_same_training_loss():
         )
         torch.manual_seed(0)
         model = build_model(cfg.model, "iam", num_classes=3, in_chans=1)
-        batch = {
-            "view1": torch.randn(16, 1, 32, 32),
-            "view2": torch.randn(16, 1, 32, 32),
-            "label": torch.randint(0, 3, (16,)),
-            "valid": torch.ones(16, dtype=torch.bool),
-        }
+        batch = random_batch()
         losses[space] = training_step(model, batch, cfg.method, 1, 3, 0.0).terms["iam"]
     torch.testing.assert_close(losses["feature"], losses["logit"], rtol=1e-5, atol=1e-6)
 
