@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -281,10 +282,19 @@ class Trainer:
         """Collective: every rank calls it; rank 0 writes `name`, DeepSpeed shards its own."""
         path = self.run_dir / name
         payload = self._checkpoint()
+        shards = self.run_dir / "deepspeed"
+        tag = f"step{self.state.step}"
         if self.ds_config is not None and name == "last.pt":
-            self.model.save_checkpoint(str(self.run_dir / "deepspeed"), tag="last")
+            # a new tag each time, named in last.pt: the previous one stays whole until last.pt
+            # points past it, so a crash mid-save never leaves a half-written only copy
+            self.model.save_checkpoint(str(shards), tag=tag)
+            payload["deepspeed_tag"] = tag
         if self.is_main:
             checkpoint.save_atomic(payload, path)
+            if self.ds_config is not None and name == "last.pt":
+                for old in shards.iterdir():
+                    if old.is_dir() and old.name.startswith("step") and old.name != tag:
+                        shutil.rmtree(old)
         self.accelerator.wait_for_everyone()
         return path
 
@@ -295,7 +305,14 @@ class Trainer:
                 "resume with the saved config.yaml or start a new run_dir"
             )
         if self.ds_config is not None:
-            self.model.load_checkpoint(str(self.run_dir / "deepspeed"), tag="last")
+            loaded, _ = self.model.load_checkpoint(
+                str(self.run_dir / "deepspeed"), tag=ckpt["deepspeed_tag"]
+            )
+            if loaded is None:
+                raise FileNotFoundError(
+                    f"DeepSpeed shards {ckpt['deepspeed_tag']} are missing under "
+                    f"{self.run_dir / 'deepspeed'}; the run cannot be resumed exactly"
+                )
         else:
             self.net.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])

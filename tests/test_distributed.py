@@ -175,7 +175,7 @@ def test_deepspeed_zero_trains_checkpoints_resumes_and_finishes(
     first = run(launcher(2, *args, "train.stop_after_steps=3"), env)
     assert "stopped at epoch 0 batch 3" in first.stdout
     assert "2 process(es)" in first.stdout
-    assert (run_dir / "deepspeed" / "last").is_dir()
+    assert (run_dir / "deepspeed" / "step3").is_dir()
     second = run(launcher(2, args[0], args[1], args[2], "--resume", *args[3:]), env)
     assert "epoch   2" in second.stdout
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -183,6 +183,8 @@ def test_deepspeed_zero_trains_checkpoints_resumes_and_finishes(
     state = torch.load(run_dir / "last.pt", weights_only=True)
     assert state["state"]["epoch"] == 2
     assert state["model"]  # consolidated weights, readable without DeepSpeed
+    tags = [p.name for p in (run_dir / "deepspeed").iterdir() if p.is_dir()]
+    assert tags == [state["deepspeed_tag"]]  # older shards removed once last.pt moved on
     evaluated = run(
         [sys.executable, "-m", "dtrain.cli", "eval", str(run_dir), "--checkpoint", "last"], env
     )
