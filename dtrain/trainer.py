@@ -453,11 +453,17 @@ class Trainer:
                 self._stop.set()  # a signal seen by one rank stops them all at the same step
                 break
         bar.close()
-        done = max(1, stepped)  # this invocation's batches: after a resume, fewer than batch
+        # over all ranks, and over this invocation's batches (after a resume, fewer than batch)
+        names = sorted(totals)
+        summed = distributed.all_reduce_sum(
+            [totals[k] for k in names] + [stepped, seen, correct], acc.device
+        )
+        *loss_sums, stepped, seen, correct = summed
+        done = max(1.0, stepped)
         return {
-            **{f"train_{k}": v / done for k, v in totals.items()},
-            "train_accuracy": correct / max(1, seen),
-            "images_per_s": seen * acc.num_processes / (time.perf_counter() - started),
+            **{f"train_{k}": v / done for k, v in zip(names, loss_sums, strict=True)},
+            "train_accuracy": correct / max(1.0, seen),
+            "images_per_s": seen / (time.perf_counter() - started),
         }
 
     def _optimise(self, loss: torch.Tensor) -> None:
