@@ -72,12 +72,8 @@ def run(command: list[str], env: dict, timeout: int = 300) -> subprocess.Complet
 
 
 def torchrun(nproc: int, *args: str) -> list[str]:
-    return [
-        str(BIN / "torchrun"),
-        f"--nproc_per_node={nproc}",
-        f"--master_port={free_port()}",
-        *args,
-    ]
+    """Single-node torchrun; --standalone picks its own free port (no race with other tests)."""
+    return [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", *args]
 
 
 def test_first_host_of_slurm_node_lists():
