@@ -227,10 +227,13 @@ class ShardStream(IterableDataset):
             split_samples=self.split_samples,
         )
 
+    def resampled_batches_per_slot(self) -> int:
+        slots = self.world_size * self.workers
+        return math.ceil(self.samples_per_epoch / (slots * self.batch_size))
+
     def batches_per_rank(self) -> int:
         if self.samples_per_epoch is not None:
-            slots = self.world_size * self.workers
-            return math.ceil(self.samples_per_epoch / (slots * self.batch_size)) * self.workers
+            return self.resampled_batches_per_slot() * self.workers
         return self.plan().rank_batches(self.rank, self.workers)
 
     def _slot(self) -> int:
@@ -323,11 +326,7 @@ class ShardStream(IterableDataset):
         slot = self._slot()
         info = get_worker_info()
         plan = self.plan() if self.samples_per_epoch is None else None
-        if plan is None:
-            slots = self.world_size * self.workers
-            num_batches = math.ceil(self.samples_per_epoch / (slots * self.batch_size))
-        else:
-            num_batches = plan.batches[slot]
+        num_batches = self.resampled_batches_per_slot() if plan is None else plan.batches[slot]
         # augmentations draw from torch's global generator: seed it per (epoch, slot) in a worker
         # process; in the main process, swap in a private state so training RNG is untouched
         aug_state = torch.Generator().manual_seed(hash((self.seed, self.epoch, slot)) % 2**63)

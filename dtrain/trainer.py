@@ -217,6 +217,7 @@ class Trainer:
         else:
             self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.state = TrainState()
+        self._pending_scores: list[tuple] = []  # this rank's, since the last checkpoint
 
     @property
     def net(self) -> torch.nn.Module:
@@ -281,6 +282,7 @@ class Trainer:
     def _save(self, name: str) -> Path:
         """Collective: every rank calls it; rank 0 writes `name`, DeepSpeed shards its own."""
         path = self.run_dir / name
+        self._merge_scores()
         payload = self._checkpoint()
         shards = self.run_dir / "deepspeed"
         tag = f"step{self.state.step}"
@@ -382,12 +384,18 @@ class Trainer:
             for i, key in enumerate(batch["key"])
             if valid[i]
         ]
-        for key, att, loss, is_noisy, label, pred in gather_object(records):
+        self._pending_scores += records
+
+    def _merge_scores(self) -> None:
+        """Collective, once per checkpoint rather than per step: every rank's new score records
+        into `state.scores` on every rank (keys move between ranks from epoch to epoch)."""
+        for key, att, loss, is_noisy, label, pred in gather_object(self._pending_scores):
             entry = self.state.scores.setdefault(key, [0.0, 0.0, 0, is_noisy, label, pred])
             entry[0] += att
             entry[1] += loss
             entry[2] += 1
             entry[5] = pred
+        self._pending_scores = []
 
     def _train_epoch(self) -> dict[str, float]:
         cfg, state, acc = self.config, self.state, self.accelerator
