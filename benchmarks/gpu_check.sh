@@ -7,8 +7,8 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 python3 - <<'PY'
 import torch
-from dtrain import mixup_kernels as mk
-from dtrain.losses import make_groups
+from dtrain.train import mixup_kernels as mk
+from dtrain.train.losses import make_groups
 assert torch.cuda.is_available(), "no GPU"
 torch.manual_seed(0)
 worst = 0.0

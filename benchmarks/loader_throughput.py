@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from dtrain.data import make_loader, split_urls
 from dtrain.prepare import PrepareConfig, prepare
+from dtrain.train.data import make_loader, split_urls
 
 RESULTS = Path(__file__).parent / "results" / "loader.json"
 

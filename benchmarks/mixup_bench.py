@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from dtrain import mixup_kernels as mk
-from dtrain.losses import make_groups
+from dtrain.train import mixup_kernels as mk
+from dtrain.train.losses import make_groups
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dtrain.noise import NOISE_MODELS
+from dtrain.prepare.noise import NOISE_MODELS
 
 
 def _size(text: str) -> int:
@@ -124,7 +124,7 @@ def _run_train(args: argparse.Namespace) -> None:
     import signal
 
     from dtrain.config import load_config
-    from dtrain.trainer import Trainer
+    from dtrain.train.trainer import Trainer
 
     config = load_config(args.config, args.overrides)
     config.validate()
@@ -137,14 +137,14 @@ def _run_train(args: argparse.Namespace) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> None:
-    from dtrain.evaluate import evaluate_run
+    from dtrain.train.evaluate import evaluate_run
 
     evaluate_run(args.run_dir, args.split, args.checkpoint)
 
 
 def main(argv: list[str] | None = None) -> None:
     from dtrain.distributed import DistributedError
-    from dtrain.sources import DataError
+    from dtrain.errors import DataError
 
     parser = argparse.ArgumentParser(prog="dtrain", description=__doc__)
     # the deepspeed launcher passes --local_rank=N first; LOCAL_RANK in the environment says

@@ -13,12 +13,10 @@ from typing import Any
 
 import yaml
 
+from dtrain.errors import ConfigError
+
 METHODS = ("iam", "iam_no_con", "iam_no_mixup", "afm", "ce", "mixup", "gce", "sce", "coteaching")
 ATTENTION_INPUTS = ("feature", "feature+label", "feature+label+confidence")
-
-
-class ConfigError(ValueError):
-    """A config key or value that is wrong; the message says which and what would be right."""
 
 
 @dataclass
@@ -311,6 +309,6 @@ def config_from_dict(values: dict) -> Config:
 
 
 def save_config(config: Config, path: Path) -> None:
-    from dtrain.checkpoint import write_text_atomic
+    from dtrain.train.checkpoint import write_text_atomic
 
     write_text_atomic(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

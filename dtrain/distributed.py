@@ -11,9 +11,7 @@ import socket
 import torch
 import torch.distributed as dist
 
-
-class DistributedError(RuntimeError):
-    """Ranks that cannot talk to each other; the message says which rank and which address."""
+from dtrain.errors import DistributedError
 
 
 def first_host(nodelist: str) -> str:

@@ -14,8 +14,8 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
 
 from dtrain.config import load_config
-from dtrain.methods import TrainStep
-from dtrain.model import build_model
+from dtrain.train.model import build_model
+from dtrain.train.steps import TrainStep
 
 if __name__ == "__main__":
     method, out, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])

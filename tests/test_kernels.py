@@ -7,11 +7,11 @@ import pytest
 import torch
 from conftest import random_batch
 
-from dtrain import mixup_kernels as mk
 from dtrain.config import load_config
-from dtrain.losses import make_groups
-from dtrain.methods import training_step
-from dtrain.model import build_model
+from dtrain.train import mixup_kernels as mk
+from dtrain.train.losses import make_groups
+from dtrain.train.model import build_model
+from dtrain.train.steps import training_step
 
 # The reference runs in float64 on the same (rounded) inputs. fp32 must match to rtol 1e-5;
 # half-precision outputs are rounded once at the end (the kernel accumulates in fp32), so they

@@ -16,9 +16,9 @@ import torch
 import webdataset as wds
 from conftest import write_folder
 
-from dtrain.data import CorruptSampleError, make_loader, split_urls
+from dtrain.errors import DataError
 from dtrain.prepare import PrepareConfig, prepare
-from dtrain.sources import DataError
+from dtrain.train.data import CorruptSampleError, make_loader, split_urls
 
 HERE = Path(__file__).parent
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from dtrain import losses
-from dtrain.model import GroupAttention
+from dtrain.train import losses
+from dtrain.train.model import GroupAttention
 
 
 def log_softmax(row: list[float]) -> list[float]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dtrain.noise import apply_noise, transition_matrix
+from dtrain.prepare.noise import apply_noise, transition_matrix
 
 N_PER_CLASS = 4000
 

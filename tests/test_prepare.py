@@ -16,8 +16,8 @@ import pytest
 from conftest import make_image, write_folder
 from PIL import Image
 
+from dtrain.errors import DataError
 from dtrain.prepare import PrepareConfig, prepare
-from dtrain.sources import DataError
 
 
 def read_shards(out: Path) -> dict[str, dict]:

@@ -15,9 +15,9 @@ from conftest import random_batch, stripes_dataset
 from PIL import Image
 
 from dtrain.config import METHODS, ConfigError, load_config
-from dtrain.methods import training_step
-from dtrain.model import build_model
-from dtrain.trainer import Trainer
+from dtrain.train.model import build_model
+from dtrain.train.steps import training_step
+from dtrain.train.trainer import Trainer
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from dtrain.dedup import BadImageError, decode_thumbnail, near_duplicate_groups
-from dtrain.noise import apply_noise, check_noise, transition_matrix
-from dtrain.sources import DataError, Source, open_source
-from dtrain.split import SPLITS, stratified_group_split
+from dtrain.errors import DataError
+from dtrain.prepare.dedup import BadImageError, decode_thumbnail, near_duplicate_groups
+from dtrain.prepare.noise import apply_noise, check_noise, transition_matrix
+from dtrain.prepare.sources import Source, open_source
+from dtrain.prepare.split import SPLITS, stratified_group_split
 
 FORMAT_VERSION = 1
 DATASET_JSON = "dataset.json"

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dtrain.checkpoint import write_text_atomic
-from dtrain.metrics import auroc
+from dtrain.train.checkpoint import write_text_atomic
+from dtrain.train.metrics import auroc
 
 SUSPECTS_SHOWN = 10
 

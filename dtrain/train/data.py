@@ -29,8 +29,8 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dtrain.sources import DataError
-from dtrain.transforms import (
+from dtrain.errors import DataError
+from dtrain.train.transforms import (
     center_crop,
     decode_image,
     decode_side,

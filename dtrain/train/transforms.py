@@ -16,6 +16,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import RandomResizedCrop
 
+from dtrain.images import to_8bit
+
 CROP_SCALE = (0.35, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 JITTER = 0.2  # brightness and contrast factors drawn from [1 - JITTER, 1 + JITTER]
@@ -78,17 +80,6 @@ def decode_image(data: bytes, channels: int, min_side: int) -> Image.Image:
     scale = max(min_side / min(image.size), 1 / 8)
     image.draft(None, (math.ceil(image.width * scale), math.ceil(image.height * scale)))
     return to_8bit(image).convert("L" if channels == 1 else "RGB")
-
-
-def to_8bit(image: Image.Image) -> Image.Image:
-    """16-bit and float images (common for CT/MR exports) stretched min-max to 8-bit grayscale;
-    PIL's own conversion would clip everything above 255 to white."""
-    if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
-        return image
-    pixels = np.asarray(image, dtype=np.float32)
-    low, high = float(pixels.min()), float(pixels.max())
-    scaled = (pixels - low) * (255 / (high - low)) if high > low else pixels * 0
-    return Image.fromarray(scaled.round().astype(np.uint8), "L")
 
 
 def decode_side(image_size: int, train: bool) -> int:

@@ -8,7 +8,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from dtrain.transforms import to_8bit
+from dtrain.images import to_8bit
 
 THUMB_SIDE = 16
 

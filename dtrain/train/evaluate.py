@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dtrain import checkpoint
 from dtrain.config import load_config
-from dtrain.trainer import Trainer
+from dtrain.train import checkpoint
+from dtrain.train.trainer import Trainer
 
 
 def evaluate_run(run_dir: str | Path, split: str = "test", which: str = "best") -> dict:

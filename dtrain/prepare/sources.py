@@ -14,12 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+from dtrain.errors import DataError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 EMBEDDED_NAME = "br35h"
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file, row or key and says what to do."""
 
 
 @dataclass

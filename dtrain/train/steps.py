@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from dtrain import losses
 from dtrain.config import MethodConfig
-from dtrain.model import CoTeachingNet, NoiseRobustNet
+from dtrain.train import losses
+from dtrain.train.model import CoTeachingNet, NoiseRobustNet
 
 
 @dataclass

@@ -30,13 +30,14 @@ from accelerate.utils import (
     set_seed,
 )
 
-from dtrain import checkpoint, distributed, report
+from dtrain import distributed
 from dtrain.config import Config, ConfigError, config_from_dict, save_config
-from dtrain.data import ShardLoader, make_loader, read_dataset_json, split_urls
-from dtrain.ds_config import resolve_deepspeed_config
-from dtrain.methods import TrainStep
-from dtrain.metrics import classification_metrics
-from dtrain.model import build_model
+from dtrain.train import checkpoint, report
+from dtrain.train.data import ShardLoader, make_loader, read_dataset_json, split_urls
+from dtrain.train.ds_config import resolve_deepspeed_config
+from dtrain.train.metrics import classification_metrics
+from dtrain.train.model import build_model
+from dtrain.train.steps import TrainStep
 
 EpochHook = Callable[[dict, Path], None]
 
@@ -51,7 +52,7 @@ def resolve_data_dir(config: Config, accelerator: Accelerator) -> Path:
             )
         return path
     from dtrain.prepare import PrepareConfig, default_out, prepare
-    from dtrain.sources import from_embedded
+    from dtrain.prepare.sources import from_embedded
 
     prep = PrepareConfig(progress=config.train.progress)
     path = default_out(prep, from_embedded())

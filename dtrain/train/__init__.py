@@ -1,0 +1,1 @@
+"""The training side: streaming loader, model, losses, engines, trainer, report."""
