@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dtrain.prepare.noise import apply_noise, transition_matrix
+from dtrain.errors import ConfigError
+from dtrain.prepare.noise import apply_noise, check_noise, transition_matrix
 
 N_PER_CLASS = 4000
 
@@ -81,9 +82,17 @@ def test_no_noise_and_zero_rate_leave_labels_alone():
         ("asymmetric", 0.6, 5, None, r"must lie in \[0, 0.5\)"),
         ("symmetric", -0.1, 3, None, "must lie in"),
         ("asymmetric", 0.2, 3, [1, 2], "noise map"),
+        ("asymmetric", 0.2, 3, [1, 3, 0], "noise map"),
+        ("asymmetric", 0.2, 3, [0, 2, 1], r"noise map \[0, 2, 1\] sends class 0 to itself"),
+        ("asymmetric", 0.0, 3, [1, 0, 2], r"noise map \[1, 0, 2\] sends class 2 to itself"),
         ("gaussian", 0.2, 3, None, "is not one of"),
     ],
 )
 def test_invalid_requests_are_refused(model, rate, classes, mapping, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ConfigError, match=match):
         apply_noise(labels(classes), classes, model, rate, seed=0, mapping=mapping)
+
+
+def test_a_map_entry_is_named_by_its_class():
+    with pytest.raises(ConfigError, match=r"sends class 1 \(malignant\) to itself"):
+        check_noise("asymmetric", 0.2, 3, [2, 1, 0], ["benign", "malignant", "normal"])

@@ -3,10 +3,12 @@ groups, reruns are byte-identical, and bad input fails with a message that names
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
 import tarfile
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +18,9 @@ import pytest
 from conftest import make_image, write_folder
 from PIL import Image
 
-from dtrain.errors import DataError
+from dtrain.errors import ConfigError, DataError
 from dtrain.prepare import PrepareConfig, prepare
+from dtrain.prepare.cli import add_prepare_parser, config_from_args
 
 
 def read_shards(out: Path) -> dict[str, dict]:
@@ -267,3 +270,112 @@ def test_cli_reports_errors_without_a_traceback(tmp_path):
     assert result.returncode == 2
     assert "source" in result.stderr and "nope does not exist" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_unreadable_dataset_json_needs_overwrite(image_folder, tmp_path):
+    out = run(image_folder, tmp_path / "ds")
+    (out / "dataset.json").write_text("{truncated")
+    with pytest.raises(DataError, match=r"dataset.json cannot be read .*--overwrite"):
+        run(image_folder, out)
+    run(image_folder, out, overwrite=True)
+    assert json.loads((out / "dataset.json").read_text())["classes"][0] == "benign"
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"split": (0.5, 0.5, 0.1)}, "must sum to 1"),
+        ({"split": (0.9, 0.1)}, "must be three fractions"),
+        ({"dedup_threshold": 0.0}, r"must lie in \(0, 1\]"),
+        ({"shard_size": 0}, "at least 1"),
+        ({"shard_bytes": 0}, "must be positive"),
+        ({"resize": 4}, "at least 8 pixels"),
+        ({"noise": "symmetric", "noise_rate": 0.9}, r"must lie in \[0, 0.667\)"),
+    ],
+)
+def test_bad_requests_are_config_errors(image_folder, tmp_path, kw, match):
+    with pytest.raises(ConfigError, match=match):
+        run(image_folder, tmp_path / "ds", **kw)
+    assert not (tmp_path / "ds").exists()
+
+
+def test_cli_refuses_a_noise_map_that_sends_a_class_to_itself(image_folder, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "dtrain.cli", "prepare", str(image_folder), "--out"]
+        + [str(tmp_path / "ds"), "--noise", "asymmetric", "--noise-map", "0,2,1"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "dtrain prepare: error: noise map [0, 2, 1] sends class 0 (benign) to itself; asymmetric "
+        "noise must move each class's flipped labels to another class"
+    ]
+    assert not (tmp_path / "ds").exists()
+
+
+# one command-line fragment per PrepareConfig field, each giving a value other than the default
+CLI_ARGS = {
+    "source": (["scans/"], "scans/"),
+    "out": (["--out", "data/x"], "data/x"),
+    "classes": (["--classes", "normal,benign,malignant"], ["normal", "benign", "malignant"]),
+    "noise": (["--noise", "asymmetric"], "asymmetric"),
+    "noise_rate": (["--noise-rate", "0.25"], 0.25),
+    "noise_map": (["--noise-map", "2,0,1"], [2, 0, 1]),
+    "noise_val": (["--clean-val"], False),
+    "seed": (["--seed", "7"], 7),
+    "split": (["--split", "0.8,0,0.2"], (0.8, 0.0, 0.2)),
+    "dedup_threshold": (["--dedup-threshold", "0.9"], 0.9),
+    "shard_size": (["--shard-size", "50"], 50),
+    "shard_bytes": (["--shard-bytes", "500MB"], 500_000_000),
+    "resize": (["--resize", "224"], 224),
+    "skip_bad_images": (["--skip-bad-images"], True),
+    "overwrite": (["--overwrite"], True),
+    "progress": (["--no-progress"], False),
+}
+
+
+def prepare_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The `dtrain` parser with only `prepare`, and `prepare`'s own parser."""
+    parser = argparse.ArgumentParser(prog="dtrain")
+    sub = add_prepare_parser(parser.add_subparsers(dest="command", required=True))
+    return parser, sub
+
+
+def parse(*argv: str) -> PrepareConfig:
+    return config_from_args(prepare_parser()[0].parse_args(["prepare", *argv]))
+
+
+def test_cli_defaults_are_the_config_defaults():
+    assert parse() == PrepareConfig()
+
+
+def test_every_config_field_is_reachable_from_the_command_line():
+    assert set(CLI_ARGS) == {f.name for f in fields(PrepareConfig)}
+    default = PrepareConfig()
+    for name, (argv, value) in CLI_ARGS.items():
+        config = parse(*argv)
+        changed = [
+            f.name for f in fields(config) if getattr(config, f.name) != getattr(default, f.name)
+        ]
+        assert changed == [name], argv
+        assert getattr(config, name) == value
+
+
+def test_full_command_line_gives_the_expected_config():
+    argv = [a for fragment, _ in CLI_ARGS.values() for a in fragment]
+    assert parse(*argv) == PrepareConfig(**{name: value for name, (_, value) in CLI_ARGS.items()})
+    assert parse(*argv[1:], "--split=1,0,0", "s").split == (1.0, 0.0, 0.0)  # any order
+    assert parse("--shard-bytes", "2GiB").shard_bytes == 2 * 2**30
+    with pytest.raises(SystemExit):
+        parse("--noise", "gaussian")  # choices come from the Literal
+
+
+def test_help_shows_every_option_with_its_default():
+    text = " ".join(prepare_parser()[1].format_help().split())
+    for option in [a[0] for a, _ in CLI_ARGS.values() if a[0].startswith("--")]:
+        assert option in text
+    assert text.count("(default: ") == len(CLI_ARGS)
+    for shown in ("(default: 0.7,0.1,0.2)", "(default: 0.95)", "(default: 1000)"):
+        assert shown in text
+    assert "{none,symmetric,asymmetric,instance}" in text

@@ -1,98 +1,91 @@
-"""`dtrain prepare` on the command line: its flags and the PrepareConfig they make."""
+"""`dtrain prepare` on the command line. Its flags are generated from PrepareConfig's fields and
+their metadata (help, flag spelling, parsing): a default is written once, in the dataclass, and
+a new field is a new flag."""
 
 from __future__ import annotations
 
 import argparse
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import Field, fields
+from typing import Any, Literal
 
-from dtrain.prepare import PrepareConfig, prepare
-from dtrain.prepare.noise import NOISE_MODELS
+from dtrain.prepare.config import PrepareConfig
+from dtrain.prepare.pipeline import prepare
 
-
-def _size(text: str) -> int:
-    """`500MB`, `2GB`, `1048576` -> bytes."""
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-    upper = text.strip().upper()
-    for unit, factor in units.items():
-        if upper.endswith(unit):
-            return int(float(upper[: -len(unit)]) * factor)
-    return int(upper)
-
-
-def _csv(kind):
-    return lambda text: [kind(v) for v in text.split(",") if v.strip()]
+DESCRIPTION = (
+    "Turn a labelled image source into {train,val,test}-%06d.tar WebDataset shards, a "
+    "manifest.parquet and a dataset.json, with the clean label kept beside the noisy one."
+)
 
 
-def add_prepare_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+def _value_type(name: str, hint: Any) -> tuple[Callable[[str], Any], tuple | None]:
+    """How to read one command-line value of a field typed `hint`: the parser and the choices
+    (a Literal's values), `None` aside."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(options) == 1:
+            hint = options[0]
+    if typing.get_origin(hint) is Literal:
+        choices = typing.get_args(hint)
+        return type(choices[0]), choices
+    if hint in (int, float, str):
+        return hint, None
+    raise TypeError(f"PrepareConfig.{name}: type {hint} needs a `parse` function in its metadata")
+
+
+def _shown_default(f: Field, default: Any) -> str:
+    if "default_help" in f.metadata:
+        return f.metadata["default_help"]
+    if isinstance(default, bool):
+        return "off"  # a flag that is not given
+    if isinstance(default, list | tuple):
+        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in default)
+    return "none" if default is None else str(default)
+
+
+def _add_field(parser: argparse.ArgumentParser, f: Field, hint: Any, default: Any) -> None:
+    meta = f.metadata
+    text = f"{meta['help']} (default: {_shown_default(f, default)})".replace("%", "%%")
+    flag = meta.get("flag", f"--{f.name.replace('_', '-')}")
+    if hint is bool:
+        # a flag says what it changes: --overwrite turns overwrite on, --no-progress turns it off
+        if default and "flag" not in meta:
+            raise TypeError(f"PrepareConfig.{f.name}: a field on by default needs a `flag`")
+        action = "store_false" if default else "store_true"
+        parser.add_argument(flag, dest=f.name, action=action, default=default, help=text)
+        return
+    if "parse" in meta:
+        parse, choices = meta["parse"], None
+    else:
+        parse, choices = _value_type(f.name, hint)
+    if meta.get("positional"):
+        parser.add_argument(
+            f.name, nargs="?", type=parse, choices=choices, default=default, help=text
+        )
+        return
+    parser.add_argument(flag, dest=f.name, type=parse, choices=choices, default=default, help=text)
+
+
+def add_prepare_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add `prepare` and one flag per PrepareConfig field to the `dtrain` subcommands."""
+    parser = sub.add_parser(
         "prepare",
         help="turn an image source into WebDataset shards with recorded label noise",
-        description="Turn a labelled image source into {train,val,test}-%%06d.tar shards, a "
-        "manifest.parquet and a dataset.json. SOURCE: nothing (the embedded Br35H brain-MRI "
-        "set), an image folder root/<class>/*, a .csv/.parquet manifest with path,label "
-        "columns, or a MedMNIST-format .npz.",
+        description=DESCRIPTION,
     )
-    p.add_argument("source", nargs="?", default=None)
-    p.add_argument("--out", help="output folder (default data/<name>_<noise><rate>_seed<seed>)")
-    p.add_argument("--classes", type=_csv(str), help="class names in index order, comma-separated")
-    p.add_argument(
-        "--noise",
-        choices=NOISE_MODELS,
-        help="label noise on train (default: symmetric for the embedded set, none "
-        "for your own data)",
-    )
-    p.add_argument("--noise-rate", type=float, help="fraction of wrong labels (default 0.4)")
-    p.add_argument(
-        "--noise-map", type=_csv(int), help="asymmetric class map, e.g. 1,2,0 (default: next class)"
-    )
-    p.add_argument(
-        "--clean-val",
-        action="store_true",
-        help="keep val labels clean (default: noisy like train, as a real user's are)",
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--split",
-        type=_csv(float),
-        default=[0.7, 0.1, 0.2],
-        help="train,val,test fractions (default 0.7,0.1,0.2)",
-    )
-    p.add_argument(
-        "--dedup-threshold",
-        type=float,
-        default=0.95,
-        help="thumbnail correlation above which images share a group (default 0.95)",
-    )
-    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
-    p.add_argument("--shard-bytes", type=_size, help="bytes per shard, e.g. 500MB")
-    p.add_argument("--resize", type=int, help="resize the shorter side to this many pixels")
-    p.add_argument(
-        "--skip-bad-images",
-        action="store_true",
-        help="leave unreadable images out instead of failing",
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace a different dataset at --out")
-    p.add_argument("--no-progress", action="store_true")
+    hints = typing.get_type_hints(PrepareConfig)
+    defaults = PrepareConfig()
+    for f in fields(PrepareConfig):
+        _add_field(parser, f, hints[f.name], getattr(defaults, f.name))
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> PrepareConfig:
+    """The PrepareConfig that a parsed `dtrain prepare` command line asks for."""
+    return PrepareConfig(**{f.name: getattr(args, f.name) for f in fields(PrepareConfig)})
 
 
 def run_prepare(args: argparse.Namespace) -> None:
-
-    prepare(
-        PrepareConfig(
-            source=args.source,
-            out=args.out,
-            classes=args.classes,
-            noise=args.noise,
-            noise_rate=args.noise_rate,
-            noise_map=args.noise_map,
-            noise_val=not args.clean_val,
-            seed=args.seed,
-            split=tuple(args.split),
-            dedup_threshold=args.dedup_threshold,
-            shard_size=args.shard_size,
-            shard_bytes=args.shard_bytes,
-            resize=args.resize,
-            skip_bad_images=args.skip_bad_images,
-            overwrite=args.overwrite,
-            progress=not args.no_progress,
-        )
-    )
+    prepare(config_from_args(args))

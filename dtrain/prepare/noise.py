@@ -9,30 +9,50 @@ from a random linear projection of the image's pixels, so similar images flip al
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import numpy as np
 
-NOISE_MODELS = ("none", "symmetric", "asymmetric", "instance")
+from dtrain.errors import ConfigError
+
+NoiseModel = Literal["none", "symmetric", "asymmetric", "instance"]
+NOISE_MODELS: tuple[NoiseModel, ...] = get_args(NoiseModel)
 
 
-def check_noise(model: str, rate: float, num_classes: int, mapping: list[int] | None) -> None:
+def check_noise(
+    model: str,
+    rate: float,
+    num_classes: int,
+    mapping: list[int] | None,
+    class_names: list[str] | None = None,
+) -> None:
+    """Refuse a request whose noise cannot be made or would leave the wrong label the most
+    common one; `class_names`, where known, name the class a bad map entry belongs to."""
     if model not in NOISE_MODELS:
-        raise ValueError(f"noise model {model!r} is not one of {NOISE_MODELS}")
+        raise ConfigError(f"noise model {model!r} is not one of {NOISE_MODELS}")
     if model == "none":
         return
     if num_classes < 2:
-        raise ValueError("label noise needs at least 2 classes")
+        raise ConfigError("label noise needs at least 2 classes")
     limit = 0.5 if model == "asymmetric" else 1 - 1 / num_classes
     if not 0 <= rate < limit:
-        raise ValueError(
+        raise ConfigError(
             f"noise rate {rate} must lie in [0, {limit:.3g}) for {model} noise with "
             f"{num_classes} classes; above it the wrong label is the most common one"
         )
-    if mapping is not None and (
-        len(mapping) != num_classes or not all(0 <= m < num_classes for m in mapping)
-    ):
-        raise ValueError(
+    if mapping is None:
+        return
+    if len(mapping) != num_classes or not all(0 <= m < num_classes for m in mapping):
+        raise ConfigError(
             f"noise map {mapping} must give one target class in [0, {num_classes}) per class"
         )
+    for c, target in enumerate(mapping):
+        if model == "asymmetric" and target == c:
+            name = f" ({class_names[c]})" if class_names else ""
+            raise ConfigError(
+                f"noise map {mapping} sends class {c}{name} to itself; asymmetric noise must "
+                "move each class's flipped labels to another class"
+            )
 
 
 def apply_noise(

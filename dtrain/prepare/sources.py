@@ -11,6 +11,7 @@ import importlib.util
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -18,6 +19,7 @@ from dtrain.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 EMBEDDED_NAME = "br35h"
+SourceKind = Literal["embedded", "folder", "manifest", "npz"]
 
 
 @dataclass
@@ -35,7 +37,7 @@ class Source:
     labels: np.ndarray
     root: Path = Path(".")
     arrays: np.ndarray | None = None
-    kind: str = "folder"
+    kind: SourceKind = "folder"
     description: dict = field(default_factory=dict)
 
     def __len__(self) -> int:

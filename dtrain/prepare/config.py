@@ -1,0 +1,170 @@
+"""What `dtrain prepare` is asked to do: `PrepareConfig`, the one place where each option's
+default, help text, flag spelling and text parsing are written (the command line is generated
+from its fields), and the default output folder that follows from it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dtrain.errors import ConfigError
+from dtrain.prepare.noise import NoiseModel
+from dtrain.prepare.sources import EMBEDDED_NAME, Source
+
+FORMAT_VERSION = 1
+EMBEDDED_DEFAULT_NOISE: tuple[NoiseModel, float] = ("symmetric", 0.4)
+DEFAULT_NOISE_RATE = 0.4
+
+
+def comma_list(kind: Callable[[str], Any]) -> Callable[[str], list]:
+    """`1,2,0` -> [1, 2, 0], each item parsed by `kind`."""
+
+    def parse(text: str) -> list:
+        return [kind(v) for v in text.split(",") if v.strip()]
+
+    parse.__name__ = f"comma-separated {kind.__name__}"  # argparse names it in its errors
+    return parse
+
+
+def fractions(text: str) -> tuple[float, ...]:
+    """`0.7,0.1,0.2` -> (0.7, 0.1, 0.2)."""
+    return tuple(comma_list(float)(text))
+
+
+def byte_size(text: str) -> int:
+    """`500MB`, `2GB`, `1048576` -> bytes."""
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    upper = text.strip().upper()
+    for unit, factor in units.items():
+        if upper.endswith(unit):
+            return int(float(upper[: -len(unit)]) * factor)
+    return int(upper)
+
+
+def option(default: Any, help: str, **cli: Any) -> Any:
+    """A PrepareConfig field and its command-line option (see `dtrain.prepare.cli`). `cli` keys:
+    `parse` (text -> value; from the field's type when absent), `flag` (the spelling, where it is
+    not `--field-name`; a bool field that is on by default needs one, the flag turning it off),
+    `positional`, `default_help` (the default in words, where its value alone says too little)."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
+@dataclass
+class PrepareConfig:
+    """What `dtrain prepare` is asked to do. `noise=None` means: symmetric 0.4 for the embedded
+    demo set (a benchmark), no noise for your own data (whose labels are what they are)."""
+
+    source: str | None = option(
+        None,
+        "nothing (the embedded Br35H brain-MRI set), an image folder root/<class>/*, a "
+        ".csv/.parquet manifest with path,label columns, or a MedMNIST-format .npz",
+        positional=True,
+        default_help="the embedded Br35H set",
+    )
+    out: str | None = option(
+        None, "output folder", default_help="data/<name>_<noise><rate>_seed<seed>"
+    )
+    classes: list[str] | None = option(
+        None,
+        "class names in index order, comma-separated",
+        parse=comma_list(str),
+        default_help="the sorted folder names or labels in the source",
+    )
+    noise: NoiseModel | None = option(
+        None,
+        "label noise on train (and val unless --clean-val), never on test",
+        default_help="symmetric for the embedded set, none for your own data",
+    )
+    noise_rate: float | None = option(
+        None, "fraction of wrong labels", default_help=f"{DEFAULT_NOISE_RATE:g}"
+    )
+    noise_map: list[int] | None = option(
+        None,
+        "asymmetric noise: the wrong class of each class, e.g. 1,2,0",
+        parse=comma_list(int),
+        default_help="the next class",
+    )
+    # val labels as noisy as train's by default: model selection then sees what users see
+    noise_val: bool = option(
+        True,
+        "keep val labels clean",
+        flag="--clean-val",
+        default_help="val as noisy as train, as a real user's labels are",
+    )
+    seed: int = option(0, "seed of the split, the noise and the shard order")
+    split: tuple[float, float, float] = option(
+        (0.7, 0.1, 0.2), "train,val,test fractions", parse=fractions
+    )
+    dedup_threshold: float = option(
+        0.95, "thumbnail correlation above which images share a near-duplicate group"
+    )
+    shard_size: int = option(1000, "samples per shard")
+    shard_bytes: int | None = option(
+        None, "bytes per shard, e.g. 500MB", parse=byte_size, default_help="no limit"
+    )
+    resize: int | None = option(
+        None,
+        "re-encode images with the shorter side this many pixels",
+        default_help="keep the image bytes as they are",
+    )
+    skip_bad_images: bool = option(False, "leave unreadable images out instead of failing")
+    overwrite: bool = option(False, "replace a different dtrain dataset at --out")
+    progress: bool = option(
+        True, "hide the progress bars", flag="--no-progress", default_help="shown"
+    )
+
+    def resolved_noise(self) -> tuple[NoiseModel, float]:
+        """The noise model and rate after the defaults that depend on the source."""
+        if self.noise is None:
+            is_embedded = self.source in (None, EMBEDDED_NAME)
+            model, rate = EMBEDDED_DEFAULT_NOISE if is_embedded else ("none", 0.0)
+            return model, rate if self.noise_rate is None else self.noise_rate
+        rate = DEFAULT_NOISE_RATE if self.noise_rate is None else self.noise_rate
+        return self.noise, 0.0 if self.noise == "none" else rate
+
+    def noised_splits(self) -> list[str]:
+        """The splits whose labels get noise; test never does."""
+        return ["train", "val"] if self.noise_val else ["train"]
+
+    def validate(self) -> None:
+        """Refuse values no dataset can be built from (the noise is checked against the
+        source's classes in `prepare`)."""
+        if len(self.split) != 3 or any(f < 0 for f in self.split) or self.split[0] <= 0:
+            raise ConfigError(f"split {self.split} must be three fractions >= 0 with train > 0")
+        if abs(sum(self.split) - 1) > 1e-6:
+            raise ConfigError(f"split fractions {self.split} must sum to 1")
+        if not 0 < self.dedup_threshold <= 1:
+            raise ConfigError(f"dedup threshold {self.dedup_threshold} must lie in (0, 1]")
+        if self.shard_size < 1:
+            raise ConfigError(f"shard size {self.shard_size} must be at least 1")
+        if self.shard_bytes is not None and self.shard_bytes < 1:
+            raise ConfigError(f"shard bytes {self.shard_bytes} must be positive")
+        if self.resize is not None and self.resize < 8:
+            raise ConfigError(f"resize {self.resize} must be at least 8 pixels")
+
+    def request(self, source: Source) -> dict:
+        """What determines the output bytes; two runs with equal requests write equal shards."""
+        model, rate = self.resolved_noise()
+        keep = {
+            k: v
+            for k, v in asdict(self).items()
+            if k not in ("out", "overwrite", "progress", "noise", "noise_rate")
+        }
+        keep["split"] = list(self.split)
+        return {
+            **keep,
+            "noise": model,
+            "noise_rate": rate,
+            "source_kind": source.kind,
+            "num_items": len(source),
+            "format_version": FORMAT_VERSION,
+        }
+
+
+def default_out(config: PrepareConfig, source: Source) -> Path:
+    """`data/<name>_<noise><rate>_seed<seed>`: different requests land in different folders."""
+    model, rate = config.resolved_noise()
+    noise = "clean" if model == "none" else f"{model}{rate:g}"
+    return Path("data") / f"{source.name}_{noise}_seed{config.seed}"

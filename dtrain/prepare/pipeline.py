@@ -1,0 +1,140 @@
+"""`prepare`: read the source, group near-duplicates, split by group, add label noise to train
+(and val), write the shards and their records. Every random choice is seeded from the request,
+so a rerun writes byte-identical shards."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+
+from dtrain.errors import DataError
+from dtrain.prepare.config import PrepareConfig, default_out
+from dtrain.prepare.dedup import BadImageError, decode_thumbnail, near_duplicate_groups
+from dtrain.prepare.folder import holds_request, new_staging, publish
+from dtrain.prepare.noise import apply_noise, check_noise
+from dtrain.prepare.records import describe, print_summary, write_description, write_manifest
+from dtrain.prepare.shards import sha256, write_shards
+from dtrain.prepare.sources import Source, open_source
+from dtrain.prepare.split import SPLITS, stratified_group_split
+
+T = TypeVar("T")
+
+
+def _progress(items: Iterable[T], total: int, desc: str, enabled: bool) -> Iterable[T]:
+    from tqdm.auto import tqdm
+
+    return tqdm(items, total=total, desc=desc, unit="img", disable=not enabled, leave=False)
+
+
+def _scan(source: Source, config: PrepareConfig) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Thumbnails of every readable item, the indices kept, and image statistics."""
+    thumbs, kept, skipped = [], [], []
+    gray, sizes = 0, []
+    for i in _progress(range(len(source)), len(source), "reading", config.progress):
+        data, _ = source.read(i)
+        try:
+            thumb, is_gray, size = decode_thumbnail(data)
+        except BadImageError as err:
+            if not config.skip_bad_images:
+                raise DataError(
+                    f"cannot decode image {source.paths[i]} ({err}); fix or remove the file, or "
+                    "pass --skip-bad-images to leave it out"
+                ) from err
+            skipped.append(source.paths[i])
+            continue
+        thumbs.append(thumb)
+        kept.append(i)
+        gray += is_gray
+        sizes.append(size)
+    if not kept:
+        raise DataError(f"source {source.name} has no readable images")
+    sizes_arr = np.asarray(sizes)
+    stats = {
+        "channels": 1 if gray >= 0.95 * len(kept) else 3,
+        "grayscale_fraction": round(gray / len(kept), 4),
+        "min_size": sizes_arr.min(axis=0).tolist(),
+        "max_size": sizes_arr.max(axis=0).tolist(),
+        "skipped_unreadable": skipped,
+    }
+    return np.stack(thumbs), np.asarray(kept), stats
+
+
+def prepare(config: PrepareConfig) -> Path:
+    """Build the dataset `config` asks for and return its folder."""
+    config.validate()
+    source = open_source(config.source, config.classes)
+    noise_model, noise_rate = config.resolved_noise()
+    check_noise(noise_model, noise_rate, len(source.classes), config.noise_map, source.classes)
+    out = Path(config.out) if config.out else default_out(config, source)
+    request = config.request(source)
+    if holds_request(out, request, config.overwrite):
+        print(f"{out} already holds this dataset; nothing to do")
+        return out
+
+    thumbs, kept, image_stats = _scan(source, config)
+    clean = source.labels[kept]
+    groups = near_duplicate_groups(thumbs, config.dedup_threshold)
+    split_of = stratified_group_split(clean, groups, config.split, config.seed)
+    noisy = clean.copy()
+    for s, name in enumerate(SPLITS):
+        if name in config.noised_splits():
+            members = np.flatnonzero(split_of == s)
+            noisy[members] = apply_noise(
+                clean[members],
+                len(source.classes),
+                noise_model,
+                noise_rate,
+                seed=config.seed + 1000 * (s + 1),
+                mapping=config.noise_map,
+                features=thumbs[members],
+            )
+    print(
+        f"{source.name}: {len(kept)} images, {groups.max() + 1} near-duplicate groups "
+        f"(correlation > {config.dedup_threshold} on {thumbs.shape[1]}px thumbnails)"
+    )
+
+    rng = np.random.default_rng(config.seed)
+    staging = new_staging(out)
+    rows_all: list[dict] = []
+    shards: dict[str, dict] = {}
+    for s, split in enumerate(SPLITS):
+        members = np.flatnonzero(split_of == s)
+        members = members[rng.permutation(len(members))]  # mix classes and groups in each shard
+        rows = [
+            {
+                "key": f"s{kept[m]:07d}",
+                "index": int(kept[m]),
+                "split": split,
+                "clean_label": int(clean[m]),
+                "noisy_label": int(noisy[m]),
+                "is_noisy": bool(clean[m] != noisy[m]),
+                "group": int(groups[m]),
+                "source": source.paths[kept[m]],
+            }
+            for m in members
+        ]
+        shards.update(
+            write_shards(
+                staging,
+                source,
+                _progress(rows, len(rows), f"writing {split}", config.progress),
+                split,
+                shard_size=config.shard_size,
+                shard_bytes=config.shard_bytes,
+                resize=config.resize,
+            )
+        )
+        rows_all += rows
+    for name, info in shards.items():
+        info["bytes"] = (staging / name).stat().st_size
+        info["sha256"] = sha256(staging / name)
+
+    write_manifest(staging, rows_all)
+    meta = describe(source, config, request, clean, noisy, groups, split_of, image_stats, shards)
+    write_description(staging, meta)
+    publish(staging, out)
+    print_summary(out, meta)
+    return out
