@@ -1,5 +1,6 @@
 """The streaming loader: exactly-once coverage with equal batch counts over ranks and workers,
-corrupt samples skipped or fatal, nothing unpickled, seeded shuffling, clear errors."""
+corrupt samples skipped or fatal, nothing unpickled, seeded shuffling, exact mid-epoch starts that
+decode nothing they skip, clear errors; and the data folder a run trains on."""
 
 from __future__ import annotations
 
@@ -18,7 +19,10 @@ from conftest import write_folder
 
 from dtrain.errors import DataError
 from dtrain.prepare import PrepareConfig, prepare
+from dtrain.train import data as data_module
 from dtrain.train.data import CorruptSampleError, make_loader, split_urls
+from dtrain.train.dataset import resolve_data_dir
+from dtrain.train.plan import worker_order, worker_skips
 
 HERE = Path(__file__).parent
 
@@ -294,3 +298,133 @@ def test_16_bit_scans_keep_their_contrast(tmp_path):
     pixels = next(iter(loader))["image"]
     assert pixels.min() < -0.8 and pixels.max() > 0.8
     assert len(pixels.unique()) > 50
+
+
+def _tail_loader(dataset: Path, mode: str, workers: int):
+    """Rank 1 of 2 with batches of 4: 57 samples; 16 batches of which the last 1.75 are padding
+    (0 or 1 worker), or workers of 28 + 28 samples in 9 + 8 batches (2 workers)."""
+    return make_loader(
+        split_urls(dataset, "train"),
+        train=mode == "train",
+        batch_size=4,
+        image_size=16,
+        num_workers=workers,
+        rank=1,
+        world_size=2,
+        seed=5,
+        shuffle_buffer=20,
+    )
+
+
+def _assert_same_batches(got: list[dict], expected: list[dict]) -> None:
+    assert len(got) == len(expected)
+    for i, (a, b) in enumerate(zip(got, expected, strict=True)):
+        assert a.keys() == b.keys()
+        assert a["key"] == b["key"], i
+        for name in a.keys() - {"key"}:
+            assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), (i, name)
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_starting_mid_epoch_yields_exactly_the_rest_of_a_full_pass(dataset, mode, workers):
+    loader = _tail_loader(dataset, mode, workers)
+    loader.set_epoch(1)
+    full = list(loader)
+    n = len(loader)
+    assert len(full) == n == (17 if workers == 2 else 16)
+    padded = [i for i, b in enumerate(full) if not b["valid"].all()]
+    assert padded and (~full[-1]["valid"]).all()  # a batch of padding only, at the end
+    starts = sorted({1, 2, n // 2, padded[0] - 1, padded[0], padded[0] + 1, n - 1, n})
+    for start in starts:
+        loader.set_epoch(1, start_batch=start)
+        assert len(loader) == n
+        _assert_same_batches(list(loader), full[start:])
+        assert len(list(loader)) == n - start  # the start holds until the next set_epoch
+    loader.set_epoch(1)
+    _assert_same_batches(list(loader), full)
+    with pytest.raises(ValueError, match="start_batch 18 is outside"):
+        loader.set_epoch(1, start_batch=18)
+
+
+def test_the_dataloader_takes_worker_batches_round_robin_passing_over_exhausted_ones(dataset):
+    """3 shards of 7 for 2 workers in batches of 2: 7 batches from one, 4 from the other."""
+    loader = make_loader(
+        split_urls(dataset, "train")[:3], train=True, batch_size=2, image_size=8, num_workers=2
+    )
+    plan = loader.stream.plan()
+    assert plan.batches == [7, 4]
+    shard_keys = [set().union(*(_tar_keys(Path(u)) for u in urls)) for urls in plan.shards]
+    full = list(loader)
+    seen = [next(w for w, keys in enumerate(shard_keys) if b["key"][0] in keys) for b in full]
+    assert seen == worker_order(plan.batches) == [0, 1, 0, 1, 0, 1, 0, 1, 0, 0, 0]
+    assert worker_skips(plan.batches, 9) == ([5, 4], 0)
+    assert worker_skips(plan.batches, 3) == ([2, 1], 1)
+    for start in (3, 7, 8, 9, 10):
+        loader.set_epoch(0, start_batch=start)
+        _assert_same_batches(list(loader), full[start:])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_starting_mid_epoch_in_resampled_mode(dataset, workers):
+    loader = make_loader(
+        split_urls(dataset, "train"),
+        train=True,
+        batch_size=4,
+        image_size=8,
+        num_workers=workers,
+        resampled=True,
+        samples_per_epoch=50,
+        seed=2,
+    )
+    full = list(loader)
+    for start in (1, len(loader) // 2, len(loader) - 1):
+        loader.set_epoch(0, start_batch=start)
+        _assert_same_batches(list(loader), full[start:])
+
+
+def test_skipped_batches_are_neither_decoded_nor_augmented(dataset, monkeypatch):
+    decoded, collated = [], []
+
+    def decode_sample(raw, *args):
+        decoded.append(raw["__key__"])
+        return real_decode(raw, *args)
+
+    def collate(samples, size, train):
+        collated.append(len(samples))
+        return real_collate(samples, size, train)
+
+    real_decode, real_collate = data_module.decode_sample, data_module.collate
+    monkeypatch.setattr(data_module, "decode_sample", decode_sample)
+    monkeypatch.setattr(data_module, "collate", collate)
+    loader = _tail_loader(dataset, "train", workers=0)
+    full = list(loader)
+    real, size, n = 57, 4, len(loader)
+    assert len(decoded) == real and len(collated) == n == 16
+    for start in (1, 8, 13, 14, 15, 16):
+        decoded.clear()
+        collated.clear()
+        loader.set_epoch(0, start_batch=start)
+        _assert_same_batches(list(loader), full[start:])
+        unread = real - start * size  # real samples in the batches still to come
+        # the padding copies the slot's last 4 real samples: those are decoded, skipped or not
+        needs_tail = unread < size and start < n
+        assert len(decoded) == (size if needs_tail else max(unread, 0))
+        assert len(decoded) == len(set(decoded))
+        assert collated == [size] * (n - start)
+
+
+def test_data_dir_must_hold_a_dataset_json(dataset, tmp_path):
+    assert resolve_data_dir(str(dataset), progress=False) == dataset
+    with pytest.raises(DataError, match="holds no dataset.json; create it with `dtrain prepare`"):
+        resolve_data_dir(str(tmp_path), progress=False)
+
+
+def test_no_data_dir_means_the_embedded_set_prepared_by_rank_0(monkeypatch):
+    import dtrain.prepare
+
+    calls = []
+    monkeypatch.setattr(dtrain.prepare, "prepare", lambda config: calls.append(config))
+    path = resolve_data_dir("", progress=False)
+    assert path == Path("data/br35h_symmetric0.4_seed0")
+    assert len(calls) == 1 and calls[0].progress is False and calls[0].source is None

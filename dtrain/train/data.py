@@ -11,173 +11,50 @@ with replacement for a fixed number of samples per epoch.
 Only image members, `.cls` and `.json` are decoded; nothing is ever unpickled, whatever members a
 shard holds. A sample that cannot be decoded is replaced by padding, counted (`corrupt=True`) and
 logged, or raises with `strict=True`.
+
+`set_epoch(epoch, start_batch)` starts an epoch part-way (a resumed run): the skipped batches' raw
+samples are read, keeping the shuffle in step, but not decoded; augmentations are seeded per batch,
+so the batches that follow are exactly those of a full pass. Planning is in `plan.py`; dataset
+folders, `dataset.json` and sample decoding in `dataset.py`; transforms and collation in
+`transforms.py`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import random
 from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dtrain.errors import DataError
-from dtrain.train.transforms import (
-    center_crop,
-    decode_image,
-    decode_side,
-    jitter_and_normalise,
-    normalise,
-    random_flip,
-    random_resized_crop,
-    stack,
+from dtrain.train.dataset import (
+    CorruptSampleError,
+    decode_sample,
+    expand_urls,
+    read_dataset_json,
+    shard_dir,
+    split_urls,
 )
+from dtrain.train.plan import EpochPlan, plan_epoch, worker_skips
+from dtrain.train.transforms import collate, decode_side
+
+__all__ = [
+    "CorruptSampleError",
+    "ShardLoader",
+    "ShardStream",
+    "expand_urls",
+    "make_loader",
+    "read_dataset_json",
+    "split_urls",
+]
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTS = ("png", "jpg", "jpeg", "bmp", "tif", "tiff")
-
-
-class CorruptSampleError(DataError):
-    """A sample whose image or label cannot be decoded."""
-
-
-def expand_urls(urls: str | Sequence[str]) -> list[str]:
-    """A brace pattern (`train-{000000..000009}.tar`), `::`-separated patterns, or a list."""
-    if isinstance(urls, (str, os.PathLike)):
-        return list(wds.shardlists.expand_urls(str(urls)))
-    return [u for url in urls for u in wds.shardlists.expand_urls(str(url))]
-
-
-def split_urls(dataset_dir: str | Path, split: str) -> list[str]:
-    """The shards of one split of a `dtrain prepare` folder, in order."""
-    meta = read_dataset_json(str(dataset_dir))
-    names = sorted(n for n, info in meta["shards"].items() if info["split"] == split)
-    if not names:
-        raise DataError(f"{dataset_dir} has no {split} shards")
-    return [str(Path(dataset_dir) / n) for n in names]
-
-
-def shard_dir(shard_url: str) -> str:
-    return shard_url.rsplit("/", 1)[0] if "/" in shard_url else "."
-
-
-def read_dataset_json(base: str) -> dict:
-    """The `dataset.json` of a dataset folder, local or at any URL webdataset can open."""
-    url = f"{base}/dataset.json"
-    try:
-        with wds.gopen(url) as stream:
-            return json.loads(stream.read())
-    except Exception as err:  # gopen raises OSError, ValueError or a pipe error by scheme
-        raise DataError(
-            f"cannot read {url} ({err}); pass shard_counts= for shards that `dtrain prepare` "
-            "did not write, or use resampled mode"
-        ) from err
-
-
-@dataclass(frozen=True)
-class EpochPlan:
-    """Which shards each slot reads, and how many batches each slot yields, in one epoch."""
-
-    shards: list[list[str]]  # per slot, slot = rank * workers + worker
-    samples: list[int]  # real samples per slot
-    batches: list[int]  # batches per slot, padding included
-
-    def rank_batches(self, rank: int, workers: int) -> int:
-        return sum(self.batches[rank * workers : (rank + 1) * workers])
-
-
-def plan_epoch(
-    counts: dict[str, int],
-    world_size: int,
-    workers: int,
-    batch_size: int,
-    seed: int,
-    epoch: int,
-    shuffle: bool,
-    split_samples: bool = False,
-) -> EpochPlan:
-    """Balanced shard assignment (largest first to the emptiest slot, in a seeded random order
-    among equals) and the padding that gives every rank the same number of full batches.
-
-    `split_samples` (evaluation on fewer shards than readers): every slot reads every shard in
-    order and keeps the samples whose running index is its own modulo the slot count."""
-    slots = world_size * workers
-    urls = list(counts)
-    if split_samples:
-        total = sum(counts.values())
-        assigned = [list(urls) for _ in range(slots)]
-        return _equalise(
-            assigned,
-            [len(range(s, total, slots)) for s in range(slots)],
-            world_size,
-            workers,
-            batch_size,
-        )
-    if len(urls) < slots:
-        raise DataError(
-            f"{len(urls)} shards cannot feed {world_size} ranks x {workers} workers = {slots} "
-            f"readers; write more, smaller shards (dtrain prepare --shard-size), use fewer "
-            "workers, or use resampled mode"
-        )
-    if shuffle:
-        random.Random(seed * 1_000_003 + epoch).shuffle(urls)
-    urls.sort(key=lambda u: -counts[u])
-    assigned: list[list[str]] = [[] for _ in range(slots)]
-    samples = [0] * slots
-    for url in urls:
-        slot = min(range(slots), key=lambda s: (samples[s], s))
-        assigned[slot].append(url)
-        samples[slot] += counts[url]
-    return _equalise(assigned, samples, world_size, workers, batch_size)
-
-
-def _equalise(
-    assigned: list[list[str]], samples: list[int], world_size: int, workers: int, batch_size: int
-) -> EpochPlan:
-    """Padding batches so that every rank yields as many batches as the busiest one."""
-    batches = [math.ceil(n / batch_size) for n in samples]
-    per_rank = [sum(batches[r * workers : (r + 1) * workers]) for r in range(world_size)]
-    target = max(per_rank)
-    for rank in range(world_size):
-        extra = target - per_rank[rank]
-        for w in range(workers):
-            batches[rank * workers + w] += extra // workers + (w < extra % workers)
-    return EpochPlan(assigned, samples, batches)
-
-
-def _decode(sample: dict, num_classes: int | None, channels: int, min_side: int) -> dict:
-    where = f"sample {sample.get('__key__')!r} in {sample.get('__url__')}"
-    image_keys = [k for k in IMAGE_EXTS if k in sample]
-    if not image_keys:
-        raise CorruptSampleError(f"{where} has no image member ({', '.join(IMAGE_EXTS)})")
-    if "cls" not in sample:
-        raise CorruptSampleError(f"{where} has no .cls label")
-    try:
-        label = int(sample["cls"].decode().strip())
-    except (UnicodeDecodeError, ValueError) as err:
-        raise CorruptSampleError(f"{where}: .cls is not an integer label") from err
-    if label < 0 or (num_classes is not None and label >= num_classes):
-        raise CorruptSampleError(f"{where}: label {label} is outside [0, {num_classes})")
-    try:
-        meta = json.loads(sample["json"]) if "json" in sample else {}
-        image = decode_image(sample[image_keys[0]], channels, min_side)
-    except Exception as err:  # PIL raises OSError, ValueError, SyntaxError... on bad bytes
-        raise CorruptSampleError(f"{where}: cannot decode ({err})") from err
-    return {
-        "image": image,
-        "label": label,
-        "clean_label": int(meta.get("clean_label", label)),
-        "key": sample["__key__"],
-    }
 
 
 class ShardStream(IterableDataset):
@@ -208,7 +85,7 @@ class ShardStream(IterableDataset):
         self.samples_per_epoch = samples_per_epoch
         self.min_side = decode_side(image_size, train)
         self.image_size = image_size
-        self.epoch = 0
+        self.epoch = self.start_batch = 0
         # evaluation on fewer shards than readers: split by sample instead of by shard
         slots = world_size * workers
         self.split_samples = not train and counts is not None and len(counts) < slots
@@ -236,10 +113,6 @@ class ShardStream(IterableDataset):
             return self.resampled_batches_per_slot() * self.workers
         return self.plan().rank_batches(self.rank, self.workers)
 
-    def _slot(self) -> int:
-        info = get_worker_info()
-        return self.rank * self.workers + (info.id if info else 0)
-
     def _raw_samples(self, slot: int, plan: EpochPlan | None) -> Iterator[dict]:
         rng = random.Random(hash((self.seed, self.epoch, slot)))
         if plan is None:  # resampled: shards drawn with replacement, forever
@@ -264,10 +137,25 @@ class ShardStream(IterableDataset):
             )
         return samples
 
-    def _samples(self, slot: int, plan: EpochPlan | None, total: int) -> Iterator[dict]:
-        """Exactly `total` decoded samples: the slot's own, then padding. A corrupt sample is
-        replaced by padding right away, so every count in the plan holds."""
+    def _decode(self, raw: dict) -> dict | None:
+        """The decoded sample, or None (logged) if it is corrupt and not `strict`."""
+        try:
+            return decode_sample(raw, self.num_classes, self.channels, self.min_side)
+        except CorruptSampleError as err:
+            if self.strict:
+                raise
+            log.warning("skipping corrupt %s", err)
+            return None
+
+    def _samples(
+        self, slot: int, plan: EpochPlan | None, total: int, skip: int = 0
+    ) -> Iterator[dict]:
+        """Exactly `total` decoded samples, the slot's own then padding, less the first `skip`.
+        A corrupt sample is replaced by padding right away, so every count in the plan holds.
+        Skipped samples are read (the shuffle buffer stays in step) but not decoded; the last
+        `batch_size` of them are kept raw in case the padding copies them."""
         recent: deque[dict] = deque(maxlen=self.batch_size)
+        skipped: deque[dict] = deque(maxlen=self.batch_size)
         owed_corrupt = emitted = read = 0
         for raw in self._raw_samples(slot, plan):
             if plan is None and emitted >= total:
@@ -275,20 +163,19 @@ class ShardStream(IterableDataset):
             read += 1
             if plan is not None and read > plan.samples[slot]:
                 break  # more than dataset.json says: fail now, before the ranks drift apart
-            try:
-                sample = _decode(raw, self.num_classes, self.channels, self.min_side)
-            except CorruptSampleError as err:
-                if self.strict:
-                    raise
-                log.warning("skipping corrupt %s", err)
+            if emitted < skip:
+                skipped.append(raw)
+                emitted += 1
+                continue
+            sample = self._decode(raw)
+            if sample is None:
                 owed_corrupt += 1
                 continue
             recent.append(sample)
             yield {**sample, "valid": True, "corrupt": False}
-            emitted += 1
             for _ in range(owed_corrupt):
                 yield {**sample, "valid": False, "corrupt": True}
-            emitted += owed_corrupt
+            emitted += 1 + owed_corrupt
             owed_corrupt = 0
         if plan is not None and read != plan.samples[slot]:
             read = read if read <= plan.samples[slot] else f"more than {plan.samples[slot]}"
@@ -296,56 +183,53 @@ class ShardStream(IterableDataset):
                 f"shards {plan.shards[slot]} hold {read} samples but their dataset.json says "
                 f"{plan.samples[slot]}; re-create them with dtrain prepare"
             )
+        pads = range(max(skip - emitted, 0), total - emitted)
+        if not pads:
+            return
+        while skipped and len(recent) < self.batch_size:  # what a full pass would hold
+            sample = self._decode(skipped.pop())
+            if sample is not None:
+                recent.appendleft(sample)
         if not recent:
             raise DataError(
                 f"rank {self.rank} slot {slot} read no decodable sample from "
                 f"{plan.shards[slot] if plan else self.urls}"
             )
-        for pad in range(total - emitted):
+        for pad in pads:
             corrupt = pad < owed_corrupt
             yield {**recent[pad % len(recent)], "valid": False, "corrupt": corrupt}
 
-    def _collate(self, samples: list[dict]) -> dict:
-        batch = {
-            "label": torch.tensor([s["label"] for s in samples]),
-            "clean_label": torch.tensor([s["clean_label"] for s in samples]),
-            "valid": torch.tensor([s["valid"] for s in samples]),
-            "corrupt": torch.tensor([s["corrupt"] for s in samples]),
-            "key": [s["key"] for s in samples],
-        }
-        size = self.image_size
-        if self.train:
-            for view in ("view1", "view2"):
-                crops = stack([random_resized_crop(s["image"], size) for s in samples])
-                batch[view] = jitter_and_normalise(random_flip(crops))
-        else:
-            batch["image"] = normalise(stack([center_crop(s["image"], size) for s in samples]))
-        return batch
-
     def __iter__(self) -> Iterator[dict]:
-        slot = self._slot()
-        info = get_worker_info()
         plan = self.plan() if self.samples_per_epoch is None else None
-        num_batches = self.resampled_batches_per_slot() if plan is None else plan.batches[slot]
-        # augmentations draw from torch's global generator: seed it per (epoch, slot) in a worker
-        # process; in the main process, swap in a private state so training RNG is untouched
-        aug_state = torch.Generator().manual_seed(hash((self.seed, self.epoch, slot)) % 2**63)
-        if info is not None:
-            torch.set_rng_state(aug_state.get_state())
+        if plan is None:
+            per_worker = [self.resampled_batches_per_slot()] * self.workers
+        else:
+            per_worker = plan.batches[self.rank * self.workers : (self.rank + 1) * self.workers]
+        skips, lead = worker_skips(per_worker, self.start_batch)
+        # the DataLoader asks its workers in turn from worker 0: that one plays the `lead` worker
+        info = get_worker_info()
+        worker = ((info.id if info else 0) + lead) % self.workers
+        slot, first = self.rank * self.workers + worker, skips[worker]
+        size = self.batch_size
+        samples = self._samples(slot, plan, per_worker[worker] * size, first * size)
         chunk: list[dict] = []
-        for sample in self._samples(slot, plan, num_batches * self.batch_size):
+        for sample in samples:
             chunk.append(sample)
-            if len(chunk) < self.batch_size:
+            if len(chunk) < size:
                 continue
-            if info is not None:
-                yield self._collate(chunk)
+            if not self.train:
+                batch = collate(chunk, self.image_size, self.train)
             else:
-                outer = torch.get_rng_state()
-                torch.set_rng_state(aug_state.get_state())
-                batch = self._collate(chunk)
-                aug_state.set_state(torch.get_rng_state())
-                torch.set_rng_state(outer)
-                yield batch
+                # augmentations draw from torch's global CPU generator: seed it per batch (so a
+                # skipped batch changes no other) and restore it after (in the main process, the
+                # caller's RNG stays untouched)
+                with torch.random.fork_rng(devices=[]):
+                    torch.default_generator.manual_seed(
+                        hash((self.seed, self.epoch, slot, first)) % 2**63
+                    )
+                    batch = collate(chunk, self.image_size, self.train)
+            yield batch
+            first += 1
             chunk = []
 
 
@@ -368,8 +252,16 @@ class ShardLoader:
             generator=torch.Generator().manual_seed(stream.seed),
         )
 
-    def set_epoch(self, epoch: int) -> None:
-        self.stream.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Iterations from now on yield epoch `epoch` from batch `start_batch` on: exactly the
+        batches `start_batch, ..., len(self) - 1` of a full pass (a resumed run's exact data),
+        without decoding or augmenting the samples of the batches before it. Exact as long as
+        none of the skipped samples is corrupt (they are not decoded, so a corrupt one cannot
+        be noticed; the batch count and the padding still hold, so no rank waits on another)."""
+        self.stream.epoch, self.stream.start_batch = epoch, 0
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"start_batch {start_batch} is outside [0, {len(self)}]")
+        self.stream.start_batch = start_batch
 
     def __len__(self) -> int:
         return self.stream.batches_per_rank()

@@ -85,3 +85,22 @@ def decode_image(data: bytes, channels: int, min_side: int) -> Image.Image:
 def decode_side(image_size: int, train: bool) -> int:
     """Shorter side to decode at so that the smallest random crop still has `image_size` px."""
     return math.ceil(image_size / math.sqrt(CROP_SCALE[0])) if train else image_size
+
+
+def collate(samples: list[dict], size: int, train: bool) -> dict:
+    """Decoded samples -> a batch: two augmented views (`view1`, `view2`) for training, the
+    centre square (`image`) for evaluation, plus labels, clean labels, flags and keys."""
+    batch = {
+        "label": torch.tensor([s["label"] for s in samples]),
+        "clean_label": torch.tensor([s["clean_label"] for s in samples]),
+        "valid": torch.tensor([s["valid"] for s in samples]),
+        "corrupt": torch.tensor([s["corrupt"] for s in samples]),
+        "key": [s["key"] for s in samples],
+    }
+    if train:
+        for view in ("view1", "view2"):
+            crops = stack([random_resized_crop(s["image"], size) for s in samples])
+            batch[view] = jitter_and_normalise(random_flip(crops))
+    else:
+        batch["image"] = normalise(stack([center_crop(s["image"], size) for s in samples]))
+    return batch
