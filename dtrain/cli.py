@@ -1,4 +1,5 @@
-"""The `dtrain` command line."""
+"""The `dtrain` command line. Errors the user can fix (dtrain.errors.DtrainError) print one
+line and exit 2; anything else is a bug and shows its traceback."""
 
 from __future__ import annotations
 
@@ -9,11 +10,15 @@ from dtrain.prepare.cli import add_prepare_parser, run_prepare
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
+    from dtrain.registry import methods_help
+
     p = sub.add_parser(
         "train",
         help="train a classifier on noisy labels",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train with the config (defaults < --config YAML < key=value overrides). "
-        "With no arguments: prepare the embedded Br35H set if missing and train the method.",
+        "With no arguments: prepare the embedded Br35H set if missing and train the method.\n\n"
+        "methods (method.name=..., presets in configs/<name>.yaml):\n" + methods_help(),
     )
     p.add_argument("--config", help="YAML config, e.g. configs/iam.yaml")
     p.add_argument("--resume", action="store_true", help="continue the run in train.run_dir")
@@ -39,7 +44,7 @@ def _run_train(args: argparse.Namespace) -> None:
     config.validate()
     trainer = Trainer(config, resume=args.resume)
     # SLURM sends SIGTERM (or the --signal of your choice) before preemption or the time limit:
-    # checkpoint at the next step and exit; `--resume` continues.
+    # checkpoint at the next log step and exit; `--resume` continues.
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, lambda *_: trainer.request_stop())
     trainer.fit()
@@ -52,8 +57,7 @@ def _run_eval(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from dtrain.distributed import DistributedError
-    from dtrain.errors import DataError
+    from dtrain.errors import DtrainError
 
     parser = argparse.ArgumentParser(prog="dtrain", description=__doc__)
     # the deepspeed launcher passes --local_rank=N first; LOCAL_RANK in the environment says
@@ -67,14 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     commands = {"prepare": run_prepare, "train": _run_train, "eval": _run_eval}
     try:
         commands[args.command](args)
-    except (
-        DataError,
-        ValueError,
-        FileNotFoundError,
-        FileExistsError,
-        DistributedError,
-        FloatingPointError,
-    ) as err:
+    except DtrainError as err:
         print(f"dtrain {args.command}: error: {err}", file=sys.stderr)
         sys.exit(2)
 

@@ -1,5 +1,10 @@
-"""The run configuration: one typed dataclass tree, loaded from YAML with `key=value` overrides and
-validated before any work starts."""
+"""The run configuration: one typed dataclass tree, read from defaults, then a YAML file, then
+`section.key=value` overrides, and validated before any work starts.
+
+Choices are `Literal` types that the coercion enforces. Keys marked `operational` say how to run,
+not what to compute: a resumed run may change them. The config remembers which keys the user set
+(`explicit_keys`), so that a method's implied values and a DeepSpeed file's own values only fill
+what the user left at its default."""
 
 from __future__ import annotations
 
@@ -9,14 +14,18 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from dtrain.errors import ConfigError
+from dtrain.files import write_atomic
+from dtrain.registry import METHODS, MethodName
 
-METHODS = ("iam", "iam_no_con", "iam_no_mixup", "afm", "ce", "mixup", "gce", "sce", "coteaching")
-ATTENTION_INPUTS = ("feature", "feature+label", "feature+label+confidence")
+
+def operational(default: Any) -> Any:
+    """A field that a resumed run may change (it does not alter what is computed)."""
+    return field(default=default, metadata={"operational": True})
 
 
 @dataclass
@@ -24,7 +33,7 @@ class DataConfig:
     # dataset folder written by `dtrain prepare`; empty: the embedded Br35H set, prepared if missing
     path: str = ""
     image_size: int = 64
-    batch_size: int = 64  # per rank
+    batch_size: int = 64  # per rank and per micro-step
     num_workers: int = 1
     shuffle_buffer: int = 1000
     # resampled: draw shards with replacement, `samples_per_epoch` samples per epoch
@@ -37,46 +46,46 @@ class DataConfig:
 class ModelConfig:
     backbone: str = "resnet18"  # any timm model name
     pretrained: bool = False  # needs the hub; off because nothing can be downloaded offline
-    # "imagenet": the backbone's own stem; "small": 3x3 stride-1 stem, no max-pool (<= 32 px)
-    stem: str = "imagenet"
+    # imagenet: the backbone's own stem; small: 3x3 stride-1 stem, no max-pool (<= 32 px)
+    stem: Literal["imagenet", "small"] = "imagenet"
     projection_hidden: int = 512
     projection_dim: int = 128
     attention_hidden: int = 128
-    attention_inputs: str = "feature+label+confidence"
-    sync_batchnorm: bool = False  # batch statistics over all ranks (several processes only)
+    attention_inputs: Literal["feature", "feature+label", "feature+label+confidence"] = (
+        "feature+label+confidence"
+    )
+    sync_batchnorm: bool = False  # batch statistics over all ranks (several processes, CUDA)
 
 
 @dataclass
 class MethodConfig:
-    # iam: CE + contrastive + intra-group attention mixup (method.md); iam_no_con / iam_no_mixup:
-    # its ablations; afm: AFM as published (K=2 halves); ce, mixup, gce, sce, coteaching: baselines
-    name: str = "iam"
+    name: MethodName = "iam"  # dtrain.registry.METHODS; `dtrain train --help` lists them
     group_size: int = 8  # K
     temperature: float = 0.5  # tau of NT-Xent
-    mixup_alpha: float = 1.0  # Beta(alpha, alpha) prior; <= 0 means lam = 0.5
+    mixup_alpha: float = 1.0  # Beta(alpha, alpha) prior; 0 means lam = 0.5
     lambda_iam: float = 1.0
     lambda_con: float = 1.0
-    mixup_space: str = "logit"  # "logit": exact shortcut; "feature": mix pooled features
-    mixup_backend: str = (
-        "auto"  # auto: fused Triton op on CUDA, torch reference on CPU | triton | torch
-    )
+    mixup_space: Literal["logit", "feature"] = "logit"  # logit: the exact shortcut of method.md
+    mixup_backend: Literal["auto", "triton", "torch"] = "auto"  # auto: Triton on CUDA
     warmup_epochs: int = 0  # epochs of plain CE (+ contrastive) before the mixup term starts
     gce_q: float = 0.7
     sce_alpha: float = 0.1
     sce_beta: float = 1.0
-    coteaching_forget_rate: float = -1.0  # < 0: the train noise rate recorded in dataset.json
+    # None: the nominal noise rate the dataset was prepared with (never its clean labels);
+    # required for a dataset without injected noise
+    coteaching_forget_rate: float | None = None
     coteaching_ramp_epochs: int = 10
-    score_epochs: int = 5  # mislabel scores average the attention over the last N epochs
+    score_epochs: int = 5  # mislabel scores average over the last N epochs
 
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"  # sgd | adamw
-    lr: float = 0.05
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = operational(0.05)  # per optimiser step, whatever the accumulation
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    warmup_epochs: float = 1.0  # linear learning-rate warm-up, then cosine to zero
-    grad_clip: float = 5.0  # <= 0: off
+    warmup_epochs: float = operational(1.0)  # linear learning-rate warm-up, then cosine to zero
+    grad_clip: float = operational(5.0)  # max gradient norm; 0: off
 
 
 @dataclass
@@ -84,32 +93,20 @@ class TrainConfig:
     epochs: int = 25  # the main job (64 px) then fits in 15 min on a 2-core CPU
     seed: int = 0
     run_dir: str = ""  # empty: runs/<method>_seed<seed>
-    precision: str = "auto"  # auto: bf16 autocast where supported (CUDA), else fp32 | bf16 | fp32
-    log_every: int = 10  # steps between JSONL/TensorBoard step logs
-    progress: bool = True
-    max_nonfinite_steps: int = 20  # stop (with a checkpoint) after this many in a row
-    # checkpoint and exit after this many steps in this invocation (0: never); for jobs cut into
-    # time-limited pieces, each continued with --resume
-    stop_after_steps: int = 0
-    dist_timeout_s: int = 600  # how long a rank waits for the others before it gives up
-    # DeepSpeed: a standard JSON config (configs/deepspeed/zero{1,2,3}.json); "auto" values are
-    # filled from this config. backend "accelerate" runs it through Accelerate's DeepSpeed plugin,
-    # "deepspeed" through deepspeed.initialize (for the `deepspeed` launcher).
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    # micro-batches per optimiser step; the contrastive negatives stay one micro-step's global batch
+    grad_accum_steps: int = 1
+    # optimiser steps between logs; also the only steps that read values back from the device
+    # and see a stop request (a signal), so keep it small enough for the preemption warning
+    log_every: int = operational(10)
+    progress: bool = operational(True)
+    max_nonfinite_steps: int = operational(20)  # stop (with a checkpoint) after this many in a row
+    # checkpoint and exit after this many steps in this invocation (0: never)
+    stop_after_steps: int = operational(0)
+    dist_timeout_s: int = operational(600)  # how long a rank waits for the others
+    # a DeepSpeed JSON config (configs/deepspeed/zero{1,2,3}.json) runs the DeepSpeed engine;
+    # empty: Accelerate (DDP). "auto" values are filled from this config.
     deepspeed: str = ""
-    backend: str = "accelerate"
-
-
-# keys that say how to run, not what to compute: a resumed run may change them
-OPERATIONAL_KEYS = (
-    "train.progress",
-    "train.log_every",
-    "train.stop_after_steps",
-    "train.max_nonfinite_steps",
-    "train.dist_timeout_s",
-    "optim.lr",
-    "optim.warmup_epochs",
-    "optim.grad_clip",
-)
 
 
 @dataclass
@@ -119,46 +116,24 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # dotted keys the user set (YAML or overrides); not part of the saved config
+    explicit_keys: set[str] = field(default_factory=set, repr=False, compare=False)
 
     def validate(self) -> None:
-        d, m, o, t, mo = self.data, self.method, self.optim, self.train, self.model
-        _check(m.name in METHODS, "method.name", m.name, f"one of {METHODS}")
-        _check(
-            mo.attention_inputs in ATTENTION_INPUTS,
-            "model.attention_inputs",
-            mo.attention_inputs,
-            f"one of {ATTENTION_INPUTS}",
-        )
-        _check(mo.stem in ("imagenet", "small"), "model.stem", mo.stem, "imagenet or small")
-        _check(
-            m.mixup_space in ("logit", "feature"),
-            "method.mixup_space",
-            m.mixup_space,
-            "logit or feature",
-        )
-        _check(o.name in ("sgd", "adamw"), "optim.name", o.name, "sgd or adamw")
-        _check(
-            t.precision in ("auto", "bf16", "fp32"),
-            "train.precision",
-            t.precision,
-            "auto, bf16 or fp32",
-        )
+        d, m, o, t = self.data, self.method, self.optim, self.train
+        spec = METHODS[m.name]
         _check(m.temperature > 0, "method.temperature", m.temperature, "> 0")
         _check(m.mixup_alpha >= 0, "method.mixup_alpha", m.mixup_alpha, ">= 0")
-        _check(m.group_size >= 2, "method.group_size", m.group_size, ">= 2")
-        uses_groups = m.name in ("iam", "iam_no_con", "iam_no_mixup")
-        _check(
-            not uses_groups or d.batch_size % m.group_size == 0,
-            "method.group_size",
-            m.group_size,
-            f"a divisor of the per-rank batch data.batch_size={d.batch_size}",
-        )
-        _check(
-            m.name != "afm" or d.batch_size % 2 == 0,
-            "data.batch_size",
-            d.batch_size,
-            "even for afm (pairs i with i + B/2)",
-        )
+        if spec.groups:
+            _check(2 <= m.group_size <= 32, "method.group_size", m.group_size, "in 2..32")
+            _check(
+                d.batch_size % m.group_size == 0,
+                "method.group_size",
+                m.group_size,
+                f"a divisor of the per-rank batch data.batch_size={d.batch_size}",
+            )
+        if spec.pairs_halves:
+            _check(d.batch_size % 2 == 0, "data.batch_size", d.batch_size, f"even for {m.name}")
         _check(d.batch_size >= 2, "data.batch_size", d.batch_size, ">= 2")
         _check(d.image_size >= 16, "data.image_size", d.image_size, ">= 16")
         _check(d.num_workers >= 0, "data.num_workers", d.num_workers, ">= 0")
@@ -169,30 +144,16 @@ class Config:
             "> 0 in resampled mode",
         )
         _check(t.epochs >= 1, "train.epochs", t.epochs, ">= 1")
+        _check(t.grad_accum_steps >= 1, "train.grad_accum_steps", t.grad_accum_steps, ">= 1")
+        _check(t.log_every >= 1, "train.log_every", t.log_every, ">= 1")
         _check(o.lr > 0, "optim.lr", o.lr, "> 0")
+        _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, ">= 0 (0: off)")
         _check(0 <= m.gce_q <= 1, "method.gce_q", m.gce_q, "in [0, 1]")
         _check(m.score_epochs >= 1, "method.score_epochs", m.score_epochs, ">= 1")
-        _check(
-            m.mixup_backend in ("auto", "triton", "torch"),
-            "method.mixup_backend",
-            m.mixup_backend,
-            "auto, triton or torch",
-        )
-        _check(not uses_groups or m.group_size <= 32, "method.group_size", m.group_size, "<= 32")
+        rate = m.coteaching_forget_rate
+        _check(rate is None or 0 <= rate < 1, "method.coteaching_forget_rate", rate, "in [0, 1)")
         for key in ("lambda_iam", "lambda_con", "warmup_epochs"):
             _check(getattr(m, key) >= 0, f"method.{key}", getattr(m, key), ">= 0")
-        _check(
-            t.backend in ("accelerate", "deepspeed"),
-            "train.backend",
-            t.backend,
-            "accelerate or deepspeed",
-        )
-        _check(
-            t.backend != "deepspeed" or bool(t.deepspeed),
-            "train.deepspeed",
-            t.deepspeed,
-            "a DeepSpeed JSON config when train.backend=deepspeed",
-        )
         _check(
             not t.deepspeed or Path(t.deepspeed).is_file(),
             "train.deepspeed",
@@ -204,12 +165,14 @@ class Config:
         )
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        values = dataclasses.asdict(self)
+        values.pop("explicit_keys")
+        return values
 
     def identity(self) -> dict:
         """The config less its operational keys: what a resumed run must share."""
         values = self.to_dict()
-        for key in OPERATIONAL_KEYS:
+        for key in operational_keys():
             section, name = key.split(".")
             values[section].pop(name)
         return values
@@ -220,15 +183,26 @@ def _check(ok: bool, key: str, value: Any, expected: str) -> None:
         raise ConfigError(f"{key}={value!r} is invalid: must be {expected}")
 
 
-def _keys(cls: type, prefix: str = "") -> list[str]:
-    """Every leaf key of a config dataclass, dotted: `optim.lr`, ..."""
-    out = []
-    for name, kind in typing.get_type_hints(cls).items():
-        if dataclasses.is_dataclass(kind):
-            out += _keys(kind, f"{prefix}{name}.")
-        else:
-            out.append(prefix + name)
-    return out
+def _sections() -> dict[str, type]:
+    return {f.name: typing.get_type_hints(Config)[f.name] for f in _fields(Config)}
+
+
+def _fields(cls: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if f.name != "explicit_keys"]
+
+
+def config_keys() -> list[str]:
+    """Every leaf key, dotted: `optim.lr`, ..."""
+    return [f"{s}.{f.name}" for s, cls in _sections().items() for f in _fields(cls)]
+
+
+def operational_keys() -> list[str]:
+    return [
+        f"{s}.{f.name}"
+        for s, cls in _sections().items()
+        for f in _fields(cls)
+        if f.metadata.get("operational")
+    ]
 
 
 def _unknown(key: str, valid: list[str]) -> ConfigError:
@@ -240,46 +214,63 @@ def _unknown(key: str, valid: list[str]) -> ConfigError:
 
 
 def _coerce(value: Any, kind: Any, key: str) -> Any:
-    """A YAML or command-line value as the field's type."""
+    """A YAML or command-line value as the field's type; a Literal accepts only its choices."""
     origin = typing.get_origin(kind)
     if origin in (typing.Union, types.UnionType):
         options = [k for k in typing.get_args(kind) if k is not type(None)]
-        return None if value is None else _coerce(value, options[0], key)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(value, options[0], key)
+    if origin is Literal:
+        choices = typing.get_args(kind)
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), choices, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"{key}={value!r} is invalid: must be one of {choices}{hint}")
+        return value
     if isinstance(value, str) and kind is not str:
         value = yaml.safe_load(value) if value != "" else value
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-    elif kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif kind is str:
+    if kind is bool and isinstance(value, bool):
+        return value
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is str:
         return "" if value is None else str(value)
     raise ConfigError(f"{key}={value!r} is not a valid {kind.__name__}")
 
 
-def _apply(node: Any, values: dict, prefix: str, valid: list[str]) -> None:
-    hints = typing.get_type_hints(type(node))
-    for name, value in values.items():
-        key = f"{prefix}{name}"
-        if name not in hints:
-            raise _unknown(key, valid)
-        current = getattr(node, name)
-        if dataclasses.is_dataclass(current):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{key} is a section; give {key}.<field>=value")
-            _apply(current, value, f"{key}.", valid)
-        else:
+def _apply(config: Config, values: dict, valid: list[str]) -> set[str]:
+    """Set `section: {key: value}` values on `config`; returns the dotted keys set."""
+    sections = _sections()
+    done = set()
+    for section, entries in values.items():
+        if section not in sections:
+            raise _unknown(section, valid)
+        if not isinstance(entries, dict):
+            raise ConfigError(f"{section} is a section; give {section}.<key>=value")
+        node = getattr(config, section)
+        hints = typing.get_type_hints(sections[section])
+        for name, value in entries.items():
+            key = f"{section}.{name}"
+            if key not in valid:
+                raise _unknown(key, valid)
             setattr(node, name, _coerce(value, hints[name], key))
+            done.add(key)
+    return done
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Defaults, then the YAML file, then `section.key=value` overrides; not yet validated."""
+def set_key(config: Config, key: str, value: Any) -> None:
+    section, name = key.split(".")
+    _apply(config, {section: {name: value}}, config_keys())
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Defaults, then the YAML file, then `section.key=value` overrides, then what the method
+    implies for keys left unset (dtrain.registry); not yet validated."""
     config = Config()
-    valid = _keys(Config)
+    valid = config_keys()
     if path:
         path = Path(path)
         if not path.is_file():
@@ -290,25 +281,28 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
         if not isinstance(values, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections")
-        _apply(config, values, "", valid)
+        config.explicit_keys |= _apply(config, values, valid)
     for item in overrides:
         key, sep, value = item.partition("=")
+        key = key.strip()
         if not sep:
             raise ConfigError(f"override {item!r} must look like section.key=value")
-        nested: Any = value
-        for part in reversed(key.strip().split(".")):
-            nested = {part: nested}
-        _apply(config, nested, "", valid)
+        if key.count(".") != 1:
+            raise _unknown(key, valid)
+        section, name = key.split(".")
+        config.explicit_keys |= _apply(config, {section: {name: value}}, valid)
+    for key, value in METHODS[config.method.name].implies.items():
+        if key not in config.explicit_keys:
+            set_key(config, key, value)
     return config
 
 
 def config_from_dict(values: dict) -> Config:
+    """A saved config (config.yaml, a checkpoint): every key counts as set by the user."""
     config = Config()
-    _apply(config, values, "", _keys(Config))
+    config.explicit_keys = _apply(config, values, config_keys())
     return config
 
 
 def save_config(config: Config, path: Path) -> None:
-    from dtrain.train.checkpoint import write_text_atomic
-
-    write_text_atomic(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    write_atomic(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -89,15 +89,6 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(all_gather(x))
 
 
-def all_gather_nograd(x: torch.Tensor) -> torch.Tensor:
-    rank, size = world()
-    if size == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(size)]
-    dist.all_gather(parts, x)
-    return torch.cat(parts)
-
-
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank when `flag` is true on any rank."""
     rank, size = world()
@@ -108,11 +99,18 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(value.item() > 0)
 
 
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Element-wise sums over all ranks (the values themselves in one process)."""
-    _, size = world()
+def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place sum over all ranks (nothing to do in one process); no read-back."""
+    if world()[1] > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenation over ranks, in rank order, of same-shaped tensors (no gradient)."""
+    size = world()[1]
     if size == 1:
-        return [float(v) for v in values]
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return tensor.tolist()
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(size)]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)

@@ -66,3 +66,10 @@ def link_atomic(source: str | Path, target: str | Path) -> Path:
         raise
     fsync_dir(target.parent)
     return target
+
+
+def promote(source: str | Path, target: str | Path) -> Path:
+    """Rename a finished file over `target` and make the rename durable."""
+    os.replace(source, target)
+    fsync_dir(Path(target).parent)
+    return Path(target)

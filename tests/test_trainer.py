@@ -14,7 +14,9 @@ import torch
 from conftest import random_batch, stripes_dataset
 from PIL import Image
 
-from dtrain.config import METHODS, ConfigError, load_config
+from dtrain.config import load_config
+from dtrain.errors import ConfigError, RunFolderError
+from dtrain.registry import METHODS
 from dtrain.train.model import build_model
 from dtrain.train.steps import training_step
 from dtrain.train.trainer import Trainer
@@ -89,7 +91,8 @@ def test_resume_after_a_stop_gives_the_same_weights(tiny, tmp_path):
 
     interrupted = tmp_path / "interrupted"
     trainer = Trainer(
-        config(tiny, interrupted), on_step=lambda step: step == 5 and trainer.request_stop()
+        config(tiny, interrupted, "train.log_every=5"),
+        on_step=lambda info: info.step == 3 and trainer.request_stop(),
     )
     result = trainer.fit()
     assert result == {"stopped": True, "epoch": 0, "batch": 5}
@@ -100,16 +103,15 @@ def test_resume_after_a_stop_gives_the_same_weights(tiny, tmp_path):
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
     assert a["state"]["step"] == b["state"]["step"]
-    assert (
-        json.loads(a["history"])[-1]["val_accuracy"] == json.loads(b["history"])[-1]["val_accuracy"]
-    )
+    history_a, history_b = (json.loads(c["state"]["history"]) for c in (a, b))
+    assert history_a[-1]["val_accuracy"] == history_b[-1]["val_accuracy"]
 
 
 def test_an_existing_run_is_never_overwritten(tiny, tmp_path):
     run = tmp_path / "run"
     Trainer(config(tiny, run, "train.epochs=1")).fit()
     before = (run / "last.pt").read_bytes()
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(RunFolderError, match="--resume"):
         Trainer(config(tiny, run, "train.epochs=1")).fit()
     assert (run / "last.pt").read_bytes() == before
 

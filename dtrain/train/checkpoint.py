@@ -1,49 +1,73 @@
-"""Checkpoints written atomically (temp file in the same folder, then rename) and read back with
-`weights_only=True`: a crash mid-write never leaves a broken `last.pt`, and loading one never runs
-code from it. The learning-rate schedule is a function of the step, so the step is its state; bf16
-needs no loss scaler."""
+"""Checkpoints: `last.pt` after every epoch and on a stop, `best.pt` beside it when the selection
+metric improves. Each save serialises once, to a temp file; `best.pt` becomes a hard link to it
+before it is renamed to `last.pt` (timm's CheckpointSaver way), so a crash at any point leaves
+both files whole, and `best.pt` is never behind a `last.pt` that recorded a new best. Read back
+with `weights_only=True`: loading a checkpoint never runs code from it."""
 
 from __future__ import annotations
 
-import os
+import json
 import random
-import tempfile
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from dtrain.errors import RunFolderError
+from dtrain.files import link_atomic, promote, write_atomic
+from dtrain.train.engine import Engine
+
+LAST, BEST = "last.pt", "best.pt"
+
+
+@dataclass
+class TrainState:
+    """Where a run is; everything else a resume needs is in the engine and the RNGs."""
+
+    epoch: int = 0  # epochs finished
+    batch: int = 0  # batches of `epoch` already trained on
+    step: int = 0  # optimiser steps
+    best_val: float = -1.0
+    history: list[dict] = field(default_factory=list)  # one record per finished epoch
+    skipped_steps: int = 0
+    nonfinite_in_a_row: int = 0
+    corrupt_samples: int = 0
+
+    def state_dict(self) -> dict:
+        values = asdict(self)
+        values["history"] = json.dumps(self.history)  # plain strings load under weights_only
+        return values
+
+    def load_state_dict(self, values: dict) -> None:
+        for name, value in values.items():
+            setattr(self, name, json.loads(value) if name == "history" else value)
+
 
 def rng_state() -> dict:
     """Every random generator a training step draws from, as tensors and plain values."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": _numpy_state(),
-        "python": _python_state(),
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
+        "python": {
+            "version": version,
+            "internal": torch.tensor(internal, dtype=torch.int64),
+            "gauss": gauss,
+        },
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
-
-
-def _numpy_state() -> dict:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "name": name,
-        "keys": torch.from_numpy(keys.astype(np.int64)),
-        "pos": int(pos),
-        "has_gauss": int(has_gauss),
-        "cached": float(cached),
-    }
-
-
-def _python_state() -> dict:
-    version, internal, gauss = random.getstate()
-    return {
-        "version": version,
-        "internal": torch.tensor(internal, dtype=torch.int64),
-        "gauss": gauss,
-    }
 
 
 def set_rng_state(state: dict) -> None:
@@ -58,37 +82,53 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_atomic(obj: dict, path: Path) -> None:
-    """torch.save to a temp file beside `path`, fsync, then rename over it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Text through a temp file and a rename: a reader never sees half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def load(path: Path, map_location: str | torch.device = "cpu") -> dict:
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise RunFolderError(f"checkpoint {path} does not exist")
     return torch.load(path, map_location=map_location, weights_only=True)
+
+
+class CheckpointSaver:
+    """Collective saves of a run: every rank calls `save`; rank 0 writes the files, each rank
+    its own DeepSpeed shards under `run_dir/deepspeed/<tag>`."""
+
+    def __init__(self, run_dir: Path, engine: Engine) -> None:
+        self.run_dir = run_dir
+        self.engine = engine
+        self.shards = run_dir / "deepspeed"
+
+    @property
+    def last(self) -> Path:
+        return self.run_dir / LAST
+
+    def save(self, payload: Callable[[], dict], step: int, best: bool) -> Path:
+        """`payload()` builds the checkpoint dict (collective under ZeRO-3)."""
+        # a new shard tag each save, named in last.pt: the previous one stays whole until
+        # last.pt points past it, so a crash mid-save never leaves a half-written only copy
+        tag = f"step{step}"
+        has_shards = self.engine.save_shards(str(self.shards), tag)
+        content = {**payload(), "deepspeed_tag": tag if has_shards else None}
+        if self.engine.is_main:
+            pending = write_atomic(
+                self.run_dir / f".{LAST}.pending", lambda f: torch.save(content, f)
+            )
+            if best:
+                link_atomic(pending, self.run_dir / BEST)
+            promote(pending, self.last)
+            if has_shards:
+                for old in self.shards.iterdir():
+                    if old.is_dir() and old.name.startswith("step") and old.name != tag:
+                        shutil.rmtree(old)
+        self.engine.barrier()
+        return self.last
+
+    def restore(self, checkpoint: dict) -> None:
+        """Weights and optimiser (or the DeepSpeed shards the checkpoint names), and RNGs."""
+        self.engine.load(
+            checkpoint["model"],
+            checkpoint["optimizer"],
+            str(self.shards),
+            checkpoint.get("deepspeed_tag"),
+        )
+        set_rng_state(checkpoint["rng"])

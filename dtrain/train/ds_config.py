@@ -1,50 +1,118 @@
-"""A standard DeepSpeed JSON config, with its "auto" values filled from the dtrain config and any
-value that contradicts it refused, so that the two can never silently disagree."""
+"""A DeepSpeed JSON config as users write it, reconciled with the dtrain config.
+
+For each value both can set: DeepSpeed's "auto" (or nothing) takes dtrain's; a DeepSpeed value
+wins over a dtrain default the user never set (the dtrain config is updated and the change
+reported, so config.yaml records what ran); a DeepSpeed value that contradicts a value the user
+did set is refused. An `optimizer` or `scheduler` section is honoured: DeepSpeed then builds it
+(its own optimizers are what ZeRO-Offload needs)."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from dtrain.config import Config, ConfigError
+from dtrain.config import Config, set_key
+from dtrain.errors import ConfigError
+
+# DeepSpeed optimizer types and the optim.name each one corresponds to
+DS_OPTIMIZERS = {"adamw": "adamw", "adam": "adamw", "sgd": "sgd"}
+
+
+@dataclass
+class ResolvedDeepSpeed:
+    config: dict
+    notes: list[str] = field(default_factory=list)  # what came from where, for the run's log
+
+    @property
+    def stage(self) -> int:
+        return int(self.config.get("zero_optimization", {}).get("stage", 0))
+
+    @property
+    def builds_optimizer(self) -> bool:
+        return "optimizer" in self.config
+
+    @property
+    def builds_scheduler(self) -> bool:
+        return "scheduler" in self.config
+
+
+def _reconcile(
+    ds: dict, keys: tuple[str, ...], config: Config, dtrain_key: str | None, ours: Any, notes: list
+) -> None:
+    """One value both configs can hold; see the module docstring for the rule."""
+    node = ds
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+    name = ".".join(keys)
+    theirs = node.get(keys[-1], "auto")
+    if theirs == "auto":
+        node[keys[-1]] = ours
+        return
+    if theirs == ours:
+        return
+    if dtrain_key is None or dtrain_key in config.explicit_keys:
+        source = dtrain_key or "the world size"
+        raise ConfigError(
+            f"DeepSpeed {name}={theirs!r} contradicts {source} = {ours!r}; "
+            f'set {name} to "auto" in the DeepSpeed file or change {source}'
+        )
+    set_key(config, dtrain_key, theirs)
+    notes.append(f"{dtrain_key}={theirs!r} from the DeepSpeed config ({name})")
 
 
 def resolve_deepspeed_config(
     path: str | Path, config: Config, precision: str, world_size: int
-) -> dict:
+) -> ResolvedDeepSpeed:
+    """The DeepSpeed config dict to pass to deepspeed.initialize; may update `config`."""
     path = Path(path)
     try:
         ds = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise ConfigError(f"cannot read DeepSpeed config {path}: {err}") from err
-    for section in ("optimizer", "scheduler"):
-        if section in ds:
-            raise ConfigError(
-                f"{path}: remove the {section!r} section; dtrain builds the "
-                "optimiser and learning-rate schedule from optim.*"
-            )
+    if not isinstance(ds, dict):
+        raise ConfigError(f"DeepSpeed config {path} must hold a JSON object")
     if ds.get("fp16", {}).get("enabled") not in (None, False, "auto"):
         raise ConfigError(f"{path}: fp16 is not supported; use bf16 (train.precision=bf16)")
-    micro = config.data.batch_size
-    ours = {
-        ("train_micro_batch_size_per_gpu",): (micro, "data.batch_size"),
-        ("gradient_accumulation_steps",): (1, "gradient accumulation (dtrain steps every batch)"),
-        ("gradient_clipping",): (max(config.optim.grad_clip, 0.0), "optim.grad_clip"),
-        ("bf16", "enabled"): (precision == "bf16", "train.precision"),
-        ("train_batch_size",): (micro * world_size, "data.batch_size x world size"),
-    }
-    for keys, (value, source) in ours.items():
-        node = ds
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-        current = node.get(keys[-1], "auto")
-        if current == "auto":
-            node[keys[-1]] = value
-        elif current != value:
-            name = ".".join(keys)
-            raise ConfigError(
-                f"{path}: {name}={current!r} contradicts {source} = {value!r}; "
-                f'set {name} to "auto" or change {source}'
-            )
+    notes: list[str] = []
+    c, o, t = config, config.optim, config.train
+    _reconcile(
+        ds, ("train_micro_batch_size_per_gpu",), c, "data.batch_size", c.data.batch_size, notes
+    )
+    _reconcile(
+        ds, ("gradient_accumulation_steps",), c, "train.grad_accum_steps", t.grad_accum_steps, notes
+    )
+    _reconcile(ds, ("gradient_clipping",), c, "optim.grad_clip", o.grad_clip, notes)
+    bf16 = ds.get("bf16", {}).get("enabled", "auto")
+    if bf16 != "auto" and "train.precision" not in config.explicit_keys:
+        precision = "bf16" if bf16 else "fp32"
+        set_key(config, "train.precision", precision)
+    _reconcile(ds, ("bf16", "enabled"), c, "train.precision", precision == "bf16", notes)
+    if isinstance(ds["bf16"]["enabled"], bool) and ds["bf16"]["enabled"] != (precision == "bf16"):
+        raise ConfigError(f"{path}: bf16.enabled contradicts train.precision={t.precision}")
+    global_batch = c.data.batch_size * t.grad_accum_steps * world_size
+    _reconcile(ds, ("train_batch_size",), c, None, global_batch, notes)
+    if "optimizer" in ds:
+        kind = str(ds["optimizer"].get("type", ""))
+        name = DS_OPTIMIZERS.get(kind.lower())
+        if name is not None and name != o.name:
+            if "optim.name" in config.explicit_keys:
+                raise ConfigError(
+                    f"DeepSpeed optimizer type {kind!r} contradicts optim.name={o.name!r}; "
+                    "remove one of them"
+                )
+            set_key(config, "optim.name", name)
+        params = ds["optimizer"].setdefault("params", {})
+        _reconcile(params, ("lr",), c, "optim.lr", o.lr, notes)
+        _reconcile(params, ("weight_decay",), c, "optim.weight_decay", o.weight_decay, notes)
+        notes.append(f"optimizer: DeepSpeed's {ds['optimizer'].get('type')} from {path}")
+    else:
+        notes.append(f"optimizer: dtrain's {o.name} (optim.*)")
+    notes.append(
+        f"learning-rate schedule: DeepSpeed's {ds['scheduler'].get('type')} from {path}"
+        if "scheduler" in ds
+        else "learning-rate schedule: dtrain's warm-up + cosine (optim.lr, optim.warmup_epochs)"
+    )
     ds.setdefault("zero_optimization", {}).setdefault("stage", 0)
-    return ds
+    return ResolvedDeepSpeed(ds, notes)

@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 from dtrain.config import load_config
-from dtrain.train import checkpoint
+from dtrain.errors import RunFolderError
+from dtrain.train.checkpoint import load_checkpoint
 from dtrain.train.trainer import Trainer
 
 
@@ -14,7 +15,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", which: str = "best") 
     run_dir = Path(run_dir)
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
-        raise FileNotFoundError(f"{run_dir} holds no config.yaml: not a dtrain run folder")
+        raise RunFolderError(f"{run_dir} holds no config.yaml: not a dtrain run folder")
     # one process reads the consolidated weights in best.pt/last.pt, however the run was trained
     config = load_config(
         config_path,
@@ -22,12 +23,11 @@ def evaluate_run(run_dir: str | Path, split: str = "test", which: str = "best") 
             f"train.run_dir={run_dir}",
             "train.progress=false",
             "train.deepspeed=",
-            "train.backend=accelerate",
         ],
     )
     trainer = Trainer(config, resume=True)
     trainer.build()
-    ckpt = checkpoint.load(run_dir / f"{which}.pt")
+    ckpt = load_checkpoint(run_dir / f"{which}.pt")
     trainer.net.load_state_dict(ckpt["model"])
     metrics = trainer.evaluate(trainer.loader(split, train=False))
     if trainer.is_main:
@@ -36,5 +36,5 @@ def evaluate_run(run_dir: str | Path, split: str = "test", which: str = "best") 
                 {"run": str(run_dir), "checkpoint": which, "split": split, **metrics}, indent=2
             )
         )
-    trainer.accelerator.end_training()
+    trainer.engine.close()
     return metrics

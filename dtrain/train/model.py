@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dtrain.config import ModelConfig
+from dtrain.errors import ConfigError
+from dtrain.registry import METHODS
 
 
 class GroupAttention(nn.Module):
@@ -28,9 +30,21 @@ class GroupAttention(nn.Module):
         self.confidence = nn.Linear(2, hidden, bias=False) if "confidence" in inputs else None
         self.score = nn.Linear(hidden, 1)
 
-    def forward(self, h: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """h [G, K, D], labels [G, K], logits [G, K, C] -> weights [G, K] in (0, 1)."""
-        x = self.feature(h) + self.group(h.mean(dim=1, keepdim=True))
+    def forward(
+        self,
+        h: torch.Tensor,
+        labels: torch.Tensor,
+        logits: torch.Tensor,
+        valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """h [G, K, D], labels [G, K], logits [G, K, C], valid [G, K] -> weights [G, K] in
+        (0, 1)."""
+        if valid is None:
+            mean = h.mean(dim=1, keepdim=True)
+        else:
+            members = valid.unsqueeze(-1).to(h.dtype)
+            mean = (h * members).sum(1, keepdim=True) / members.sum(1, keepdim=True).clamp_min(1)
+        x = self.feature(h) + self.group(mean)
         if self.label is not None:
             x = x + self.label(labels)
         if self.confidence is not None:
@@ -48,7 +62,7 @@ def make_encoder(config: ModelConfig, in_chans: int) -> nn.Module:
     )
     if config.stem == "small":
         if not (hasattr(encoder, "conv1") and hasattr(encoder, "maxpool")):
-            raise ValueError(
+            raise ConfigError(
                 f"model.stem=small needs a ResNet-style backbone with conv1 and "
                 f"maxpool; {config.backbone} has neither; use model.stem=imagenet"
             )
@@ -97,5 +111,5 @@ class CoTeachingNet(nn.Module):
 
 
 def build_model(config: ModelConfig, method: str, num_classes: int, in_chans: int) -> nn.Module:
-    cls = CoTeachingNet if method == "coteaching" else NoiseRobustNet
+    cls = CoTeachingNet if METHODS[method].model == "peers" else NoiseRobustNet
     return cls(config, num_classes, in_chans)

@@ -4,14 +4,16 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
 
 import numpy as np
 
-from dtrain.train.checkpoint import write_text_atomic
+from dtrain.files import write_atomic
 from dtrain.train.metrics import auroc
+from dtrain.train.scores import ScoreRow
 
 SUSPECTS_SHOWN = 10
 
@@ -38,40 +40,68 @@ def epoch_line(record: dict) -> str:
     )
 
 
-def label_scores(scores: dict, manifest: Path) -> tuple[list[dict], dict[str, float]]:
+class RunLog:
+    """metrics.jsonl (one JSON record per line, appended) and TensorBoard, on the main rank."""
+
+    def __init__(self, run_dir: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.path = run_dir / "metrics.jsonl"
+        self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        where = record["step"] if record["kind"] == "step" else record["epoch"]
+        for name, value in record.items():
+            numeric = isinstance(value, float) and math.isfinite(value)
+            if numeric and name not in ("kind", "step", "epoch"):
+                self.tensorboard.add_scalar(f"{record['kind']}/{name}", value, where)
+
+    def close(self) -> None:
+        self.tensorboard.close()
+
+
+def label_scores(rows: dict[str, ScoreRow], manifest: Path) -> tuple[list[dict], dict[str, float]]:
     """Rows ranked most suspicious first, and the AUROC of each score for finding the labels
-    that were made wrong on purpose (known from the clean label kept beside each sample)."""
+    that were made wrong on purpose (known from the clean label kept beside each sample).
+
+    Suspicion is 1 - the mean attention weight where the method has one, else the mean
+    per-sample loss: high means "this label looks wrong". Samples never scored by the attention
+    (seen only before the mixup warm-up ended) rank after the others; the attention AUROC
+    counts only the samples it scored."""
     import pyarrow.parquet as pq
 
     sources = {}
     if manifest.is_file():
         table = pq.read_table(manifest, columns=["key", "source"]).to_pydict()
         sources = dict(zip(table["key"], table["source"], strict=True))
-    rows = []
-    for key, (att_sum, loss_sum, count, is_noisy, label, predicted) in scores.items():
-        attention = att_sum / count
-        rows.append(
+    has_attention = any(r.attention_count for r in rows.values())
+    out = []
+    for r in rows.values():
+        attention = r.attention_score
+        out.append(
             {
-                "key": key,
-                "source": sources.get(key, ""),
-                "noisy_label": label,
-                "predicted_label": predicted,
+                "key": r.key,
+                "source": sources.get(r.key, ""),
+                "noisy_label": r.label,
+                "predicted_label": r.predicted,
                 "attention_score": attention,
-                "loss_score": loss_sum / count,
-                "is_noisy": bool(is_noisy),
+                "loss_score": r.loss_score,
+                "is_noisy": r.is_noisy,
+                "score": (1 - attention) if has_attention else r.loss_score,
             }
         )
-    has_attention = rows and not math.isnan(rows[0]["attention_score"])
-    for row in rows:  # suspicion: high means "this label looks wrong"
-        row["score"] = 1 - row["attention_score"] if has_attention else row["loss_score"]
-    rows.sort(key=lambda r: -r["score"])
-    for rank, row in enumerate(rows, 1):
+    out.sort(key=lambda row: math.inf if math.isnan(row["score"]) else -row["score"])
+    for rank, row in enumerate(out, 1):
         row["rank"] = rank
-    truth = np.array([r["is_noisy"] for r in rows])
-    aurocs = {"loss": auroc(np.array([r["loss_score"] for r in rows]), truth)}
+    truth = np.array([row["is_noisy"] for row in out], dtype=bool)
+    aurocs = {"loss": auroc(np.array([row["loss_score"] for row in out]), truth)}
     if has_attention:
-        aurocs["attention"] = auroc(np.array([1 - r["attention_score"] for r in rows]), truth)
-    return rows, aurocs
+        suspicion = np.array([1 - row["attention_score"] for row in out])
+        scored = ~np.isnan(suspicion)
+        aurocs["attention"] = auroc(suspicion[scored], truth[scored])
+    return out, aurocs
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
@@ -94,8 +124,10 @@ def plot_curves(history: list[dict], path: Path) -> None:
     right.set_ylim(0, 1)
     right.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=110)
     plt.close(fig)
+    write_atomic(path, image.getvalue())
 
 
 def summary_table(summary: dict) -> str:
@@ -116,7 +148,7 @@ def write_run_report(
     run_dir: Path,
     config,
     history: list[dict],
-    scores: dict,
+    scores: dict[str, ScoreRow],
     *,
     test_best: dict,
     test_last: dict,
@@ -140,7 +172,9 @@ def write_run_report(
         plot_curves(history, run_dir / "curves.png")
     if scores:
         rows, aurocs = label_scores(scores, manifest)
-        pq.write_table(pa.Table.from_pylist(rows), run_dir / "label_scores.parquet")
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pylist(rows), sink)
+        write_atomic(run_dir / "label_scores.parquet", sink.getvalue().to_pybytes())
         summary["mislabel_auroc"] = aurocs
         summary["scored_samples"] = len(rows)
         summary["top_suspects"] = [
@@ -158,7 +192,7 @@ def write_run_report(
             }
             for r in rows[:SUSPECTS_SHOWN]
         ]
-    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(summary_table(summary))
     if scores:
         print(

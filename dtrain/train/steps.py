@@ -1,14 +1,22 @@
 """One training step of each method: the loss on a batch, plus per-sample scores for the mislabel
-ranking (the attention weight where the method has one, and the per-sample CE everywhere)."""
+ranking (the attention weight where the method has one, and the per-sample CE everywhere).
+
+Every loss here is a mean over this rank's valid samples; the trainer weighs it by this rank's
+share of the global valid count, so that several ranks compute the one-process mean. Nothing in
+a step reads a value back to the host."""
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from dtrain.config import MethodConfig
+from dtrain.config import Config, MethodConfig
+from dtrain.errors import ConfigError
+from dtrain.registry import METHODS
 from dtrain.train import losses
 from dtrain.train.model import CoTeachingNet, NoiseRobustNet
 
@@ -16,26 +24,27 @@ from dtrain.train.model import CoTeachingNet, NoiseRobustNet
 @dataclass
 class StepOutput:
     loss: torch.Tensor
-    logits: torch.Tensor  # view-1 logits, detached: train accuracy
+    logits: torch.Tensor  # view-1 logits on the unmixed image, detached: train accuracy
     sample_loss: torch.Tensor  # per-sample CE on view 1, detached: the small-loss score
     attention: torch.Tensor | None = None  # per-sample attention weight, detached
     terms: dict[str, torch.Tensor] = field(default_factory=dict)  # detached loss terms
 
 
-def _uses_contrastive(cfg: MethodConfig) -> bool:
-    return cfg.name in ("iam", "iam_no_mixup") and cfg.lambda_con > 0
-
-
-def _uses_mixup(cfg: MethodConfig) -> bool:
-    return cfg.name in ("iam", "iam_no_con") and cfg.lambda_iam > 0
+StepFunction = Callable[..., StepOutput]
 
 
 def attention_method_step(
-    model: NoiseRobustNet, batch: dict, cfg: MethodConfig, epoch: int, num_classes: int
+    model: NoiseRobustNet,
+    batch: dict,
+    cfg: MethodConfig,
+    epoch: int,
+    num_classes: int,
+    forget_rate: float,
 ) -> StepOutput:
     """L = L_ce + lambda_iam L_iam + lambda_con L_con (method.md), its ablations, and AFM."""
+    spec = METHODS[cfg.name]
     x1, labels, valid = batch["view1"], batch["label"], batch["valid"]
-    contrastive = _uses_contrastive(cfg)
+    contrastive = spec.contrastive and cfg.lambda_con > 0
     if contrastive:
         h1, h2 = model.encoder(torch.cat([x1, batch["view2"]])).chunk(2)
     else:
@@ -45,20 +54,20 @@ def attention_method_step(
     terms: dict[str, torch.Tensor] = {}
     attention = None
 
-    if cfg.name == "afm":
-        # AFM's fixed pairing, i with i + B/2, as a group of two
+    if spec.pairs_halves:
+        # AFM's fixed pairing, i with i + B/2, as groups of two
         half = len(h1) // 2
         pairs = torch.stack([torch.arange(half), torch.arange(half) + half], 1).to(h1.device)
-        attention = _attention(model, h1, labels, logits, pairs)
+        attention = _attention(model, h1, labels, logits, valid, pairs)
         loss = losses.afm_loss(h1, attention, labels, model.classifier, num_classes, valid)
         terms["afm"] = loss.detach()
     else:
         loss = losses.masked_mean(sample_loss, valid)
         terms["ce"] = loss.detach()
-        groups = losses.make_groups(len(h1), cfg.group_size, h1.device)
         # the attention learns only through L_iam: without it its weights are noise, not a score
-        if _uses_mixup(cfg) and epoch >= cfg.warmup_epochs:
-            attention = _attention(model, h1, labels, logits, groups)
+        if spec.mixup and cfg.lambda_iam > 0 and epoch >= cfg.warmup_epochs:
+            groups = losses.make_groups(len(h1), cfg.group_size, h1.device)
+            attention = _attention(model, h1, labels, logits, valid, groups)
             num_pairs = groups.shape[0] * cfg.group_size * (cfg.group_size - 1) // 2
             lam = losses.sample_lam(num_pairs, cfg.mixup_alpha, h1.device)
             feature_space = cfg.mixup_space == "feature"
@@ -93,17 +102,23 @@ def _attention(
     h: torch.Tensor,
     labels: torch.Tensor,
     logits: torch.Tensor,
+    valid: torch.Tensor,
     groups: torch.Tensor,
 ) -> torch.Tensor:
     """Attention weights [B] in batch order, computed group by group."""
-    grouped = model.attention(h[groups], labels[groups], logits.detach()[groups])
+    grouped = model.attention(h[groups], labels[groups], logits.detach()[groups], valid[groups])
     out = torch.empty(len(h), dtype=grouped.dtype, device=h.device)
     out[groups.reshape(-1)] = grouped.reshape(-1)
     return out
 
 
 def baseline_step(
-    model: torch.nn.Module, batch: dict, cfg: MethodConfig, epoch: int, forget_rate: float
+    model: torch.nn.Module,
+    batch: dict,
+    cfg: MethodConfig,
+    epoch: int,
+    num_classes: int,
+    forget_rate: float,
 ) -> StepOutput:
     """CE, input mixup, GCE, SCE and Co-teaching, all on view 1."""
     x, labels, valid = batch["view1"], batch["label"], batch["valid"]
@@ -113,15 +128,14 @@ def baseline_step(
         rate = forget_rate * min(1.0, epoch / max(1, cfg.coteaching_ramp_epochs))
         loss = losses.coteaching_loss(logits, logits2, labels, rate, valid)
     elif cfg.name == "mixup":
-        lam = float(losses.sample_lam(1, cfg.mixup_alpha)[0])
+        lam = losses.sample_lam(1, cfg.mixup_alpha, x.device)[0]  # a device scalar
         perm = torch.randperm(len(x), device=x.device)
-        logits_mixed = model(lam * x + (1 - lam) * x[perm])
-        both = valid & valid[perm]
-        per = lam * F.cross_entropy(losses.wide(logits_mixed), labels, reduction="none") + (
-            1 - lam
-        ) * F.cross_entropy(losses.wide(logits_mixed), labels[perm], reduction="none")
-        loss = losses.masked_mean(per, both)
-        logits = logits_mixed  # monitoring only: a clean forward pass would cost half a step
+        mixed = losses.wide(model(lam * x + (1 - lam) * x[perm]))
+        per = lam * F.cross_entropy(mixed, labels, reduction="none") + (1 - lam) * F.cross_entropy(
+            mixed, labels[perm], reduction="none"
+        )
+        loss = losses.masked_mean(per, valid & valid[perm])
+        logits = _unmixed_logits(model, x)
     else:
         logits = model(x)
         if cfg.name == "gce":
@@ -135,17 +149,35 @@ def baseline_step(
     return StepOutput(loss, logits.detach(), sample_loss, None, {cfg.name: loss.detach()})
 
 
-def training_step(
-    model: torch.nn.Module,
-    batch: dict,
-    cfg: MethodConfig,
-    epoch: int,
-    num_classes: int,
-    forget_rate: float,
-) -> StepOutput:
-    if cfg.name in ("iam", "iam_no_con", "iam_no_mixup", "afm"):
-        return attention_method_step(model, batch, cfg, epoch, num_classes)
-    return baseline_step(model, batch, cfg, epoch, forget_rate)
+@torch.no_grad()
+def _unmixed_logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The prediction on the plain images, as at test time (eval mode: the batch-norm running
+    statistics stay those of the training forward pass)."""
+    model.eval()
+    try:
+        return model(x)
+    finally:
+        model.train()
+
+
+def bind_step(method: str) -> StepFunction:
+    """The registry names each method's step function by its dotted path; bound here."""
+    module, _, name = METHODS[method].step.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def forget_rate(config: Config, meta: dict) -> float:
+    """Co-teaching's forget rate: explicit, or the noise rate the dataset was prepared with
+    (never one measured from its clean labels, which a real user does not have)."""
+    if config.method.coteaching_forget_rate is not None:
+        return config.method.coteaching_forget_rate
+    noise = meta.get("noise", {})
+    if config.method.name == "coteaching" and noise.get("model", "none") == "none":
+        raise ConfigError(
+            "method.coteaching_forget_rate is required: this dataset has no injected noise, so "
+            "give your estimate of its label error rate, e.g. method.coteaching_forget_rate=0.2"
+        )
+    return float(noise.get("rate", 0.0))
 
 
 class TrainStep(torch.nn.Module):
@@ -160,6 +192,7 @@ class TrainStep(torch.nn.Module):
         self.cfg = cfg
         self.num_classes = num_classes
         self.forget_rate = forget_rate
+        self.step_function = bind_step(cfg.name)
 
     def forward(
         self,
@@ -171,5 +204,19 @@ class TrainStep(torch.nn.Module):
     ) -> dict:
         """StepOutput's fields as a plain dict: DDP looks for tensors in dicts."""
         batch = {"view1": view1, "view2": view2, "label": label, "valid": valid}
-        out = training_step(self.net, batch, self.cfg, epoch, self.num_classes, self.forget_rate)
+        out = self.step_function(
+            self.net, batch, self.cfg, epoch, self.num_classes, self.forget_rate
+        )
         return dict(vars(out))
+
+
+def training_step(
+    model: torch.nn.Module,
+    batch: dict,
+    cfg: MethodConfig,
+    epoch: int,
+    num_classes: int,
+    forget_rate: float,
+) -> StepOutput:
+    """One step of `cfg.name` on an unwrapped network (tests, benchmarks)."""
+    return bind_step(cfg.name)(model, batch, cfg, epoch, num_classes, forget_rate)

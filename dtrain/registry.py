@@ -1,0 +1,99 @@
+"""Every training method in one table. Config validation, the model builder, the trainer, the CLI
+help and the tests all read it; adding a method is one entry here (plus its step function).
+
+A leaf module on purpose: it imports nothing from dtrain, so config and model can both read it.
+The step function is named by its dotted path and bound where the trainer builds its step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+PRESETS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    summary: str
+    step: str  # "module:function" of its training step, bound by the trainer
+    model: Literal["single", "peers"] = "single"  # peers: Co-teaching's two networks
+    groups: bool = False  # draws intra-group mixup groups: method.group_size must divide the batch
+    pairs_halves: bool = False  # AFM's fixed pairing of i with i + B/2: the batch must be even
+    mixup: bool = False  # has the L_iam term (trains the attention block)
+    contrastive: bool = False  # has the NT-Xent term (second view, projection head)
+    attention: bool = False  # yields a per-sample attention score for the mislabel ranking
+    two_views: bool = False  # forward passes over both augmented views
+    # config values the method implies unless the user sets them (`method.name=afm` alone gives
+    # AFM's feature-only attention, as configs/afm.yaml does)
+    implies: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def preset(self) -> Path:
+        return PRESETS / f"{self.name}.yaml"
+
+
+_ATTENTION_STEP = "dtrain.train.steps:attention_method_step"
+_BASELINE_STEP = "dtrain.train.steps:baseline_step"
+
+METHODS: dict[str, MethodSpec] = {
+    spec.name: spec
+    for spec in (
+        MethodSpec(
+            "iam",
+            "the method: CE + intra-group attention mixup + NT-Xent (method.md)",
+            _ATTENTION_STEP,
+            groups=True,
+            mixup=True,
+            contrastive=True,
+            attention=True,
+            two_views=True,
+        ),
+        MethodSpec(
+            "iam_no_con",
+            "ablation: the method without the contrastive term",
+            _ATTENTION_STEP,
+            groups=True,
+            mixup=True,
+            attention=True,
+        ),
+        MethodSpec(
+            "iam_no_mixup",
+            "ablation: the method without the attention mixup (CE + NT-Xent)",
+            _ATTENTION_STEP,
+            contrastive=True,
+            two_views=True,
+        ),
+        MethodSpec(
+            "afm",
+            "AFM as published: K = 2 halves, feature-only attention, 0.5/0.5 labels",
+            _ATTENTION_STEP,
+            pairs_halves=True,
+            attention=True,
+            implies={"model.attention_inputs": "feature"},
+        ),
+        MethodSpec("ce", "baseline: plain cross-entropy", _BASELINE_STEP),
+        MethodSpec("mixup", "baseline: input mixup, Beta(alpha, alpha)", _BASELINE_STEP),
+        MethodSpec("gce", "baseline: generalised cross-entropy (q = method.gce_q)", _BASELINE_STEP),
+        MethodSpec("sce", "baseline: symmetric cross-entropy", _BASELINE_STEP),
+        MethodSpec(
+            "coteaching",
+            "baseline: Co-teaching, two peers teach each other their small-loss samples",
+            _BASELINE_STEP,
+            model="peers",
+        ),
+    )
+}
+
+# the names as a type, for the config field (a Literal built from the table, not a second list)
+MethodName = Literal[tuple(METHODS)]  # type: ignore[valid-type]
+
+
+def method_spec(name: str) -> MethodSpec:
+    return METHODS[name]
+
+
+def methods_help() -> str:
+    """One line per method, for `dtrain train --help`."""
+    return "\n".join(f"  {s.name:13s} {s.summary}" for s in METHODS.values())

@@ -1,0 +1,309 @@
+"""The backends behind the training loop: one interface, an Accelerate (DDP) and a DeepSpeed
+implementation, so that the loop itself never asks which one it runs on.
+
+Both skip an optimiser step whose gradients are not finite, on every rank alike. The Accelerate
+engine decides on the device, without reading anything back: after DDP's all-reduce every rank
+holds the same gradients and so the same gradient norm, and the fused optimisers take a
+`found_inf` tensor (as under torch's GradScaler) that turns their step into a no-op. DeepSpeed
+reads its own values back every step anyway; its engine checks the loss on the host."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from abc import ABC, abstractmethod
+from datetime import timedelta
+
+import torch
+from torch import nn
+
+from dtrain import distributed
+from dtrain.config import Config, OptimConfig
+from dtrain.errors import ConfigError, DistributedError
+
+
+def build_optimizer(config: OptimConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """optim.* as a fused torch optimiser: one kernel per step, and a `found_inf` input that
+    skips the step on the device."""
+    if config.name == "sgd":
+        return torch.optim.SGD(
+            params,
+            lr=config.lr,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+            nesterov=True,
+            fused=True,
+        )
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
+
+
+def resolve_precision(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    cuda = torch.cuda.is_available()
+    return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+
+
+class Engine(ABC):
+    """Process group, device, wrapping, backward and optimiser step, weights and shards."""
+
+    device: torch.device
+    process_index: int
+    num_processes: int
+    model: nn.Module  # the wrapped TrainStep: call it for a training forward pass
+    optimizer: torch.optim.Optimizer
+
+    def __init__(self, config: Config, precision: str) -> None:
+        self.config = config
+        self.precision = precision
+        self.accum = config.train.grad_accum_steps
+
+    @property
+    def is_main(self) -> bool:
+        return self.process_index == 0
+
+    @abstractmethod
+    def prepare(self, model: nn.Module) -> None:
+        """Wrap the TrainStep module and build its optimiser (optim.*, or DeepSpeed's own)."""
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        enabled = self.precision == "bf16"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    @abstractmethod
+    def accumulating(self, boundary: bool) -> contextlib.AbstractContextManager:
+        """Context for one micro-step's forward and backward; gradients are exchanged only on
+        the accumulation boundary."""
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-step's loss (scaled by 1 / grad_accum_steps)."""
+
+    @abstractmethod
+    def step(self, lr: float | None) -> torch.Tensor:
+        """The optimiser step at an accumulation boundary, with `lr` unless the backend owns the
+        schedule; returns a device bool tensor: True where the step was taken (finite grads)."""
+
+    @abstractmethod
+    def unwrap(self) -> nn.Module:
+        """The TrainStep module without DDP / DeepSpeed around it."""
+
+    @abstractmethod
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The network's full weights; collective under ZeRO-3 (every rank must call it)."""
+
+    @property
+    def holds_full_weights(self) -> bool:
+        """Whether `unwrap().net` holds every weight on every rank (not so under ZeRO-3)."""
+        return True
+
+    def optimizer_state(self) -> dict | None:
+        """For last.pt; None where the backend keeps it in its own shards."""
+        return self.optimizer.state_dict()
+
+    def save_shards(self, folder: str, tag: str) -> bool:
+        """Collective; writes the backend's own sharded state. False: it keeps none."""
+        return False
+
+    def load(self, weights: dict, optimizer: dict | None, folder: str, tag: str | None) -> None:
+        self.unwrap().net.load_state_dict(weights)
+        if optimizer is not None:
+            self.optimizer.load_state_dict(optimizer)
+
+    def barrier(self) -> None:
+        if self.num_processes > 1:
+            torch.distributed.barrier()
+
+    def close(self) -> None:
+        """Every rank leaves together: a rank that exits alone aborts the others."""
+        self.barrier()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+class AccelerateEngine(Engine):
+    """DDP through Accelerate, on CPUs (gloo) and GPUs (nccl)."""
+
+    def __init__(self, config: Config, precision: str) -> None:
+        super().__init__(config, precision)
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+        try:
+            self.accelerator = Accelerator(
+                cpu=not torch.cuda.is_available(),
+                mixed_precision="no",  # autocast is ours (Engine.autocast)
+                kwargs_handlers=[
+                    # methods leave parts unused (the projector for CE, attention in warm-up)
+                    DistributedDataParallelKwargs(find_unused_parameters=True),
+                    InitProcessGroupKwargs(timeout=timedelta(seconds=config.train.dist_timeout_s)),
+                ],
+            )
+        except (torch.distributed.DistError, TimeoutError) as err:
+            raise _join_error(err) from err
+        self.device = self.accelerator.device
+        self.process_index = self.accelerator.process_index
+        self.num_processes = self.accelerator.num_processes
+
+    def prepare(self, model: nn.Module) -> None:
+        self.model = self.accelerator.prepare(model)
+        self._params = [p for p in self.unwrap().parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.config.optim, self._params)
+
+    def accumulating(self, boundary: bool) -> contextlib.AbstractContextManager:
+        if boundary or self.num_processes == 1:
+            return contextlib.nullcontext()
+        return self.model.no_sync()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.accum).backward()
+
+    def step(self, lr: float | None) -> torch.Tensor:
+        clip = self.config.optim.grad_clip
+        grads = [p.grad for p in self._params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else None
+        if norm is None:
+            finite = torch.ones((), dtype=torch.bool, device=self.device)
+        else:
+            finite = torch.isfinite(norm)
+            if clip > 0:
+                torch.nn.utils.clip_grads_with_norm_(self._params, clip, norm, foreach=True)
+        if lr is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+        # the fused step is a no-op where found_inf is set: no host read-back
+        self.optimizer.found_inf = (~finite).float()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return finite
+
+    def unwrap(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.unwrap().net.state_dict()
+
+    def close(self) -> None:
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
+
+
+class DeepSpeedEngine(Engine):
+    """deepspeed.initialize with a ZeRO config as users write them; works under torchrun, srun,
+    `accelerate launch` and the `deepspeed` launcher, on GPUs (nccl) and CPUs (gloo)."""
+
+    def __init__(self, config: Config, precision: str) -> None:
+        super().__init__(config, precision)
+        import deepspeed
+
+        from dtrain.train.ds_config import resolve_deepspeed_config
+
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.resolved = resolve_deepspeed_config(config.train.deepspeed, config, precision, world)
+        self.precision = "bf16" if self.resolved.config["bf16"]["enabled"] else "fp32"
+        cuda = torch.cuda.is_available()
+        try:
+            deepspeed.init_distributed(
+                dist_backend="nccl" if cuda else "gloo",
+                timeout=timedelta(seconds=config.train.dist_timeout_s),
+            )
+        except (torch.distributed.DistError, TimeoutError) as err:
+            raise _join_error(err) from err
+        self.process_index, self.num_processes = distributed.world()
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = torch.device("cuda", local) if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(self.device)
+
+    @property
+    def notes(self) -> list[str]:
+        return self.resolved.notes
+
+    def prepare(self, model: nn.Module) -> None:
+        import deepspeed
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.model, self.optimizer, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=None
+            if self.resolved.builds_optimizer
+            else build_optimizer(self.config.optim, params),
+            model_parameters=params,
+            config=self.resolved.config,
+        )
+        self._skip = False
+
+    def accumulating(self, boundary: bool) -> contextlib.AbstractContextManager:
+        self.model.set_gradient_accumulation_boundary(boundary)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # a non-finite loss on any rank skips this micro-step's backward on every rank
+        self._skip = distributed.any_rank(not bool(torch.isfinite(loss)), self.device)
+        if not self._skip:
+            self.model.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps
+
+    def step(self, lr: float | None) -> torch.Tensor:
+        if lr is not None and not self.resolved.builds_scheduler:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+        taken = not self._skip
+        if taken:
+            self.model.step()  # clips (gradient_clipping) and zeroes the gradients itself
+        return torch.tensor(taken, device=self.device)
+
+    def unwrap(self) -> nn.Module:
+        return self.model.module
+
+    @property
+    def holds_full_weights(self) -> bool:
+        return self.resolved.stage < 3
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        if self.resolved.stage == 3:
+            full = self.model._zero3_consolidated_16bit_state_dict() or {}
+            return {k.removeprefix("net."): v for k, v in full.items()}
+        return self.unwrap().net.state_dict()
+
+    def optimizer_state(self) -> dict | None:
+        return None  # sharded: it lives in run_dir/deepspeed/<tag>
+
+    def save_shards(self, folder: str, tag: str) -> bool:
+        self.model.save_checkpoint(folder, tag=tag)
+        return True
+
+    def load(self, weights: dict, optimizer: dict | None, folder: str, tag: str | None) -> None:
+        from dtrain.errors import RunFolderError
+
+        loaded, _ = self.model.load_checkpoint(folder, tag=tag)
+        if loaded is None:
+            raise RunFolderError(
+                f"DeepSpeed shards {tag} are missing under {folder}; the run cannot be "
+                "resumed exactly"
+            )
+
+
+def _join_error(err: BaseException) -> DistributedError:
+    return DistributedError(
+        f"rank {os.environ.get('RANK', '?')} could not join the process group at "
+        f"{distributed.rendezvous()} ({err}); check that all ranks were started and "
+        "that every node can reach that address"
+    )
+
+
+def make_engine(config: Config) -> Engine:
+    """DeepSpeed when train.deepspeed names a config, else Accelerate; then the preflight."""
+    distributed.env_from_slurm()
+    precision = resolve_precision(config.train.precision)
+    engine = (
+        DeepSpeedEngine(config, precision)
+        if config.train.deepspeed
+        else AccelerateEngine(config, precision)
+    )
+    distributed.preflight(engine.device)
+    if config.model.sync_batchnorm and engine.device.type == "cpu" and engine.num_processes > 1:
+        raise ConfigError(
+            "model.sync_batchnorm=true needs CUDA (torch's SyncBatchNorm has no CPU path); "
+            "set it to false"
+        )
+    return engine

@@ -1,0 +1,69 @@
+"""Running sums of a training span, kept on the device until a log step or an epoch end reads
+them back: the metric sums and the count of skipped (non-finite) optimiser steps."""
+
+from __future__ import annotations
+
+import torch
+
+from dtrain import distributed
+from dtrain.train.checkpoint import TrainState
+
+
+class MetricSums:
+    """Per-rank sums of a span of micro-steps, kept on the device: valid samples, correct
+    predictions, corrupt samples, and each loss term times the valid count."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.values: dict[str, torch.Tensor] = {}
+
+    def _add(self, name: str, value: torch.Tensor) -> None:
+        value = value.detach().to(torch.float64)
+        self.values[name] = self.values[name] + value if name in self.values else value
+
+    def add_step(self, out: dict, batch: dict) -> None:
+        valid = batch["valid"]
+        count = valid.sum()
+        self._add("valid", count)
+        self._add("correct", ((out["logits"].argmax(-1) == batch["label"]) & valid).sum())
+        self._add("corrupt", batch["corrupt"].sum())
+        for name, value in {"loss": out["loss"], **out["terms"]}.items():
+            self._add(name, value * count)
+
+    def names(self) -> list[str]:
+        return sorted(self.values)
+
+    def vector(self) -> torch.Tensor:
+        return torch.stack([self.values[n] for n in self.names()])
+
+    def reduce(self) -> dict[str, float]:
+        """Collective: the sums over all ranks, read back."""
+        if not self.values:
+            return {"valid": 0.0, "correct": 0.0, "corrupt": 0.0}
+        return dict(
+            zip(self.names(), distributed.sum_over_ranks(self.vector()).tolist(), strict=True)
+        )
+
+    def clear(self) -> None:
+        self.values = {}
+
+
+class NonFiniteCounter:
+    """Skipped optimiser steps, counted on the device and read on log steps and epoch ends. The
+    engines decide a skip identically on every rank, so no agreement is needed."""
+
+    def __init__(self, device: torch.device, state: TrainState) -> None:
+        self.state = state
+        self.skipped = torch.zeros((), dtype=torch.int64, device=device)
+        self.in_a_row = torch.full((), state.nonfinite_in_a_row, dtype=torch.int64, device=device)
+
+    def update(self, taken: torch.Tensor) -> None:
+        missed = (~taken).to(torch.int64)
+        self.skipped += missed
+        self.in_a_row = (self.in_a_row + 1) * missed
+
+    def read(self) -> None:
+        skipped, in_a_row = torch.stack([self.skipped, self.in_a_row]).tolist()
+        self.state.skipped_steps += skipped
+        self.state.nonfinite_in_a_row = in_a_row
+        self.skipped.zero_()
