@@ -10,20 +10,15 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
-import os
-import platform
 import tarfile
 import time
 from pathlib import Path
 
-import torch
+from common import RESULTS, Column, Table, write_result
 from PIL import Image
 
 from dtrain.prepare import PrepareConfig, prepare
 from dtrain.train.data import make_loader, split_urls
-
-RESULTS = Path(__file__).parent / "results" / "loader.json"
 
 
 def jpeg_bytes(urls: list[str]) -> list[bytes]:
@@ -66,23 +61,15 @@ def loader_rate(urls: list[str], size: int, workers: int, batch_size: int) -> fl
     return seen / (time.perf_counter() - start)
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", help="a dtrain prepare folder (default: the embedded set)")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3, help="best of N runs per row")
-    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--out", default=str(RESULTS / "loader.json"))
     args = parser.parse_args()
     data = Path(args.data) if args.data else prepare(PrepareConfig(progress=False))
     urls = split_urls(data, "train")
@@ -110,9 +97,14 @@ def main() -> None:
     baseline = (
         rows["PIL decode + resize, plain loop"] + rows["PIL decode + resize, plain loop (again)"]
     ) / 2
-    print(f"{'pipeline':50s} {'images/s':>10s} {'x plain':>8s}")
+    table = Table(
+        Column("pipeline", 50, left=True),
+        Column("images/s", 10, ".0f"),
+        Column("x plain", 8, ".2f"),
+    )
+    table.header()
     for name, rate in rows.items():
-        print(f"{name:50s} {rate:10.0f} {rate / baseline:8.2f}")
+        table.row(name, rate, rate / baseline)
     ratio = rows["dtrain loader, 1 workers"] / baseline
     print(
         f"target: loader at 1 worker >= 0.9x plain decode -> {ratio:.2f}x "
@@ -127,17 +119,8 @@ def main() -> None:
         "plain_baseline": baseline,
         "ratio_1_worker": ratio,
         "target_ratio": 0.9,
-        "machine": {
-            "cpu": cpu_model(),
-            "cores": os.cpu_count(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-        },
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result("loader", result, args.out)
 
 
 if __name__ == "__main__":

@@ -13,19 +13,13 @@ benchmarks/results/mixup_<device>.json.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import sys
 import time
-from pathlib import Path
 
 import torch
+from common import Column, Table, device_name, slug, write_result
 
 from dtrain.train import mixup_kernels as mk
 from dtrain.train.losses import make_groups
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def timed(fn, repeats: int) -> float:
@@ -71,7 +65,9 @@ def resnet50_step_seconds(repeats: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--batch", nargs="+", type=int, default=[256, 1024, 4096])
     parser.add_argument("--group", nargs="+", type=int, default=[2, 4, 8, 16])
     parser.add_argument("--dim", nargs="+", type=int, default=[512, 2048])
@@ -81,11 +77,19 @@ def main() -> None:
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
-    name = torch.cuda.get_device_name(0) if cuda else f"cpu-{os.cpu_count()}cores"
+    name = device_name()
     reference = mk.pair_mix_reference
     compiled = None if args.no_compile else torch.compile(reference)
     rows = []
-    print(f"{'B':>5s} {'K':>3s} {'D':>5s} {'variant':>10s} {'ms':>9s} {'GB/s':>8s}")
+    table = Table(
+        Column("B", 5, "d"),
+        Column("K", 3, "d"),
+        Column("D", 5, "d"),
+        Column("variant", 10),
+        Column("ms", 9, ".3f"),
+        Column("GB/s", 8, ".1f"),
+    )
+    table.header()
     for b in args.batch:
         for k in args.group:
             for d in args.dim:
@@ -112,17 +116,8 @@ def main() -> None:
                             "GB_s": moved / seconds / 1e9,
                         }
                     )
-                    print(
-                        f"{b:5d} {k:3d} {d:5d} {variant:>10s} {1e3 * seconds:9.3f} "
-                        f"{moved / seconds / 1e9:8.1f}"
-                    )
-    result = {
-        "device": name,
-        "dtype": "bfloat16",
-        "rows": rows,
-        "command": " ".join(sys.argv),
-        "machine": {"platform": platform.platform(), "torch": torch.__version__},
-    }
+                    table.row(b, k, d, variant, 1e3 * seconds, moved / seconds / 1e9)
+    result = {"device": name, "dtype": "bfloat16", "rows": rows}
     if cuda:
         result["copy_GB_s"] = copy_bandwidth(device, args.repeats) / 1e9
         groups = make_groups(256, 8, torch.device("cuda"))
@@ -141,10 +136,7 @@ def main() -> None:
             f"{result['logit_loss_ms']:.3f} ms vs ResNet-50 step {result['resnet50_step_ms']:.1f}"
             " ms at batch 256"
         )
-    out = RESULTS / f"mixup_{name.replace(' ', '_').lower()}{args.tag}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(f"mixup_{slug(name)}{args.tag}", result)
 
 
 if __name__ == "__main__":

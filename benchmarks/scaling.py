@@ -1,11 +1,11 @@
 """Training throughput of the method at 1 and 2 processes (torchrun, same per-rank batch), on the
 embedded Br35H shards; the ratio says how close to linear the data-parallel scaling is.
 
-    python benchmarks/scaling.py [--processes 1 2] [--epochs 2] [--image-size 64]
+    python benchmarks/scaling.py [--processes 1 2] [--epochs 2] [--image-size 64] [--method iam]
 
-Each point is a real `dtrain train` under torchrun; images/s is the mean over the epochs after
-the first (start-up excluded), from the run's metrics.jsonl. Writes
-benchmarks/results/scaling_<device>.json with the device named.
+Each point is a real `dtrain train --config configs/<method>.yaml` under torchrun; images/s is
+the mean over the epochs after the first (start-up excluded), from the run's metrics.jsonl.
+Writes benchmarks/results/scaling_<device>.json with the device named.
 """
 
 from __future__ import annotations
@@ -13,28 +13,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
-RESULTS = Path(__file__).parent / "results"
+from common import Column, Table, device_name, preset, slug, write_result
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"cpu-{os.cpu_count()}cores"
 
 
 def measure(processes: int, args: argparse.Namespace, workdir: Path) -> float:
@@ -47,6 +38,8 @@ def measure(processes: int, args: argparse.Namespace, workdir: Path) -> float:
         "-m",
         "dtrain.cli",
         "train",
+        "--config",
+        str(preset(args.method)),
         f"train.run_dir={run_dir}",
         f"train.epochs={args.epochs}",
         f"data.image_size={args.image_size}",
@@ -64,44 +57,42 @@ def measure(processes: int, args: argparse.Namespace, workdir: Path) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--processes", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=64, help="per rank")
     parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--method", default="iam", help="a preset in configs/ (default: iam)")
     parser.add_argument("overrides", nargs="*", help="extra key=value for every run")
     args = parser.parse_args()
+    preset(args.method)  # an unknown method fails here, before any run
     with tempfile.TemporaryDirectory() as tmp:
         rates = {p: measure(p, args, Path(tmp)) for p in args.processes}
     base = rates[args.processes[0]]
-    print(f"{'processes':>9s} {'images/s':>10s} {'speed-up':>9s} {'efficiency':>11s}")
-    for p, rate in rates.items():
-        print(f"{p:9d} {rate:10.1f} {rate / base:9.2f} {rate / base / p:11.2f}")
-    device = device_name()
-    out = RESULTS / f"scaling_{device.replace(' ', '_').lower()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "device": device,
-                "method": "iam",
-                "image_size": args.image_size,
-                "batch_size_per_rank": args.batch_size,
-                "epochs": args.epochs,
-                "images_per_s": rates,
-                "command": " ".join(sys.argv),
-                "machine": {
-                    "cores": os.cpu_count(),
-                    "platform": platform.platform(),
-                    "torch": torch.__version__,
-                },
-            },
-            indent=2,
-        )
-        + "\n"
+    table = Table(
+        Column("processes", 9, "d"),
+        Column("images/s", 10, ".1f"),
+        Column("speed-up", 9, ".2f"),
+        Column("efficiency", 11, ".2f"),
     )
-    print(f"wrote {out}")
+    table.header()
+    for p, rate in rates.items():
+        table.row(p, rate, rate / base, rate / base / p)
+    device = device_name()
+    write_result(
+        f"scaling_{slug(device)}",
+        {
+            "device": device,
+            "method": args.method,
+            "image_size": args.image_size,
+            "batch_size_per_rank": args.batch_size,
+            "epochs": args.epochs,
+            "images_per_s": rates,
+        },
+    )
 
 
 if __name__ == "__main__":
