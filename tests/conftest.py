@@ -101,3 +101,30 @@ def random_batch(size: int = 16, classes: int = 3, side: int = 32) -> dict:
         "label": torch.randint(0, classes, (size,)),
         "valid": torch.ones(size, dtype=torch.bool),
     }
+
+
+def free_port() -> int:
+    """A port nobody holds now (tests never use a fixed one: others may hold 29500)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def small_overrides(data: Path, run_dir: Path, batch_size: int, *extra: str) -> list[str]:
+    """The small, fast training config every trainer test starts from: 32 px, timm's tiny
+    test_resnet, 2 epochs, groups of 4, scores over the last epoch, no progress bars."""
+    return [
+        f"data.path={data}",
+        "data.image_size=32",
+        f"data.batch_size={batch_size}",
+        "data.num_workers=0",
+        "model.backbone=test_resnet",
+        "train.epochs=2",
+        "train.progress=false",
+        "method.group_size=4",
+        "method.score_epochs=1",
+        f"train.run_dir={run_dir}",
+        *extra,
+    ]

@@ -5,26 +5,19 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import stripes_dataset
+from conftest import free_port, small_overrides, stripes_dataset
 
 from dtrain.distributed import env_from_slurm, first_host
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -45,22 +38,7 @@ def env(tmp_path_factory) -> dict:
 
 
 def train_args(data: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [
-        "-m",
-        "dtrain.cli",
-        "train",
-        f"data.path={data}",
-        "data.image_size=32",
-        "data.batch_size=8",
-        "data.num_workers=0",
-        "model.backbone=test_resnet",
-        "train.epochs=2",
-        "train.progress=false",
-        "method.group_size=4",
-        "method.score_epochs=1",
-        f"train.run_dir={run_dir}",
-        *extra,
-    ]
+    return ["-m", "dtrain.cli", "train", *small_overrides(data, run_dir, 8, *extra)]
 
 
 def run(command: list[str], env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -105,12 +83,15 @@ def test_srun_variables_become_torch_variables(monkeypatch):
     assert os.environ["RANK"] == "5" and "MASTER_ADDR" not in os.environ
 
 
+@pytest.mark.parametrize("padding", [0, 5])
 @pytest.mark.parametrize("method", ["ce", "iam"])
-def test_two_processes_equal_one_on_the_same_global_batch(method, tmp_path, env):
-    """DDP gradient averaging, and for iam the contrastive loss over the global batch."""
+def test_two_processes_equal_one_on_the_same_global_batch(method, padding, tmp_path, env):
+    """DDP gradient averaging, for iam the contrastive loss over the global batch, and with
+    padding (rank 0: 8 real samples, rank 1: 3) the weighting by the global valid count."""
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
-    run([sys.executable, str(HERE / "dist_equivalence.py"), method, str(one), "3"], env)
-    run(torchrun(2, str(HERE / "dist_equivalence.py"), method, str(two), "3"), env)
+    script = str(HERE / "dist_equivalence.py")
+    run([sys.executable, script, method, str(one), "3", str(padding)], env)
+    run(torchrun(2, script, method, str(two), "3", str(padding)), env)
     a, b = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
     assert a.keys() == b.keys()
     for name, tensor in a.items():
@@ -165,7 +146,6 @@ def test_deepspeed_zero_trains_checkpoints_resumes_and_finishes(
     args = train_args(
         tiny,
         run_dir,
-        "train.backend=deepspeed",
         f"train.deepspeed={ROOT / 'configs' / 'deepspeed' / f'zero{stage}.json'}",
     )
     first = run(launcher(2, *args, "train.stop_after_steps=3"), env)

@@ -65,12 +65,6 @@ def test_macro_f1_counts_every_model_class():
     assert m["macro_f1"] == pytest.approx(0.75)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="metrics.py: a model of 3+ classes evaluated on exactly two of them hands sklearn's "
-    "roc_auc_score two score columns with multi_class='ovr', which it refuses as binary",
-)
 def test_auroc_of_a_multi_class_model_on_two_present_classes():
     # Class 2 absent: p(1) / (p(0) + p(1)) is 0.25, 0.5 on class 0 and 0.75, 0.5 on class 1:
     # 0.75 beats both (2), 0.5 beats 0.25 and ties 0.5 (1.5) -> 3.5 / 4 = 7/8 (class 0's

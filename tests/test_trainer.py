@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import random_batch, stripes_dataset
+from conftest import random_batch, small_overrides, stripes_dataset
 from PIL import Image
 
 from dtrain.config import load_config
@@ -31,22 +31,7 @@ def tiny(tmp_path_factory) -> Path:
 
 
 def config(data: Path, run_dir: Path, *overrides: str):
-    return load_config(
-        None,
-        [
-            f"data.path={data}",
-            "data.image_size=32",
-            "data.batch_size=16",
-            "data.num_workers=0",
-            "model.backbone=test_resnet",
-            "train.epochs=2",
-            f"train.run_dir={run_dir}",
-            "train.progress=false",
-            "method.group_size=4",
-            "method.score_epochs=1",
-            *overrides,
-        ],
-    )
+    return load_config(None, small_overrides(data, run_dir, 16, *overrides))
 
 
 def test_two_epochs_learn_and_leave_a_report(tiny, tmp_path):

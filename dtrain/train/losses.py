@@ -24,6 +24,13 @@ def masked_mean(values: torch.Tensor, valid: torch.Tensor | None) -> torch.Tenso
     return (values * weights).sum() / weights.sum().clamp_min(1)
 
 
+def rank_weight(valid: torch.Tensor, global_valid: torch.Tensor, world: int) -> torch.Tensor:
+    """The factor that turns this rank's mean loss into its share of the global mean: its valid
+    count over the global valid count / world. After DDP averages the gradients over ranks, the
+    result is the one-process mean over every valid sample, whatever the padding on each rank."""
+    return valid.sum() * world / global_valid.clamp_min(1)
+
+
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-row cross-entropy against a probability vector."""
     return -(targets * F.log_softmax(wide(logits), dim=-1)).sum(dim=-1)

@@ -33,19 +33,14 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, f
     num_classes = probs.shape[1]
     predictions = probs.argmax(axis=1)
     present = np.unique(labels)
+    # AUROC over the classes present, with the probabilities renormalised over them
+    restricted = probs[:, present] / probs[:, present].sum(1, keepdims=True)
     if len(present) < 2:
         roc = float("nan")
-    elif num_classes == 2:
-        roc = float(roc_auc_score(labels, probs[:, 1]))
+    elif len(present) == 2:  # sklearn's multi-class mode refuses two classes
+        roc = float(roc_auc_score(labels == present[1], restricted[:, 1]))
     else:
-        roc = float(
-            roc_auc_score(
-                labels,
-                probs[:, present] / probs[:, present].sum(1, keepdims=True),
-                multi_class="ovr",
-                labels=present,
-            )
-        )
+        roc = float(roc_auc_score(labels, restricted, multi_class="ovr", labels=present))
     return {
         "accuracy": float((predictions == labels).mean()),
         "balanced_accuracy": float(balanced_accuracy_score(labels, predictions)),

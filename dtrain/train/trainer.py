@@ -37,6 +37,7 @@ from dtrain.train.checkpoint import (
 from dtrain.train.data import ShardLoader, make_loader, read_dataset_json, split_urls
 from dtrain.train.dataset import resolve_data_dir
 from dtrain.train.engine import make_engine
+from dtrain.train.losses import rank_weight
 from dtrain.train.model import build_model
 from dtrain.train.predict import evaluate
 from dtrain.train.scores import ScoreAccumulator
@@ -224,8 +225,7 @@ class Trainer:
             index = state.batch
             boundary = (index + 1) % accum == 0 or index + 1 == num_batches
             valid = batch["valid"]
-            # this rank's share of the global mean: sum of its losses / (global valid / world)
-            weight = valid.sum() * world / header[0].clamp_min(1).to(torch.float32)
+            weight = rank_weight(valid, header[0], world)
             with engine.accumulating(boundary):
                 with engine.autocast():
                     out = engine.model(
