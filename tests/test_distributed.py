@@ -216,3 +216,29 @@ def test_a_missing_rank_fails_fast_with_rank_and_address(tiny, tmp_path, env):
     )
     assert result.returncode == 2
     assert f"rank 0 could not join the process group at 127.0.0.1:{port}" in result.stderr
+
+
+@pytest.mark.parametrize("method", ["ce", "iam"])
+def test_sync_budget_per_step(method, tiny, tmp_path, env):
+    """Per step, besides DDP's gradient all-reduce: one small all-reduce (the next batch's
+    header), plus for iam the contrastive gather (forward) and its all-to-all (backward); no
+    host read-back except on log steps, which do read back."""
+    counts_file = tmp_path / "counts.json"
+    args = small_overrides(
+        tiny, tmp_path / "run", 8, "train.epochs=1", f"method.name={method}", "train.log_every=3"
+    )
+    args = [a for a in args if a != "data.num_workers=0"] + ["data.num_workers=1"]
+    run(torchrun(2, str(HERE / "sync_budget.py"), str(counts_file), *args), env)
+    steps = {int(k): v for k, v in json.loads(counts_file.read_text()).items()}
+    assert len(steps) == 6  # 89 train images over 2 ranks x 8 per batch: 6 steps
+    inner = [steps[s] for s in sorted(steps)[1:]]  # the first step also opens the epoch
+    for counts in inner:
+        reads = sum(v for k, v in counts.items() if k.startswith("read:"))
+        assert counts.get("all_reduce", 0) == 1, counts
+        if counts["log"]:
+            assert reads > 0, counts  # the counter sees read-backs where they happen
+        else:
+            assert reads == 0, counts
+        expected_gathers = 1 if method == "iam" else 0
+        assert counts.get("all_gather", 0) == expected_gathers, counts
+        assert counts.get("broadcast", 0) == 0, counts
