@@ -8,19 +8,27 @@ the ranks hold different numbers of real samples: the weighting by the global va
 still give the one-process mean. It runs in float64: in float32, three steps at lr 0.1 amplify
 the rounding of a different summation order to ~1e-3, which would hide a real error."""
 
-import sys
+import argparse
 
 import torch
 
 from dtrain.config import load_config
 from dtrain.distributed import sum_over_ranks
-from dtrain.train.engine import AccelerateEngine
+from dtrain.train.engine import make_engine
 from dtrain.train.losses import rank_weight
 from dtrain.train.model import build_model
 from dtrain.train.steps import TrainStep
 
 if __name__ == "__main__":
-    method, out, steps, padding = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    parser = argparse.ArgumentParser()
+    parser.add_argument("method")
+    parser.add_argument("out")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--padding", type=int, default=0)
+    parser.add_argument("--accum", type=int, default=1, help="micro-batches per step")
+    parser.add_argument("--deepspeed", default="", help="a DeepSpeed JSON config")
+    args = parser.parse_args()
+    method = args.method
     cfg = load_config(
         None,
         [
@@ -30,9 +38,12 @@ if __name__ == "__main__":
             "method.lambda_iam=0",  # groups are drawn per rank: they cannot match one process
             "optim.lr=0.1",
             "optim.weight_decay=0",
+            f"train.grad_accum_steps={args.accum}",
+            f"train.deepspeed={args.deepspeed}",
+            "train.precision=fp32",
         ],
     )
-    engine = AccelerateEngine(cfg, "fp32")
+    engine = make_engine(cfg)
     torch.manual_seed(0)
     net = build_model(cfg.model, method, num_classes=3, in_chans=1)
     # batch-norm statistics are per rank under DDP by design (SyncBatchNorm needs CUDA); with
@@ -46,15 +57,20 @@ if __name__ == "__main__":
     view1 = torch.randn(batch, 1, 32, 32, generator=data, dtype=torch.float64)
     view2 = torch.randn(batch, 1, 32, 32, generator=data, dtype=torch.float64)
     label = torch.randint(0, 3, (batch,), generator=data)
-    valid = torch.arange(batch) < batch - padding
+    valid = torch.arange(batch) < batch - args.padding
     rank, world = engine.process_index, engine.num_processes
-    part = slice(rank * batch // world, (rank + 1) * batch // world)
-    for _ in range(steps):
-        global_valid = sum_over_ranks(valid[part].sum().double().reshape(1))[0]
-        output = engine.model(view1[part], view2[part], label[part], valid[part], 1)
-        weight = rank_weight(valid[part], global_valid, world)
-        engine.backward(output["loss"] * weight)
-        engine.step(lr=0.1)
+    share = batch // world // args.accum
+    for _ in range(args.steps):
+        for micro in range(args.accum):
+            start = (rank * args.accum + micro) * share
+            part = slice(start, start + share)
+            global_valid = sum_over_ranks(valid[part].sum().double().reshape(1))[0]
+            boundary = micro == args.accum - 1
+            with engine.accumulating(boundary):
+                output = engine.model(view1[part], view2[part], label[part], valid[part], 1)
+                engine.backward(output["loss"] * rank_weight(valid[part], global_valid, world))
+            if boundary:
+                engine.step(lr=0.1)
     if engine.is_main:
-        torch.save(engine.unwrap().net.state_dict(), out)
+        torch.save(engine.full_state_dict(), args.out)
     engine.close()

@@ -90,12 +90,27 @@ def test_two_processes_equal_one_on_the_same_global_batch(method, padding, tmp_p
     padding (rank 0: 8 real samples, rank 1: 3) the weighting by the global valid count."""
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
     script = str(HERE / "dist_equivalence.py")
-    run([sys.executable, script, method, str(one), "3", str(padding)], env)
-    run(torchrun(2, script, method, str(two), "3", str(padding)), env)
+    run([sys.executable, script, method, str(one), f"--padding={padding}"], env)
+    run(torchrun(2, script, method, str(two), f"--padding={padding}"), env)
     a, b = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
     assert a.keys() == b.keys()
     for name, tensor in a.items():
         torch.testing.assert_close(b[name], tensor, rtol=1e-5, atol=1e-8, msg=name)
+
+
+@pytest.mark.parametrize("deepspeed", ["", "zero1.json"])
+def test_gradient_accumulation_equals_the_whole_batch(deepspeed, tmp_path, env):
+    """Two micro-batches of 8 accumulated equal one batch of 16 (CE, fp64), on both engines;
+    under DeepSpeed in 2 processes (2 x 2 micro-batches of 4)."""
+    script = str(HERE / "dist_equivalence.py")
+    whole, accumulated = tmp_path / "whole.pt", tmp_path / "accumulated.pt"
+    run([sys.executable, script, "ce", str(whole)], env)
+    extra = [f"--deepspeed={ROOT / 'configs' / 'deepspeed' / deepspeed}"] if deepspeed else []
+    command = [script, "ce", str(accumulated), "--accum=2", *extra]
+    run(torchrun(2, *command) if deepspeed else [sys.executable, *command], env)
+    a, b = torch.load(whole, weights_only=True), torch.load(accumulated, weights_only=True)
+    for name, tensor in a.items():
+        torch.testing.assert_close(b[name].to(tensor.dtype), tensor, rtol=1e-5, atol=1e-8, msg=name)
 
 
 def test_accelerate_launch_with_a_config_file(tiny, tmp_path, env):

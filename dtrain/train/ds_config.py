@@ -8,6 +8,7 @@ did set is refused. An `optimizer` or `scheduler` section is honoured: DeepSpeed
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,9 +40,16 @@ class ResolvedDeepSpeed:
 
 
 def _reconcile(
-    ds: dict, keys: tuple[str, ...], config: Config, dtrain_key: str | None, ours: Any, notes: list
+    ds: dict,
+    keys: tuple[str, ...],
+    config: Config,
+    dtrain_key: str | None,
+    ours: Any,
+    notes: list[str],
+    source: str = "",
 ) -> None:
-    """One value both configs can hold; see the module docstring for the rule."""
+    """One value both configs can hold; see the module docstring for the rule. `dtrain_key`
+    None: a value derived from several keys (`source` names them), never overridden."""
     node = ds
     for key in keys[:-1]:
         node = node.setdefault(key, {})
@@ -53,9 +61,9 @@ def _reconcile(
     if theirs == ours:
         return
     if dtrain_key is None or dtrain_key in config.explicit_keys:
-        source = dtrain_key or "the world size"
+        source = source or dtrain_key
         raise ConfigError(
-            f"DeepSpeed {name}={theirs!r} contradicts {source} = {ours!r}; "
+            f"DeepSpeed {name}={theirs!r} contradicts {ours!r} from {source}; "
             f'set {name} to "auto" in the DeepSpeed file or change {source}'
         )
     set_key(config, dtrain_key, theirs)
@@ -65,7 +73,8 @@ def _reconcile(
 def resolve_deepspeed_config(
     path: str | Path, config: Config, precision: str, world_size: int
 ) -> ResolvedDeepSpeed:
-    """The DeepSpeed config dict to pass to deepspeed.initialize; may update `config`."""
+    """The DeepSpeed config dict to pass to deepspeed.initialize. Values the DeepSpeed file
+    decides are written into `config` (only when the whole file is accepted)."""
     path = Path(path)
     try:
         ds = json.loads(path.read_text())
@@ -76,7 +85,8 @@ def resolve_deepspeed_config(
     if ds.get("fp16", {}).get("enabled") not in (None, False, "auto"):
         raise ConfigError(f"{path}: fp16 is not supported; use bf16 (train.precision=bf16)")
     notes: list[str] = []
-    c, o, t = config, config.optim, config.train
+    c = copy.deepcopy(config)  # a refused file leaves `config` untouched
+    o, t = c.optim, c.train
     _reconcile(
         ds, ("train_micro_batch_size_per_gpu",), c, "data.batch_size", c.data.batch_size, notes
     )
@@ -84,29 +94,50 @@ def resolve_deepspeed_config(
         ds, ("gradient_accumulation_steps",), c, "train.grad_accum_steps", t.grad_accum_steps, notes
     )
     _reconcile(ds, ("gradient_clipping",), c, "optim.grad_clip", o.grad_clip, notes)
-    bf16 = ds.get("bf16", {}).get("enabled", "auto")
-    if bf16 != "auto" and "train.precision" not in config.explicit_keys:
-        precision = "bf16" if bf16 else "fp32"
-        set_key(config, "train.precision", precision)
-    _reconcile(ds, ("bf16", "enabled"), c, "train.precision", precision == "bf16", notes)
-    if isinstance(ds["bf16"]["enabled"], bool) and ds["bf16"]["enabled"] != (precision == "bf16"):
-        raise ConfigError(f"{path}: bf16.enabled contradicts train.precision={t.precision}")
+    if t.precision != "auto":
+        precision = t.precision
+    bf16 = ds.setdefault("bf16", {}).get("enabled", "auto")
+    if bf16 == "auto":
+        ds["bf16"]["enabled"] = precision == "bf16"
+    elif bf16 != (precision == "bf16"):
+        if "train.precision" in c.explicit_keys:
+            raise ConfigError(
+                f"DeepSpeed bf16.enabled={bf16} contradicts train.precision={t.precision!r}; "
+                'set bf16.enabled to "auto" in the DeepSpeed file or change train.precision'
+            )
+        set_key(c, "train.precision", "bf16" if bf16 else "fp32")
+        notes.append(f"train.precision={t.precision!r} from the DeepSpeed config (bf16.enabled)")
     global_batch = c.data.batch_size * t.grad_accum_steps * world_size
-    _reconcile(ds, ("train_batch_size",), c, None, global_batch, notes)
+    _reconcile(
+        ds,
+        ("train_batch_size",),
+        c,
+        None,
+        global_batch,
+        notes,
+        source="data.batch_size x train.grad_accum_steps x world size",
+    )
     if "optimizer" in ds:
         kind = str(ds["optimizer"].get("type", ""))
         name = DS_OPTIMIZERS.get(kind.lower())
         if name is not None and name != o.name:
-            if "optim.name" in config.explicit_keys:
+            if "optim.name" in c.explicit_keys:
                 raise ConfigError(
                     f"DeepSpeed optimizer type {kind!r} contradicts optim.name={o.name!r}; "
                     "remove one of them"
                 )
-            set_key(config, "optim.name", name)
-        params = ds["optimizer"].setdefault("params", {})
-        _reconcile(params, ("lr",), c, "optim.lr", o.lr, notes)
-        _reconcile(params, ("weight_decay",), c, "optim.weight_decay", o.weight_decay, notes)
-        notes.append(f"optimizer: DeepSpeed's {ds['optimizer'].get('type')} from {path}")
+            set_key(c, "optim.name", name)
+            notes.append(f"optim.name={name!r} from the DeepSpeed config (optimizer.type)")
+        _reconcile(ds, ("optimizer", "params", "lr"), c, "optim.lr", o.lr, notes)
+        _reconcile(
+            ds,
+            ("optimizer", "params", "weight_decay"),
+            c,
+            "optim.weight_decay",
+            o.weight_decay,
+            notes,
+        )
+        notes.append(f"optimizer: DeepSpeed's {kind} from {path}")
     else:
         notes.append(f"optimizer: dtrain's {o.name} (optim.*)")
     notes.append(
@@ -115,4 +146,6 @@ def resolve_deepspeed_config(
         else "learning-rate schedule: dtrain's warm-up + cosine (optim.lr, optim.warmup_epochs)"
     )
     ds.setdefault("zero_optimization", {}).setdefault("stage", 0)
+    for section in ("data", "model", "method", "optim", "train"):
+        setattr(config, section, getattr(c, section))
     return ResolvedDeepSpeed(ds, notes)

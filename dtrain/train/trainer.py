@@ -60,8 +60,8 @@ StepHook = Callable[[StepInfo], None]
 
 def lr_factor(progress: float, warmup: float, total: float) -> float:
     """Linear warm-up over `warmup` epochs, then cosine to zero at `total` epochs."""
-    if progress < warmup:
-        return (progress + 1e-3) / warmup
+    if progress < warmup:  # never 0 (the first step moves), never above 1
+        return min(1.0, (progress + 1e-3) / warmup)
     span = max(total - warmup, 1e-8)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warmup) / span)))
 
@@ -233,7 +233,7 @@ class Trainer:
                     )
                 engine.backward(out["loss"] * weight)
             if boundary:
-                progress = state.epoch + (index + 1) / num_batches
+                progress = state.epoch + index / num_batches
                 lr = cfg.optim.lr * lr_factor(progress, cfg.optim.warmup_epochs, cfg.train.epochs)
                 nonfinite.update(engine.step(lr))
                 state.step += 1
