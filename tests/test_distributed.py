@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import free_port, small_overrides, stripes_dataset
 
 from dtrain.distributed import env_from_slurm, first_host
@@ -180,6 +181,29 @@ def test_deepspeed_zero_trains_checkpoints_resumes_and_finishes(
         [sys.executable, "-m", "dtrain.cli", "eval", str(run_dir), "--checkpoint", "last"], env
     )
     assert json.loads(evaluated.stdout[evaluated.stdout.index("{") :])["samples"] == 26
+
+
+def test_deepspeed_config_in_the_usual_style_runs_its_own_optimizer(tiny, tmp_path, env):
+    """An `optimizer` section and an explicit gradient_clipping, as DeepSpeed users write them:
+    DeepSpeed's AdamW runs, and its values replace the dtrain defaults the user never set."""
+    ds = tmp_path / "ds.json"
+    ds.write_text(
+        json.dumps(
+            {
+                "train_micro_batch_size_per_gpu": "auto",
+                "gradient_clipping": 1.0,
+                "optimizer": {"type": "AdamW", "params": {"lr": 0.001, "weight_decay": 0.01}},
+                "zero_optimization": {"stage": 2},
+            }
+        )
+    )
+    run_dir = tmp_path / "run"
+    args = train_args(tiny, run_dir, "train.epochs=1", "method.name=ce", f"train.deepspeed={ds}")
+    result = run(torchrun(2, *args), env)
+    assert "deepspeed: optimizer: DeepSpeed's AdamW" in result.stdout
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]
+    assert (saved["name"], saved["lr"], saved["grad_clip"]) == ("adamw", 0.001, 1.0)
+    assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 1
 
 
 def test_two_nodes_as_two_torchrun_invocations(tiny, tmp_path, env):
