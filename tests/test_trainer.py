@@ -217,3 +217,49 @@ def test_cli_rejects_a_bad_key_before_any_work(tmp_path):
     assert result.returncode == 2
     assert "did you mean method.group_size?" in result.stderr
     assert not (tmp_path / "r").exists()
+
+
+def poisoned_baseline(monkeypatch, poisoned_steps: set[int]) -> None:
+    """Fault injection: the CE step's loss is NaN on the given (1-based) calls."""
+    from dtrain.train import steps
+
+    original, calls = steps.baseline_step, [0]
+
+    def step(*args, **kwargs):
+        calls[0] += 1
+        out = original(*args, **kwargs)
+        if calls[0] in poisoned_steps:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(steps, "baseline_step", step)
+
+
+def test_a_nonfinite_step_is_skipped_and_training_goes_on(tiny, tmp_path, monkeypatch):
+    poisoned_baseline(monkeypatch, {2, 3})
+    run = tmp_path / "run"
+    summary = Trainer(config(tiny, run, "method.name=ce", "train.epochs=1")).fit()
+    state = torch.load(run / "last.pt", weights_only=True)["state"]
+    assert state["skipped_steps"] == 2 and state["step"] == 14
+    assert all(
+        torch.isfinite(v).all()
+        for v in torch.load(run / "last.pt", weights_only=True)["model"].values()
+    )
+    assert summary["test_last"]["clean_accuracy"] > 0.5
+
+
+def test_divergence_stops_with_the_weights_before_it(tiny, tmp_path, monkeypatch):
+    from dtrain.errors import NonFiniteLossError
+    from dtrain.train.trainer import _seed_everything
+
+    poisoned_baseline(monkeypatch, set(range(1, 100)))
+    run = tmp_path / "run"
+    cfg = config(tiny, run, "method.name=ce", "train.max_nonfinite_steps=3", "train.log_every=1")
+    with pytest.raises(NonFiniteLossError, match="3 steps in a row"):
+        Trainer(cfg).fit()
+    saved = torch.load(run / "last.pt", weights_only=True)
+    assert saved["state"]["skipped_steps"] == 3
+    _seed_everything(0)
+    initial = build_model(cfg.model, "ce", num_classes=2, in_chans=1)
+    for name, tensor in initial.named_parameters():  # no step was taken (buffers do move)
+        assert torch.equal(saved["model"][name], tensor.detach()), name
