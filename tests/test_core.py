@@ -233,12 +233,6 @@ def test_lr_factor_warmup_then_cosine():
     assert lr_factor(0.0, 0.0, total) == 1.0  # no warm-up: full rate at once
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="trainer.py:64 lr_factor warm-up is (progress + 1e-3) / warmup: just before the end of "
-    "the warm-up it exceeds 1 (up to 1 + 1e-3 / warmup, 1.0009 at progress 0.9999 of "
-    "warmup 1), so the lr peaks above optim.lr",
-)
 def test_lr_factor_never_exceeds_one():
     grid = [i / 10_000 for i in range(0, 30_001)]
     assert max(lr_factor(p, 1.0, 3.0) for p in grid) <= 1.0
@@ -342,12 +336,6 @@ def test_deepspeed_train_batch_size_must_match(tmp_path):
         resolve_deepspeed_config(ds_file(tmp_path, {"train_batch_size": 100}), config, "fp32", 2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ds_config.py:95 reconciles train_batch_size with dtrain_key=None, so _reconcile "
-    "(line 57) says 'contradicts the world size = 32': 32 is data.batch_size x "
-    "train.grad_accum_steps x world size (16 x 1 x 2), not the world size",
-)
 def test_deepspeed_train_batch_size_error_does_not_call_the_product_the_world_size(tmp_path):
     config = load_config(None, ["data.batch_size=16"])
     with pytest.raises(ConfigError) as err:
@@ -374,12 +362,6 @@ def test_deepspeed_bf16_wins_unless_the_user_set_the_precision(tmp_path):
         resolve_deepspeed_config(path, load_config(None, ["train.precision=fp32"]), "fp32", 1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ds_config.py: a DeepSpeed bf16.enabled that changes an unset train.precision is "
-    "applied (set_key) but never added to notes, though the module promises every change "
-    "is reported",
-)
 def test_deepspeed_precision_change_is_reported(tmp_path):
     path = ds_file(tmp_path, {"bf16": {"enabled": True}})
     resolved = resolve_deepspeed_config(path, load_config(None, []), "fp32", 1)
