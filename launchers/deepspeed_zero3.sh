@@ -3,4 +3,4 @@
 #   bash launchers/deepspeed_zero3.sh [dtrain train arguments...]
 set -euo pipefail
 deepspeed --num_gpus "${NUM_GPUS:-8}" --module dtrain.cli train \
-  train.backend=deepspeed train.deepspeed=configs/deepspeed/zero3.json "$@"
+  train.deepspeed=configs/deepspeed/zero3.json "$@"
