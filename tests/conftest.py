@@ -128,3 +128,24 @@ def small_overrides(data: Path, run_dir: Path, batch_size: int, *extra: str) -> 
         f"train.run_dir={run_dir}",
         *extra,
     ]
+
+
+def copy_dataset(source: Path, target: Path) -> Path:
+    """A private copy of a prepared dataset, for a test that damages or edits it."""
+    import shutil
+
+    return Path(shutil.copytree(source, target))
+
+
+def rewrite_shard(path: Path, change) -> None:
+    """Rewrite a shard in place with `change(sample) -> sample` applied to each sample."""
+    import webdataset as wds
+
+    samples = list(wds.WebDataset(str(path), shardshuffle=False))
+    with wds.TarWriter(str(path)) as writer:
+        for sample in samples:
+            writer.write(
+                change(
+                    {k: v for k, v in sample.items() if k != "__url__" and k != "__local_path__"}
+                )
+            )

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import webdataset as wds
-from conftest import write_folder
+from conftest import copy_dataset, rewrite_shard, write_folder
 
 from dtrain.errors import DataError
 from dtrain.prepare import PrepareConfig, prepare
@@ -52,18 +52,6 @@ def all_keys(dataset: Path) -> set[str]:
 def _tar_keys(path: Path) -> set[str]:
     with tarfile.open(path) as tar:
         return {m.name.split(".", 1)[0] for m in tar.getmembers()}
-
-
-def rewrite_shard(path: Path, change) -> None:
-    """Rewrite a shard in place with `change(sample) -> sample` applied to each sample."""
-    samples = list(wds.WebDataset(str(path), shardshuffle=False))
-    with wds.TarWriter(str(path)) as writer:
-        for sample in samples:
-            writer.write(
-                change(
-                    {k: v for k, v in sample.items() if k != "__url__" and k != "__local_path__"}
-                )
-            )
 
 
 @pytest.mark.parametrize("mode, shards", [("train", 18), ("eval", 18), ("eval", 3)])
@@ -180,10 +168,7 @@ def test_resampled_mode_gives_a_fixed_number_of_full_batches(dataset):
 @pytest.fixture
 def damaged(dataset, tmp_path) -> tuple[Path, str]:
     """A copy of the dataset whose first shard has one undecodable image."""
-    copy = tmp_path / "ds"
-    copy.mkdir()
-    for path in dataset.iterdir():
-        (copy / path.name).write_bytes(path.read_bytes())
+    copy = copy_dataset(dataset, tmp_path / "ds")
     shard = sorted(copy.glob("train-*.tar"))[0]
     victim = sorted(_tar_keys(shard))[2]
 
@@ -228,10 +213,7 @@ def test_pickle_members_are_never_unpickled(dataset, tmp_path, monkeypatch, exte
     payload = pickle.dumps(_Payload())
     with pytest.raises(FileNotFoundError):
         marker.stat()
-    copy = tmp_path / "ds"
-    copy.mkdir()
-    for path in dataset.iterdir():
-        (copy / path.name).write_bytes(path.read_bytes())
+    copy = copy_dataset(dataset, tmp_path / "ds")
     for shard in copy.glob("train-*.tar"):
         rewrite_shard(shard, lambda s: {**s, extension: payload})
     loader = make_loader(

@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import random_batch, small_overrides, stripes_dataset
+from conftest import copy_dataset, random_batch, rewrite_shard, small_overrides, stripes_dataset
 from PIL import Image
 
 from dtrain.config import load_config
@@ -263,3 +263,22 @@ def test_divergence_stops_with_the_weights_before_it(tiny, tmp_path, monkeypatch
     initial = build_model(cfg.model, "ce", num_classes=2, in_chans=1)
     for name, tensor in initial.named_parameters():  # no step was taken (buffers do move)
         assert torch.equal(saved["model"][name], tensor.detach()), name
+
+
+def test_a_corrupt_training_sample_is_counted_in_the_run(tiny, tmp_path):
+    data = copy_dataset(tiny, tmp_path / "ds")
+    shard = sorted(data.glob("train-*.tar"))[0]
+    victim = []
+
+    def truncate_first(sample):
+        if not victim:
+            victim.append(sample["__key__"])
+            image = next(k for k in sample if k in ("png", "jpg"))
+            sample[image] = sample[image][:40]
+        return sample
+
+    rewrite_shard(shard, truncate_first)
+    run = tmp_path / "run"
+    Trainer(config(data, run, "method.name=ce", "train.epochs=1")).fit()
+    history = json.loads(torch.load(run / "last.pt", weights_only=True)["state"]["history"])
+    assert history[0]["corrupt_samples"] == 1

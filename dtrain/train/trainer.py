@@ -274,13 +274,12 @@ class Trainer:
         nonfinite.read()
         totals = epoch_sums.reduce()
         seen = max(1.0, totals.pop("valid"))
-        done = (state.batch - first_batch) * cfg.data.batch_size * world
+        correct, corrupt = totals.pop("correct"), totals.pop("corrupt")
+        state.corrupt_samples += int(corrupt)
         return {
-            **{
-                f"train_{k}": v / seen for k, v in totals.items() if k not in ("correct", "corrupt")
-            },
-            "train_accuracy": totals["correct"] / seen,
-            "images_per_s": done / (time.perf_counter() - started),
+            **{f"train_{k}": v / seen for k, v in totals.items()},
+            "train_accuracy": correct / seen,
+            "images_per_s": seen / (time.perf_counter() - started),
         }
 
     def _log_step(
