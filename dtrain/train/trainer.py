@@ -84,6 +84,7 @@ class Trainer:
         self.resume = resume
         self._stop = threading.Event()
         self.engine = make_engine(config)
+        config.validate()  # again: a DeepSpeed file may have set values (dtrain.train.ds_config)
         t = config.train
         self.run_dir = Path(t.run_dir or f"runs/{config.method.name}_seed{t.seed}")
 
