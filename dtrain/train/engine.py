@@ -149,6 +149,11 @@ class AccelerateEngine(Engine):
         self.model = self.accelerator.prepare(model)
         self._params = [p for p in self.unwrap().parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.config.optim, self._params)
+        if self.config.optim.name == "sgd":
+            # a fused SGD step skipped by found_inf leaves a new momentum buffer uninitialised;
+            # zeros are exactly what the first real step expects (dampening 0)
+            for p in self._params:
+                self.optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
 
     def accumulating(self, boundary: bool) -> contextlib.AbstractContextManager:
         if boundary or self.num_processes == 1:

@@ -82,7 +82,8 @@ class Trainer:
         self.config = config
         self.on_epoch_end, self.on_step = on_epoch_end, on_step
         self.resume = resume
-        self._stop = threading.Event()
+        self._stop = threading.Event()  # requested on this rank (a signal, a callback)
+        self._stopping = False  # agreed by every rank: only this ends the loop
         self.engine = make_engine(config)
         config.validate()  # again: a DeepSpeed file may have set values (dtrain.train.ds_config)
         t = config.train
@@ -257,9 +258,9 @@ class Trainer:
             bar.update(1)
             metrics = None
             if log_now:
-                metrics, stop = self._log_step(header, window, nonfinite, started, first_batch)
-                if stop:
-                    self._stop.set()
+                metrics, self._stopping = self._log_step(
+                    header, window, nonfinite, started, first_batch
+                )
                 bar.set_postfix(
                     loss=f"{metrics['loss']:.3f}", img_s=f"{metrics['images_per_s']:.0f}"
                 )
@@ -267,15 +268,19 @@ class Trainer:
                 self.on_step(StepInfo(state.step, state.epoch + state.batch / num_batches, metrics))
             steps_here = state.step - self._first_step
             if boundary and cfg.train.stop_after_steps and steps_here >= cfg.train.stop_after_steps:
-                self._stop.set()  # the same step on every rank: no agreement needed
-                break
-            if log_now and self._stop.is_set():
+                self._stopping = True  # the same step on every rank: no agreement needed
+            if self._stopping:
                 break
         bar.close()
         nonfinite.read()
+        # a stop requested after the last log step is agreed here, with the epoch's sums
+        epoch_sums.values["stop"] = torch.tensor(
+            float(self._stop.is_set()), dtype=torch.float64, device=engine.device
+        )
         totals = epoch_sums.reduce()
-        seen = max(1.0, totals.pop("valid"))
-        correct, corrupt = totals.pop("correct"), totals.pop("corrupt")
+        self._stopping = self._stopping or totals.pop("stop") > 0
+        seen = max(1.0, totals.pop("valid", 0.0))
+        correct, corrupt = totals.pop("correct", 0.0), totals.pop("corrupt", 0.0)
         state.corrupt_samples += int(corrupt)
         return {
             **{f"train_{k}": v / seen for k, v in totals.items()},
@@ -339,7 +344,7 @@ class Trainer:
             print(f"train: {self.train_loader.describe()}")
         while state.epoch < cfg.train.epochs:
             train_metrics = self._train_epoch()
-            if self._stop.is_set() and state.batch < len(self.train_loader):
+            if self._stopping and state.batch < len(self.train_loader):
                 self._save()
                 if self.is_main:
                     print(
@@ -368,7 +373,7 @@ class Trainer:
                 print(report.epoch_line(record))
             if self.on_epoch_end is not None:
                 self.on_epoch_end(record, path)
-            if self._stop.is_set():
+            if self._stopping:
                 return self._close({"stopped": True, "epoch": state.epoch, "batch": 0})
         return self._finish()
 
