@@ -68,7 +68,8 @@ if __name__ == "__main__":
             boundary = micro == args.accum - 1
             with engine.accumulating(boundary):
                 output = engine.model(view1[part], view2[part], label[part], valid[part], 1)
-                engine.backward(output["loss"] * rank_weight(valid[part], global_valid, world))
+                weight = rank_weight(valid[part], global_valid, world) / args.accum
+                engine.backward(output["loss"] * weight)
             if boundary:
                 engine.step(lr=0.1)
     if engine.is_main:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dtrain.distributed import world
 from dtrain.errors import RunFolderError
 from dtrain.files import link_atomic, promote, write_atomic
 from dtrain.train.engine import Engine
@@ -82,6 +83,17 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def rng_states_of_all_ranks() -> list[dict]:
+    """Collective: every rank's generators, in rank order (each rank draws its own groups,
+    mixup priors and augmentations, so each must resume its own)."""
+    rank, size = world()
+    if size == 1:
+        return [rng_state()]
+    states: list = [None] * size
+    torch.distributed.all_gather_object(states, rng_state())
+    return states
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     path = Path(path)
     if not path.is_file():
@@ -131,4 +143,6 @@ class CheckpointSaver:
             str(self.shards),
             checkpoint.get("deepspeed_tag"),
         )
-        set_rng_state(checkpoint["rng"])
+        states = checkpoint["rng"]
+        rank = self.engine.process_index
+        set_rng_state(states[rank] if rank < len(states) else states[0])

@@ -77,12 +77,13 @@ class Engine(ABC):
 
     @abstractmethod
     def backward(self, loss: torch.Tensor) -> None:
-        """Backward of one micro-step's loss (scaled by 1 / grad_accum_steps)."""
+        """Backward of one micro-step's loss, as given: the loop has already divided it by the
+        micro-steps of its accumulation window."""
 
     @abstractmethod
-    def step(self, lr: float | None) -> torch.Tensor:
+    def step(self, lr: float) -> torch.Tensor:
         """The optimiser step at an accumulation boundary, with `lr` unless the backend owns the
-        schedule; returns a device bool tensor: True where the step was taken (finite grads)."""
+        schedule; returns a device bool tensor: False where gradients were not finite."""
 
     @abstractmethod
     def unwrap(self) -> nn.Module:
@@ -110,6 +111,13 @@ class Engine(ABC):
         if optimizer is not None:
             self.optimizer.load_state_dict(optimizer)
 
+    def sync_buffers(self) -> None:
+        """Rank 0's buffers (batch-norm running statistics) to every rank, before evaluation:
+        once an epoch instead of DDP's broadcast before every forward pass."""
+        if self.num_processes > 1:
+            for buffer in self.unwrap().net.buffers():
+                torch.distributed.broadcast(buffer, src=0)
+
     def barrier(self) -> None:
         if self.num_processes > 1:
             torch.distributed.barrier()
@@ -135,7 +143,9 @@ class AccelerateEngine(Engine):
                 mixed_precision="no",  # autocast is ours (Engine.autocast)
                 kwargs_handlers=[
                     # methods leave parts unused (the projector for CE, attention in warm-up)
-                    DistributedDataParallelKwargs(find_unused_parameters=True),
+                    DistributedDataParallelKwargs(
+                        find_unused_parameters=True, broadcast_buffers=False
+                    ),
                     InitProcessGroupKwargs(timeout=timedelta(seconds=config.train.dist_timeout_s)),
                 ],
             )
@@ -161,9 +171,9 @@ class AccelerateEngine(Engine):
         return self.model.no_sync()
 
     def backward(self, loss: torch.Tensor) -> None:
-        (loss / self.accum).backward()
+        loss.backward()
 
-    def step(self, lr: float | None) -> torch.Tensor:
+    def step(self, lr: float) -> torch.Tensor:
         clip = self.config.optim.grad_clip
         grads = [p.grad for p in self._params if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else None
@@ -173,9 +183,8 @@ class AccelerateEngine(Engine):
             finite = torch.isfinite(norm)
             if clip > 0:
                 torch.nn.utils.clip_grads_with_norm_(self._params, clip, norm, foreach=True)
-        if lr is not None:
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         # the fused step is a no-op where found_inf is set: no host read-back
         self.optimizer.found_inf = (~finite).float()
         self.optimizer.step()
@@ -236,26 +245,32 @@ class DeepSpeedEngine(Engine):
             model_parameters=params,
             config=self.resolved.config,
         )
-        self._skip = False
+        self._params = params
+        self._window_finite = True  # every micro-step of the accumulation window so far
 
     def accumulating(self, boundary: bool) -> contextlib.AbstractContextManager:
         self.model.set_gradient_accumulation_boundary(boundary)
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
-        # a non-finite loss on any rank skips this micro-step's backward on every rank
-        self._skip = distributed.any_rank(not bool(torch.isfinite(loss)), self.device)
-        if not self._skip:
-            self.model.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps
+        """A non-finite loss on any rank drops this micro-step on every rank: without
+        accumulation the whole step is skipped; inside a window its backward becomes one of a
+        zero loss (DeepSpeed's hooks and counts stay intact, nothing non-finite enters)."""
+        finite = not distributed.any_rank(not bool(torch.isfinite(loss)), self.device)
+        self._window_finite = self._window_finite and finite
+        if finite:
+            self.model.backward(loss, scale_wrt_gas=False)
+        elif self.accum > 1:
+            self.model.backward(sum(p.sum() for p in self._params) * 0.0, scale_wrt_gas=False)
 
-    def step(self, lr: float | None) -> torch.Tensor:
-        if lr is not None and not self.resolved.builds_scheduler:
+    def step(self, lr: float) -> torch.Tensor:
+        if not self.resolved.builds_scheduler:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-        taken = not self._skip
-        if taken:
+        finite, self._window_finite = self._window_finite, True
+        if finite or self.accum > 1:
             self.model.step()  # clips (gradient_clipping) and zeroes the gradients itself
-        return torch.tensor(taken, device=self.device)
+        return torch.tensor(finite, device=self.device)
 
     def unwrap(self) -> nn.Module:
         return self.model.module

@@ -32,7 +32,7 @@ from dtrain.train.checkpoint import (
     CheckpointSaver,
     TrainState,
     load_checkpoint,
-    rng_state,
+    rng_states_of_all_ranks,
 )
 from dtrain.train.data import ShardLoader, make_loader, read_dataset_json, split_urls
 from dtrain.train.dataset import resolve_data_dir
@@ -122,7 +122,8 @@ class Trainer:
     def build(self) -> None:
         """Data, model and optimiser; no files written."""
         cfg = self.config
-        _seed_everything(cfg.train.seed)
+        # one stream per rank (DDP and DeepSpeed broadcast rank 0's initial weights)
+        _seed_everything(cfg.train.seed + self.engine.process_index)
         self.data_dir = resolve_data_dir(cfg.data.path, cfg.train.progress)
         self.meta = read_dataset_json(str(self.data_dir))
         self.classes = self.meta["classes"]
@@ -168,7 +169,7 @@ class Trainer:
         return {
             "model": self.engine.full_state_dict(),
             "optimizer": self.engine.optimizer_state(),
-            "rng": rng_state(),
+            "rng": rng_states_of_all_ranks(),
             "state": self.state.state_dict(),
             "scores": self.scores.state_dict(),
             "config": self.config.to_dict(),
@@ -180,6 +181,8 @@ class Trainer:
         return self.saver.save(self._payload, self.state.step, best)
 
     def evaluate(self, loader: ShardLoader) -> dict[str, float]:
+        """Metrics on a split (collective: every rank scores its share)."""
+        self.engine.sync_buffers()
         return evaluate(self.engine, loader)
 
     # -- training ------------------------------------------------------------------------------
@@ -226,8 +229,10 @@ class Trainer:
         while batch is not None:
             index = state.batch
             boundary = (index + 1) % accum == 0 or index + 1 == num_batches
+            micro_steps = min(accum, num_batches - index + index % accum)  # in this window
             valid = batch["valid"]
-            weight = rank_weight(valid, header[0], world)
+            # this rank's share of the global mean, averaged over the window's micro-steps
+            weight = rank_weight(valid, header[0], world) / micro_steps
             with engine.accumulating(boundary):
                 with engine.autocast():
                     out = engine.model(
