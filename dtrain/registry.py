@@ -23,19 +23,23 @@ class MethodSpec:
     pairs_halves: bool = False  # AFM's fixed pairing of i with i + B/2: the batch must be even
     mixup: bool = False  # has the L_iam term (trains the attention block)
     contrastive: bool = False  # has the NT-Xent term (second view, projection head)
-    attention: bool = False  # yields a per-sample attention score for the mislabel ranking
-    two_views: bool = False  # forward passes over both augmented views
     # config values the method implies unless the user sets them (`method.name=afm` alone gives
     # AFM's feature-only attention, as configs/afm.yaml does)
     implies: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def attention(self) -> bool:
+        """Whether it trains the attention block, whose weight is a mislabel score."""
+        return self.mixup or self.pairs_halves
 
     @property
     def preset(self) -> Path:
         return PRESETS / f"{self.name}.yaml"
 
 
-_ATTENTION_STEP = "dtrain.train.steps:attention_method_step"
-_BASELINE_STEP = "dtrain.train.steps:baseline_step"
+def _steps(name: str) -> str:
+    return f"dtrain.train.steps:{name}"
+
 
 METHODS: dict[str, MethodSpec] = {
     spec.name: spec
@@ -43,44 +47,41 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec(
             "iam",
             "the method: CE + intra-group attention mixup + NT-Xent (method.md)",
-            _ATTENTION_STEP,
+            _steps("attention_method_step"),
             groups=True,
             mixup=True,
             contrastive=True,
-            attention=True,
-            two_views=True,
         ),
         MethodSpec(
             "iam_no_con",
             "ablation: the method without the contrastive term",
-            _ATTENTION_STEP,
+            _steps("attention_method_step"),
             groups=True,
             mixup=True,
-            attention=True,
         ),
         MethodSpec(
             "iam_no_mixup",
             "ablation: the method without the attention mixup (CE + NT-Xent)",
-            _ATTENTION_STEP,
+            _steps("attention_method_step"),
             contrastive=True,
-            two_views=True,
         ),
         MethodSpec(
             "afm",
             "AFM as published: K = 2 halves, feature-only attention, 0.5/0.5 labels",
-            _ATTENTION_STEP,
+            _steps("attention_method_step"),
             pairs_halves=True,
-            attention=True,
             implies={"model.attention_inputs": "feature"},
         ),
-        MethodSpec("ce", "baseline: plain cross-entropy", _BASELINE_STEP),
-        MethodSpec("mixup", "baseline: input mixup, Beta(alpha, alpha)", _BASELINE_STEP),
-        MethodSpec("gce", "baseline: generalised cross-entropy (q = method.gce_q)", _BASELINE_STEP),
-        MethodSpec("sce", "baseline: symmetric cross-entropy", _BASELINE_STEP),
+        MethodSpec("ce", "baseline: plain cross-entropy", _steps("ce_step")),
+        MethodSpec("mixup", "baseline: input mixup, Beta(alpha, alpha)", _steps("mixup_step")),
+        MethodSpec(
+            "gce", "baseline: generalised cross-entropy (q = method.gce_q)", _steps("gce_step")
+        ),
+        MethodSpec("sce", "baseline: symmetric cross-entropy", _steps("sce_step")),
         MethodSpec(
             "coteaching",
             "baseline: Co-teaching, two peers teach each other their small-loss samples",
-            _BASELINE_STEP,
+            _steps("coteaching_step"),
             model="peers",
         ),
     )
@@ -88,10 +89,6 @@ METHODS: dict[str, MethodSpec] = {
 
 # the names as a type, for the config field (a Literal built from the table, not a second list)
 MethodName = Literal[tuple(METHODS)]  # type: ignore[valid-type]
-
-
-def method_spec(name: str) -> MethodSpec:
-    return METHODS[name]
 
 
 def methods_help() -> str:

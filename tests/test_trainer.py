@@ -135,8 +135,7 @@ def test_every_method_takes_a_finite_step(method):
     out.loss.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
-    has_attention = method in ("iam", "iam_no_con", "afm")  # the mixup term trains it
-    assert (out.attention is not None) == has_attention
+    assert (out.attention is not None) == METHODS[method].attention
     expected_terms = {
         "iam": {"ce", "iam", "con"},
         "iam_no_con": {"ce", "iam"},
@@ -223,7 +222,7 @@ def poisoned_baseline(monkeypatch, poisoned_steps: set[int]) -> None:
     """Fault injection: the CE step's loss is NaN on the given (1-based) calls."""
     from dtrain.train import steps
 
-    original, calls = steps.baseline_step, [0]
+    original, calls = steps.ce_step, [0]
 
     def step(*args, **kwargs):
         calls[0] += 1
@@ -232,7 +231,7 @@ def poisoned_baseline(monkeypatch, poisoned_steps: set[int]) -> None:
             out.loss = out.loss * float("nan")
         return out
 
-    monkeypatch.setattr(steps, "baseline_step", step)
+    monkeypatch.setattr(steps, "ce_step", step)
 
 
 def test_a_nonfinite_step_is_skipped_and_training_goes_on(tiny, tmp_path, monkeypatch):

@@ -112,7 +112,23 @@ def _attention(
     return out
 
 
-def baseline_step(
+def _view1_step(
+    model: torch.nn.Module, batch: dict, per_sample: Callable[..., torch.Tensor], name: str
+) -> StepOutput:
+    """A baseline whose loss is a per-sample function of the view-1 logits."""
+    logits = model(batch["view1"])
+    loss = losses.masked_mean(per_sample(logits, batch["label"]), batch["valid"])
+    return _baseline_output(loss, logits, batch["label"], name)
+
+
+def _baseline_output(
+    loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, name: str
+) -> StepOutput:
+    sample_loss = F.cross_entropy(losses.wide(logits.detach()), labels, reduction="none")
+    return StepOutput(loss, logits.detach(), sample_loss, None, {name: loss.detach()})
+
+
+def ce_step(
     model: torch.nn.Module,
     batch: dict,
     cfg: MethodConfig,
@@ -120,33 +136,75 @@ def baseline_step(
     num_classes: int,
     forget_rate: float,
 ) -> StepOutput:
-    """CE, input mixup, GCE, SCE and Co-teaching, all on view 1."""
+    """Plain cross-entropy on view 1."""
+
+    def per_sample(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(losses.wide(logits), labels, reduction="none")
+
+    return _view1_step(model, batch, per_sample, cfg.name)
+
+
+def gce_step(
+    model: torch.nn.Module,
+    batch: dict,
+    cfg: MethodConfig,
+    epoch: int,
+    num_classes: int,
+    forget_rate: float,
+) -> StepOutput:
+    """Generalised cross-entropy, q = method.gce_q."""
+    return _view1_step(model, batch, lambda z, y: losses.gce_loss(z, y, cfg.gce_q), cfg.name)
+
+
+def sce_step(
+    model: torch.nn.Module,
+    batch: dict,
+    cfg: MethodConfig,
+    epoch: int,
+    num_classes: int,
+    forget_rate: float,
+) -> StepOutput:
+    """Symmetric cross-entropy, method.sce_alpha CE + method.sce_beta reverse CE."""
+    return _view1_step(
+        model, batch, lambda z, y: losses.sce_loss(z, y, cfg.sce_alpha, cfg.sce_beta), cfg.name
+    )
+
+
+def mixup_step(
+    model: torch.nn.Module,
+    batch: dict,
+    cfg: MethodConfig,
+    epoch: int,
+    num_classes: int,
+    forget_rate: float,
+) -> StepOutput:
+    """Input mixup, lam ~ Beta(alpha, alpha) drawn on the device; the scores and the train
+    accuracy come from an unmixed forward pass."""
     x, labels, valid = batch["view1"], batch["label"], batch["valid"]
-    if cfg.name == "coteaching":
-        assert isinstance(model, CoTeachingNet)
-        logits, logits2 = model.peers[0](x), model.peers[1](x)
-        rate = forget_rate * min(1.0, epoch / max(1, cfg.coteaching_ramp_epochs))
-        loss = losses.coteaching_loss(logits, logits2, labels, rate, valid)
-    elif cfg.name == "mixup":
-        lam = losses.sample_lam(1, cfg.mixup_alpha, x.device)[0]  # a device scalar
-        perm = torch.randperm(len(x), device=x.device)
-        mixed = losses.wide(model(lam * x + (1 - lam) * x[perm]))
-        per = lam * F.cross_entropy(mixed, labels, reduction="none") + (1 - lam) * F.cross_entropy(
-            mixed, labels[perm], reduction="none"
-        )
-        loss = losses.masked_mean(per, valid & valid[perm])
-        logits = _unmixed_logits(model, x)
-    else:
-        logits = model(x)
-        if cfg.name == "gce":
-            per = losses.gce_loss(logits, labels, cfg.gce_q)
-        elif cfg.name == "sce":
-            per = losses.sce_loss(logits, labels, cfg.sce_alpha, cfg.sce_beta)
-        else:
-            per = F.cross_entropy(losses.wide(logits), labels, reduction="none")
-        loss = losses.masked_mean(per, valid)
-    sample_loss = F.cross_entropy(losses.wide(logits.detach()), labels, reduction="none")
-    return StepOutput(loss, logits.detach(), sample_loss, None, {cfg.name: loss.detach()})
+    lam = losses.sample_lam(1, cfg.mixup_alpha, x.device)[0]
+    perm = torch.randperm(len(x), device=x.device)
+    mixed = losses.wide(model(lam * x + (1 - lam) * x[perm]))
+    per = lam * F.cross_entropy(mixed, labels, reduction="none")
+    per = per + (1 - lam) * F.cross_entropy(mixed, labels[perm], reduction="none")
+    loss = losses.masked_mean(per, valid & valid[perm])
+    return _baseline_output(loss, _unmixed_logits(model, x), labels, cfg.name)
+
+
+def coteaching_step(
+    model: CoTeachingNet,
+    batch: dict,
+    cfg: MethodConfig,
+    epoch: int,
+    num_classes: int,
+    forget_rate: float,
+) -> StepOutput:
+    """Co-teaching: two peers, each learning from the other's small-loss samples; the forget
+    rate ramps up over method.coteaching_ramp_epochs."""
+    x, labels = batch["view1"], batch["label"]
+    logits, logits2 = model.peers[0](x), model.peers[1](x)
+    rate = forget_rate * min(1.0, epoch / max(1, cfg.coteaching_ramp_epochs))
+    loss = losses.coteaching_loss(logits, logits2, labels, rate, batch["valid"])
+    return _baseline_output(loss, logits, labels, cfg.name)
 
 
 @torch.no_grad()
