@@ -51,7 +51,7 @@ def _run_train(args: argparse.Namespace) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> None:
-    from dtrain.train.evaluate import evaluate_run
+    from dtrain.train.run_eval import evaluate_run
 
     evaluate_run(args.run_dir, args.split, args.checkpoint)
 

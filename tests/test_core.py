@@ -604,3 +604,14 @@ def test_identity_drops_exactly_the_operational_keys():
     # an operational change leaves the identity alone, any other change does not
     assert load_config(None, ["optim.lr=0.3"]).identity() == config.identity()
     assert load_config(None, ["method.group_size=4"]).identity() != config.identity()
+
+
+def test_deepspeed_train_batch_size_alone_sets_the_per_rank_batch(tmp_path):
+    path = ds_file(tmp_path, {"train_batch_size": 256})
+    config = load_config(None, ["train.grad_accum_steps=2"])
+    resolved = resolve_deepspeed_config(path, config, "fp32", 4)
+    assert config.data.batch_size == 32
+    assert resolved.config["train_micro_batch_size_per_gpu"] == 32
+    assert any("data.batch_size=32" in note for note in resolved.notes)
+    with pytest.raises(ConfigError, match="train_batch_size"):  # the user's own batch stands
+        resolve_deepspeed_config(path, load_config(None, ["data.batch_size=16"]), "fp32", 4)

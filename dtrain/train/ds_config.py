@@ -87,6 +87,20 @@ def resolve_deepspeed_config(
     notes: list[str] = []
     c = copy.deepcopy(config)  # a refused file leaves `config` untouched
     o, t = c.optim, c.train
+    # a file that gives only the global batch sets the per-rank batch, where that is free
+    total = ds.get("train_batch_size", "auto")
+    micro_batches = t.grad_accum_steps * world_size  # per optimiser step, all ranks
+    micro = ds.get("train_micro_batch_size_per_gpu", "auto")
+    free = "data.batch_size" not in c.explicit_keys and micro == "auto"
+    if (
+        free
+        and total != "auto"
+        and total != c.data.batch_size * micro_batches
+        and total % micro_batches == 0
+    ):
+        set_key(c, "data.batch_size", total // micro_batches)
+        ds["train_micro_batch_size_per_gpu"] = c.data.batch_size
+        notes.append(f"data.batch_size={c.data.batch_size} from the DeepSpeed train_batch_size")
     _reconcile(
         ds, ("train_micro_batch_size_per_gpu",), c, "data.batch_size", c.data.batch_size, notes
     )
@@ -107,7 +121,7 @@ def resolve_deepspeed_config(
             )
         set_key(c, "train.precision", "bf16" if bf16 else "fp32")
         notes.append(f"train.precision={t.precision!r} from the DeepSpeed config (bf16.enabled)")
-    global_batch = c.data.batch_size * t.grad_accum_steps * world_size
+    global_batch = c.data.batch_size * micro_batches
     _reconcile(
         ds,
         ("train_batch_size",),

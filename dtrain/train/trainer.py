@@ -40,9 +40,9 @@ from dtrain.train.engine import make_engine
 from dtrain.train.losses import rank_weight
 from dtrain.train.model import build_model
 from dtrain.train.predict import evaluate
+from dtrain.train.running_sums import MetricSums, NonFiniteCounter
 from dtrain.train.scores import ScoreAccumulator
 from dtrain.train.steps import TrainStep, forget_rate
-from dtrain.train.tally import MetricSums, NonFiniteCounter
 
 
 @dataclass
