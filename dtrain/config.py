@@ -120,6 +120,7 @@ class Config:
     explicit_keys: set[str] = field(default_factory=set, repr=False, compare=False)
 
     def validate(self) -> None:
+        """Every value checked before any work; the error names the key and what is valid."""
         d, m, o, t = self.data, self.method, self.optim, self.train
         spec = METHODS[m.name]
         _check(m.temperature > 0, "method.temperature", m.temperature, "> 0")
@@ -262,6 +263,7 @@ def _apply(config: Config, values: dict, valid: list[str]) -> set[str]:
 
 
 def set_key(config: Config, key: str, value: Any) -> None:
+    """One dotted key set as if written in YAML (coerced and checked; not marked explicit)."""
     section, name = key.split(".")
     _apply(config, {section: {name: value}}, config_keys())
 

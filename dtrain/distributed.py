@@ -18,7 +18,7 @@ def first_host(nodelist: str) -> str:
     """The first host of a SLURM node list: `gpu[03-05,09],cpu1` -> `gpu03`."""
     match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
     if not match:
-        raise ValueError(f"cannot read the SLURM node list {nodelist!r}")
+        raise DistributedError(f"cannot read the SLURM node list {nodelist!r}")
     prefix, ranges = match.groups()
     if not ranges:
         return prefix
@@ -66,7 +66,7 @@ def preflight(device: torch.device) -> None:
             "started and that all nodes can reach that address and port"
         ) from err
     if int(probe.item()) != world:
-        raise RuntimeError(
+        raise DistributedError(
             f"preflight: rank {rank} summed {probe.item()} over {world} ranks; "
             "the ranks disagree on the world size"
         )

@@ -95,6 +95,7 @@ def rng_states_of_all_ranks() -> list[dict]:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """A checkpoint read with weights_only=True (it never runs code from the file)."""
     path = Path(path)
     if not path.is_file():
         raise RunFolderError(f"checkpoint {path} does not exist")

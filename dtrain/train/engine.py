@@ -107,6 +107,7 @@ class Engine(ABC):
         return False
 
     def load(self, weights: dict, optimizer: dict | None, folder: str, tag: str | None) -> None:
+        """Restore what `full_state_dict`/`optimizer_state`/`save_shards` saved."""
         self.unwrap().net.load_state_dict(weights)
         if optimizer is not None:
             self.optimizer.load_state_dict(optimizer)

@@ -111,5 +111,6 @@ class CoTeachingNet(nn.Module):
 
 
 def build_model(config: ModelConfig, method: str, num_classes: int, in_chans: int) -> nn.Module:
+    """The network the method trains (two peers for Co-teaching, per the registry)."""
     cls = CoTeachingNet if METHODS[method].model == "peers" else NoiseRobustNet
     return cls(config, num_classes, in_chans)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dtrain.config import Config
 from dtrain.files import write_atomic
 from dtrain.train.metrics import auroc
 from dtrain.train.scores import ScoreRow
@@ -146,15 +147,17 @@ def summary_table(summary: dict) -> str:
 
 def write_run_report(
     run_dir: Path,
-    config,
+    config: Config,
     history: list[dict],
     scores: dict[str, ScoreRow],
     *,
-    test_best: dict,
+    test_best: dict | None,
     test_last: dict,
     manifest: Path,
     classes: list[str],
 ) -> dict:
+    """summary.json, curves.png and label_scores.parquet (each written atomically), and the
+    summary table, AUROCs and top suspects printed; returns the summary."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 

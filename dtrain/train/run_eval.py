@@ -12,6 +12,8 @@ from dtrain.train.trainer import Trainer
 
 
 def evaluate_run(run_dir: str | Path, split: str = "test", which: str = "best") -> dict:
+    """Metrics of `which` checkpoint (best or last) of a finished run on one split, printed as
+    JSON; one process reads the consolidated weights however the run was trained."""
     run_dir = Path(run_dir)
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():

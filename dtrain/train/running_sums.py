@@ -22,6 +22,7 @@ class MetricSums:
         self.values[name] = self.values[name] + value if name in self.values else value
 
     def add_step(self, out: dict, batch: dict) -> None:
+        """One micro-step's outputs and batch; no read-back."""
         valid = batch["valid"]
         count = valid.sum()
         self._add("valid", count)
@@ -31,9 +32,11 @@ class MetricSums:
             self._add(name, value * count)
 
     def names(self) -> list[str]:
+        """The order of `vector()` (sorted: the same on every rank)."""
         return sorted(self.values)
 
     def vector(self) -> torch.Tensor:
+        """The sums as one device tensor, for the header all-reduce."""
         return torch.stack([self.values[n] for n in self.names()])
 
     def reduce(self) -> dict[str, float]:
@@ -43,6 +46,7 @@ class MetricSums:
         )
 
     def clear(self) -> None:
+        """Start a new span (after a log step read it)."""
         self.values = {}
 
 

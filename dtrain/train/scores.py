@@ -39,6 +39,8 @@ class ScoreRow:
 
 
 class ScoreAccumulator:
+    """Per-sample score rows of this run, keyed by sample key (see the module docstring)."""
+
     def __init__(self) -> None:
         self.rows: dict[str, ScoreRow] = {}
         self._pending: list[tuple[list[str], torch.Tensor]] = []  # on the device

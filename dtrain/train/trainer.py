@@ -90,6 +90,7 @@ class Trainer:
         self.run_dir = Path(t.run_dir or f"runs/{config.method.name}_seed{t.seed}")
 
     def request_stop(self) -> None:
+        """Safe from a signal handler: checkpoint and return at the next log step."""
         self._stop.set()
 
     @property
@@ -102,6 +103,7 @@ class Trainer:
         return self.engine.unwrap().net
 
     def loader(self, split: str, train: bool, data_dir: Path | None = None) -> ShardLoader:
+        """This rank's loader over one split of the run's dataset (or of `data_dir`)."""
         d = self.config.data
         return make_loader(
             split_urls(data_dir or self.data_dir, split),
