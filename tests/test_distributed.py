@@ -200,7 +200,7 @@ def test_deepspeed_config_in_the_usual_style_runs_its_own_optimizer(tiny, tmp_pa
     run_dir = tmp_path / "run"
     args = train_args(tiny, run_dir, "train.epochs=1", "method.name=ce", f"train.deepspeed={ds}")
     result = run(torchrun(2, *args), env)
-    assert "deepspeed: optimizer: DeepSpeed's AdamW" in result.stdout
+    assert "engine: optimizer: DeepSpeed's AdamW" in result.stdout
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]
     assert (saved["name"], saved["lr"], saved["grad_clip"]) == ("adamw", 0.001, 1.0)
     assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 1

@@ -57,6 +57,7 @@ class Engine(ABC):
         self.config = config
         self.precision = precision
         self.accum = config.train.grad_accum_steps
+        self.notes: list[str] = []  # what the engine decided, for the run's log
 
     @property
     def is_main(self) -> bool:
@@ -215,6 +216,7 @@ class DeepSpeedEngine(Engine):
 
         world = int(os.environ.get("WORLD_SIZE", "1"))
         self.resolved = resolve_deepspeed_config(config.train.deepspeed, config, precision, world)
+        self.notes = self.resolved.notes
         self.precision = "bf16" if self.resolved.config["bf16"]["enabled"] else "fp32"
         cuda = torch.cuda.is_available()
         try:
@@ -229,10 +231,6 @@ class DeepSpeedEngine(Engine):
         self.device = torch.device("cuda", local) if cuda else torch.device("cpu")
         if cuda:
             torch.cuda.set_device(self.device)
-
-    @property
-    def notes(self) -> list[str]:
-        return self.resolved.notes
 
     def prepare(self, model: nn.Module) -> None:
         import deepspeed

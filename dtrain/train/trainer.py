@@ -346,8 +346,8 @@ class Trainer:
                 f"{self.engine.num_processes} process(es) on {self.engine.device}, "
                 f"{self.engine.precision}, {type(self.engine).__name__}"
             )
-            for note in getattr(self.engine, "notes", []):
-                print(f"deepspeed: {note}")
+            for note in self.engine.notes:
+                print(f"engine: {note}")
             print(f"train: {self.train_loader.describe()}")
         while state.epoch < cfg.train.epochs:
             train_metrics = self._train_epoch()
