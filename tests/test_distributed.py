@@ -281,3 +281,19 @@ def test_sync_budget_per_step(method, tiny, tmp_path, env):
         expected_gathers = 1 if method == "iam" else 0
         assert counts.get("all_gather", 0) == expected_gathers, counts
         assert counts.get("broadcast", 0) == 0, counts
+
+
+def test_a_stop_on_one_rank_stops_every_rank_at_the_same_step(tiny, tmp_path, env):
+    """Rank 1 alone asks to stop in its callback on log step 3 (after that step's header):
+    the ranks agree at the next log step, 6, instead of rank 1 leaving the collectives alone."""
+    args = small_overrides(tiny, tmp_path / "run", 8, "train.log_every=3", "method.name=ce")
+    result = run(torchrun(2, str(HERE / "stop_one_rank.py"), "3", *args), env, timeout=240)
+    results = [
+        json.loads(line.split("RESULT ", 1)[1])
+        for line in result.stdout.splitlines()
+        if "RESULT " in line
+    ]
+    assert sorted(r["rank"] for r in results) == [0, 1]
+    assert {(r["stopped"], r["epoch"], r["batch"]) for r in results} == {(True, 1, 0)}
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["state"]
+    assert state["step"] == 6

@@ -1,0 +1,21 @@
+"""A stop requested on rank 1 only, in its step callback on a log step (where a signal handler
+could also run): every rank must stop at the same, agreed step. Run under torchrun; each rank
+prints its fit() result as one JSON line."""
+
+import json
+import os
+import sys
+
+from dtrain.config import load_config
+from dtrain.train.trainer import Trainer
+
+if __name__ == "__main__":
+    at_step, overrides = int(sys.argv[1]), sys.argv[2:]
+    rank = int(os.environ["RANK"])
+
+    def on_step(info) -> None:
+        if rank == 1 and info.step == at_step:
+            trainer.request_stop()
+
+    trainer = Trainer(load_config(None, overrides), on_step=on_step)
+    print("RESULT " + json.dumps({"rank": rank, **trainer.fit()}), flush=True)
