@@ -24,9 +24,9 @@ from dtrain.train import losses
 from dtrain.train.ds_config import resolve_deepspeed_config
 from dtrain.train.model import GroupAttention, build_model
 from dtrain.train.report import label_scores
+from dtrain.train.schedule import lr_factor
 from dtrain.train.scores import ScoreAccumulator, ScoreRow
 from dtrain.train.steps import forget_rate, training_step
-from dtrain.train.trainer import lr_factor
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 NO_MANIFEST = Path("/nonexistent/dtrain-test/manifest.parquet")

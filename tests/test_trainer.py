@@ -249,7 +249,7 @@ def test_a_nonfinite_step_is_skipped_and_training_goes_on(tiny, tmp_path, monkey
 
 def test_divergence_stops_with_the_weights_before_it(tiny, tmp_path, monkeypatch):
     from dtrain.errors import NonFiniteLossError
-    from dtrain.train.trainer import _seed_everything
+    from dtrain.train.rng import seed_everything
 
     poisoned_baseline(monkeypatch, set(range(1, 100)))
     run = tmp_path / "run"
@@ -258,7 +258,7 @@ def test_divergence_stops_with_the_weights_before_it(tiny, tmp_path, monkeypatch
         Trainer(cfg).fit()
     saved = torch.load(run / "last.pt", weights_only=True)
     assert saved["state"]["skipped_steps"] == 3
-    _seed_everything(0)
+    seed_everything(0)
     initial = build_model(cfg.model, "ce", num_classes=2, in_chans=1)
     for name, tensor in initial.named_parameters():  # no step was taken (buffers do move)
         assert torch.equal(saved["model"][name], tensor.detach()), name

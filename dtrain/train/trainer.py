@@ -13,14 +13,12 @@ back to the host except on log steps and at epoch ends."""
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from dtrain import distributed
@@ -32,7 +30,6 @@ from dtrain.train.checkpoint import (
     CheckpointSaver,
     TrainState,
     load_checkpoint,
-    rng_states_of_all_ranks,
 )
 from dtrain.train.data import ShardLoader, make_loader, read_dataset_json, split_urls
 from dtrain.train.dataset import resolve_data_dir
@@ -40,7 +37,9 @@ from dtrain.train.engine import make_engine
 from dtrain.train.losses import rank_weight
 from dtrain.train.model import build_model
 from dtrain.train.predict import evaluate
+from dtrain.train.rng import rng_states_of_all_ranks, seed_everything
 from dtrain.train.running_sums import MetricSums, NonFiniteCounter
+from dtrain.train.schedule import lr_factor
 from dtrain.train.scores import ScoreAccumulator
 from dtrain.train.steps import TrainStep, forget_rate
 
@@ -56,14 +55,6 @@ class StepInfo:
 
 EpochHook = Callable[[dict, Path], None]
 StepHook = Callable[[StepInfo], None]
-
-
-def lr_factor(progress: float, warmup: float, total: float) -> float:
-    """Linear warm-up over `warmup` epochs, then cosine to zero at `total` epochs."""
-    if progress < warmup:  # never 0 (the first step moves), never above 1
-        return min(1.0, (progress + 1e-3) / warmup)
-    span = max(total - warmup, 1e-8)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warmup) / span)))
 
 
 class Trainer:
@@ -125,7 +116,7 @@ class Trainer:
         """Data, model and optimiser; no files written."""
         cfg = self.config
         # one stream per rank (DDP and DeepSpeed broadcast rank 0's initial weights)
-        _seed_everything(cfg.train.seed + self.engine.process_index)
+        seed_everything(cfg.train.seed + self.engine.process_index)
         self.data_dir = resolve_data_dir(cfg.data.path, cfg.train.progress)
         self.meta = read_dataset_json(str(self.data_dir))
         self.classes = self.meta["classes"]
@@ -409,11 +400,3 @@ class Trainer:
             self.log.close()
         self.engine.close()
         return result
-
-
-def _seed_everything(seed: int) -> None:
-    import random
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
