@@ -30,18 +30,22 @@ class StepOutput:
     terms: dict[str, torch.Tensor] = field(default_factory=dict)  # detached loss terms
 
 
-StepFunction = Callable[..., StepOutput]
+@dataclass(frozen=True)
+class StepContext:
+    """What a step needs besides the network and the batch."""
+
+    cfg: MethodConfig
+    epoch: int
+    num_classes: int
+    forget_rate: float  # Co-teaching's, see forget_rate()
 
 
-def attention_method_step(
-    model: NoiseRobustNet,
-    batch: dict,
-    cfg: MethodConfig,
-    epoch: int,
-    num_classes: int,
-    forget_rate: float,
-) -> StepOutput:
+StepFunction = Callable[[torch.nn.Module, dict, StepContext], StepOutput]
+
+
+def attention_method_step(model: NoiseRobustNet, batch: dict, ctx: StepContext) -> StepOutput:
     """L = L_ce + lambda_iam L_iam + lambda_con L_con (method.md), its ablations, and AFM."""
+    cfg = ctx.cfg
     spec = METHODS[cfg.name]
     x1, labels, valid = batch["view1"], batch["label"], batch["valid"]
     contrastive = spec.contrastive and cfg.lambda_con > 0
@@ -59,13 +63,13 @@ def attention_method_step(
         half = len(h1) // 2
         pairs = torch.stack([torch.arange(half), torch.arange(half) + half], 1).to(h1.device)
         attention = _attention(model, h1, labels, logits, valid, pairs)
-        loss = losses.afm_loss(h1, attention, labels, model.classifier, num_classes, valid)
+        loss = losses.afm_loss(h1, attention, labels, model.classifier, ctx.num_classes, valid)
         terms["afm"] = loss.detach()
     else:
         loss = losses.masked_mean(sample_loss, valid)
         terms["ce"] = loss.detach()
         # the attention learns only through L_iam: without it its weights are noise, not a score
-        if spec.mixup and cfg.lambda_iam > 0 and epoch >= cfg.warmup_epochs:
+        if spec.mixup and cfg.lambda_iam > 0 and ctx.epoch >= cfg.warmup_epochs:
             groups = losses.make_groups(len(h1), cfg.group_size, h1.device)
             attention = _attention(model, h1, labels, logits, valid, groups)
             num_pairs = groups.shape[0] * cfg.group_size * (cfg.group_size - 1) // 2
@@ -77,7 +81,7 @@ def attention_method_step(
                 labels,
                 groups,
                 lam,
-                num_classes,
+                ctx.num_classes,
                 head=model.classifier if feature_space else None,
                 valid=valid,
                 backend=cfg.mixup_backend,
@@ -128,83 +132,53 @@ def _baseline_output(
     return StepOutput(loss, logits.detach(), sample_loss, None, {name: loss.detach()})
 
 
-def ce_step(
-    model: torch.nn.Module,
-    batch: dict,
-    cfg: MethodConfig,
-    epoch: int,
-    num_classes: int,
-    forget_rate: float,
-) -> StepOutput:
+def ce_step(model: torch.nn.Module, batch: dict, ctx: StepContext) -> StepOutput:
     """Plain cross-entropy on view 1."""
 
     def per_sample(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(losses.wide(logits), labels, reduction="none")
 
-    return _view1_step(model, batch, per_sample, cfg.name)
+    return _view1_step(model, batch, per_sample, ctx.cfg.name)
 
 
-def gce_step(
-    model: torch.nn.Module,
-    batch: dict,
-    cfg: MethodConfig,
-    epoch: int,
-    num_classes: int,
-    forget_rate: float,
-) -> StepOutput:
+def gce_step(model: torch.nn.Module, batch: dict, ctx: StepContext) -> StepOutput:
     """Generalised cross-entropy, q = method.gce_q."""
-    return _view1_step(model, batch, lambda z, y: losses.gce_loss(z, y, cfg.gce_q), cfg.name)
-
-
-def sce_step(
-    model: torch.nn.Module,
-    batch: dict,
-    cfg: MethodConfig,
-    epoch: int,
-    num_classes: int,
-    forget_rate: float,
-) -> StepOutput:
-    """Symmetric cross-entropy, method.sce_alpha CE + method.sce_beta reverse CE."""
     return _view1_step(
-        model, batch, lambda z, y: losses.sce_loss(z, y, cfg.sce_alpha, cfg.sce_beta), cfg.name
+        model, batch, lambda z, y: losses.gce_loss(z, y, ctx.cfg.gce_q), ctx.cfg.name
     )
 
 
-def mixup_step(
-    model: torch.nn.Module,
-    batch: dict,
-    cfg: MethodConfig,
-    epoch: int,
-    num_classes: int,
-    forget_rate: float,
-) -> StepOutput:
+def sce_step(model: torch.nn.Module, batch: dict, ctx: StepContext) -> StepOutput:
+    """Symmetric cross-entropy, method.sce_alpha CE + method.sce_beta reverse CE."""
+    return _view1_step(
+        model,
+        batch,
+        lambda z, y: losses.sce_loss(z, y, ctx.cfg.sce_alpha, ctx.cfg.sce_beta),
+        ctx.cfg.name,
+    )
+
+
+def mixup_step(model: torch.nn.Module, batch: dict, ctx: StepContext) -> StepOutput:
     """Input mixup, lam ~ Beta(alpha, alpha) drawn on the device; the scores and the train
     accuracy come from an unmixed forward pass."""
     x, labels, valid = batch["view1"], batch["label"], batch["valid"]
-    lam = losses.sample_lam(1, cfg.mixup_alpha, x.device)[0]
+    lam = losses.sample_lam(1, ctx.cfg.mixup_alpha, x.device)[0]
     perm = torch.randperm(len(x), device=x.device)
     mixed = losses.wide(model(lam * x + (1 - lam) * x[perm]))
     per = lam * F.cross_entropy(mixed, labels, reduction="none")
     per = per + (1 - lam) * F.cross_entropy(mixed, labels[perm], reduction="none")
     loss = losses.masked_mean(per, valid & valid[perm])
-    return _baseline_output(loss, _unmixed_logits(model, x), labels, cfg.name)
+    return _baseline_output(loss, _unmixed_logits(model, x), labels, ctx.cfg.name)
 
 
-def coteaching_step(
-    model: CoTeachingNet,
-    batch: dict,
-    cfg: MethodConfig,
-    epoch: int,
-    num_classes: int,
-    forget_rate: float,
-) -> StepOutput:
+def coteaching_step(model: CoTeachingNet, batch: dict, ctx: StepContext) -> StepOutput:
     """Co-teaching: two peers, each learning from the other's small-loss samples; the forget
     rate ramps up over method.coteaching_ramp_epochs."""
     x, labels = batch["view1"], batch["label"]
     logits, logits2 = model.peers[0](x), model.peers[1](x)
-    rate = forget_rate * min(1.0, epoch / max(1, cfg.coteaching_ramp_epochs))
+    rate = ctx.forget_rate * min(1.0, ctx.epoch / max(1, ctx.cfg.coteaching_ramp_epochs))
     loss = losses.coteaching_loss(logits, logits2, labels, rate, batch["valid"])
-    return _baseline_output(loss, logits, labels, cfg.name)
+    return _baseline_output(loss, logits, labels, ctx.cfg.name)
 
 
 @torch.no_grad()
@@ -262,9 +236,8 @@ class TrainStep(torch.nn.Module):
     ) -> dict:
         """StepOutput's fields as a plain dict: DDP looks for tensors in dicts."""
         batch = {"view1": view1, "view2": view2, "label": label, "valid": valid}
-        out = self.step_function(
-            self.net, batch, self.cfg, epoch, self.num_classes, self.forget_rate
-        )
+        context = StepContext(self.cfg, epoch, self.num_classes, self.forget_rate)
+        out = self.step_function(self.net, batch, context)
         return dict(vars(out))
 
 
@@ -277,4 +250,4 @@ def training_step(
     forget_rate: float,
 ) -> StepOutput:
     """One step of `cfg.name` on an unwrapped network (tests, benchmarks)."""
-    return bind_step(cfg.name)(model, batch, cfg, epoch, num_classes, forget_rate)
+    return bind_step(cfg.name)(model, batch, StepContext(cfg, epoch, num_classes, forget_rate))
