@@ -31,8 +31,8 @@ from dtrain.train.checkpoint import (
     TrainState,
     load_checkpoint,
 )
-from dtrain.train.data import ShardLoader, make_loader, read_dataset_json, split_urls
-from dtrain.train.dataset import resolve_data_dir
+from dtrain.train.data import ShardLoader, make_loader
+from dtrain.train.dataset import read_dataset_json, resolve_data_dir, split_urls
 from dtrain.train.engine import make_engine
 from dtrain.train.losses import rank_weight
 from dtrain.train.model import build_model
@@ -93,11 +93,11 @@ class Trainer:
         """The network as tested and saved, unwrapped from DDP or DeepSpeed."""
         return self.engine.unwrap().net
 
-    def loader(self, split: str, train: bool, data_dir: Path | None = None) -> ShardLoader:
-        """This rank's loader over one split of the run's dataset (or of `data_dir`)."""
+    def loader(self, split: str, train: bool) -> ShardLoader:
+        """This rank's loader over one split of the run's dataset."""
         d = self.config.data
         return make_loader(
-            split_urls(data_dir or self.data_dir, split),
+            split_urls(self.data_dir, split),
             train=train,
             batch_size=d.batch_size,
             image_size=d.image_size,
