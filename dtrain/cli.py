@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from dtrain.prepare.cli import add_prepare_parser, run_prepare
+from dtrain.tune.cli import add_tune_parser, run_tune
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -67,8 +68,9 @@ def main(argv: list[str] | None = None) -> None:
     add_prepare_parser(sub)
     _add_train(sub)
     _add_eval(sub)
+    add_tune_parser(sub)
     args = parser.parse_args(argv)
-    commands = {"prepare": run_prepare, "train": _run_train, "eval": _run_eval}
+    commands = {"prepare": run_prepare, "train": _run_train, "eval": _run_eval, "tune": run_tune}
     try:
         commands[args.command](args)
     except DtrainError as err:

@@ -1,0 +1,127 @@
+"""How a search runs: one typed dataclass, read from the search file's `search:` section and then
+from `dtrain tune`'s flags (each field is a flag), checked before Ray starts."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from dtrain.config import Config, load_config
+from dtrain.errors import ConfigError
+from dtrain.tune.space import Dimension, parse_space
+
+
+def flag(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class SearchSettings:
+    algorithm: Literal["random", "grid", "tpe"] = flag(
+        "random", "random sampling, a grid over the space, or Optuna's TPE (needs optuna)"
+    )
+    num_samples: int = flag(12, "trials to run (grid: how many times the whole grid is run)")
+    grid_points: int = flag(3, "grid: values tried per range (log-spaced for loguniform)")
+    max_concurrent: int = flag(2, "trials running at once")
+    scheduler: Literal["asha", "none"] = flag("asha", "ASHA stops weak trials early; none: never")
+    grace_period: int = flag(2, "ASHA: epochs every trial runs before it may be stopped")
+    reduction_factor: float = flag(2.0, "ASHA: keep 1/this of the trials at each rung")
+    metric: str = flag("val_accuracy", "epoch record key the objective averages")
+    mode: Literal["max", "min"] = flag("max", "whether a higher metric is better")
+    window: int = flag(3, "objective: the metric averaged over this many last epochs")
+    workers_per_trial: int = flag(1, "processes per trial (2+: Ray Train's TorchTrainer)")
+    cpus_per_trial: float = flag(1.0, "CPUs per worker process")
+    gpus_per_trial: float = flag(0.0, "GPUs per worker process")
+    max_failures: int = flag(1, "retries of a trial that fails, from its last checkpoint")
+    storage_path: str = flag("tune_results", "folder of all searches (a shared one on a cluster)")
+    name: str = flag("", "this search's folder under --storage-path (default: the file's name)")
+    seed: int = flag(0, "seed of the sampler (the trials' own seed is train.seed)")
+    address: str = flag("", "a Ray cluster to join ('auto': the one this node belongs to)")
+    object_store_mb: int = flag(256, "object store of a local Ray (trials pass no data through it)")
+
+    def validate(self) -> None:
+        checks = {
+            "num_samples": self.num_samples >= 1,
+            "grid_points": self.grid_points >= 2,
+            "max_concurrent": self.max_concurrent >= 1,
+            "grace_period": self.grace_period >= 1,
+            "reduction_factor": self.reduction_factor > 1,
+            "window": self.window >= 1,
+            "workers_per_trial": self.workers_per_trial >= 1,
+            "cpus_per_trial": self.cpus_per_trial > 0,
+            "gpus_per_trial": self.gpus_per_trial >= 0,
+            "max_failures": self.max_failures >= 0,
+            "object_store_mb": self.object_store_mb >= 64,
+        }
+        for key, ok in checks.items():
+            if not ok:
+                raise ConfigError(f"search.{key}={getattr(self, key)!r} is invalid")
+        if self.algorithm == "tpe":
+            try:
+                import optuna  # noqa: F401
+            except ImportError as err:
+                raise ConfigError(
+                    "search.algorithm=tpe needs optuna: pip install optuna"
+                ) from err
+
+
+@dataclass
+class Search:
+    """Everything a search needs, resolved: saved as `search.yaml` in its folder so that
+    `--resume` can check it is continuing the same search."""
+
+    settings: SearchSettings
+    space: list[Dimension]
+    base: Config
+    source: str
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.settings.storage_path).resolve() / self.settings.name
+
+    def to_dict(self) -> dict:
+        return {
+            "source": self.source,
+            "search": dataclasses.asdict(self.settings),
+            "space": {d.key: {d.kind: list(d.values)} for d in self.space},
+            "base": self.base.to_dict(),
+        }
+
+
+def load_search(
+    path: str | Path,
+    config_path: str | None,
+    overrides: list[str],
+    flags: dict[str, Any],
+) -> Search:
+    """The search file (`space:` and optionally `search:`), the base dtrain config (as for
+    `dtrain train`) and the flags given on the command line (they win)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"search file {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"search file {path} is not valid YAML: {err}") from err
+    unknown = set(values) - {"space", "search"} if isinstance(values, dict) else {"?"}
+    if unknown:
+        raise ConfigError(f"search file {path}: only `space:` and `search:` sections; got {unknown}")
+    settings = SearchSettings()
+    names = {f.name for f in dataclasses.fields(SearchSettings)}
+    given = {**(values.get("search") or {}), **{k: v for k, v in flags.items() if v is not None}}
+    for key, value in given.items():
+        if key not in names:
+            raise ConfigError(f"search file {path}: unknown search setting {key!r}")
+        setattr(settings, key, value)
+    settings.name = settings.name or path.stem
+    settings.validate()
+    base = load_config(config_path, overrides)
+    base.validate()
+    space = parse_space(values.get("space"), base, str(path))
+    if settings.algorithm == "tpe" and settings.num_samples < 2:
+        raise ConfigError("search.algorithm=tpe needs search.num_samples >= 2")
+    return Search(settings, space, base, str(path))
