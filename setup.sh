@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up dtrain from nothing: a virtual environment in .venv with torch, torchvision and
-# dtrain itself (editable, with the dev tools, DeepSpeed and Ray Tune). Safe to rerun; it only adds what is missing.
+# dtrain itself (editable, with the dev tools, DeepSpeed and Ray Tune). Safe to rerun; it only
+# adds what is missing.
 set -euo pipefail
 cd "$(dirname "$0")"
 python=${PYTHON:-python3}

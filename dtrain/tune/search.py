@@ -163,7 +163,7 @@ def run_search(search: Search, resume: bool = False):
     _check_folder(search, resume)
     # Tune saves the search's own state at least this often (seconds), so a search killed
     # right after a trial finished does not run it again on --resume
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     start_ray(s.address, s.object_store_mb)
     trainable = _trainable(search)

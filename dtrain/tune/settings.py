@@ -24,7 +24,9 @@ class SearchSettings:
     algorithm: Literal["random", "grid", "tpe"] = flag(
         "random", "random sampling, a grid over the space, or Optuna's TPE (needs optuna)"
     )
-    num_samples: int = flag(12, "trials to run (grid: how many times the whole grid is run)")
+    num_samples: int = flag(
+        0, "trials to run (0: 12); grid: how many times the whole grid is run (0: once)"
+    )
     grid_points: int = flag(3, "grid: values tried per range (log-spaced for loguniform)")
     max_concurrent: int = flag(2, "trials running at once")
     scheduler: Literal["asha", "none"] = flag("asha", "ASHA stops weak trials early; none: never")
@@ -44,6 +46,8 @@ class SearchSettings:
     object_store_mb: int = flag(256, "object store of a local Ray (trials pass no data through it)")
 
     def validate(self) -> None:
+        if self.num_samples == 0:
+            self.num_samples = 1 if self.algorithm == "grid" else 12
         checks = {
             "num_samples": self.num_samples >= 1,
             "grid_points": self.grid_points >= 2,
@@ -64,9 +68,7 @@ class SearchSettings:
             try:
                 import optuna  # noqa: F401
             except ImportError as err:
-                raise ConfigError(
-                    "search.algorithm=tpe needs optuna: pip install optuna"
-                ) from err
+                raise ConfigError("search.algorithm=tpe needs optuna: pip install optuna") from err
 
 
 @dataclass
@@ -109,7 +111,9 @@ def load_search(
         raise ConfigError(f"search file {path} is not valid YAML: {err}") from err
     unknown = set(values) - {"space", "search"} if isinstance(values, dict) else {"?"}
     if unknown:
-        raise ConfigError(f"search file {path}: only `space:` and `search:` sections; got {unknown}")
+        raise ConfigError(
+            f"search file {path}: only `space:` and `search:` sections are read; got {unknown}"
+        )
     settings = SearchSettings()
     names = {f.name for f in dataclasses.fields(SearchSettings)}
     given = {**(values.get("search") or {}), **{k: v for k, v in flags.items() if v is not None}}

@@ -1,0 +1,329 @@
+"""`dtrain tune`: the search file checked before Ray starts, then real searches on a local Ray
+cluster (each trial a real dtrain run): outputs, `--resume` after the driver is killed, a trial
+retried after its process is killed, a trial that fails past its retries, and a 2-worker trial
+under Ray Train equal to the same run under torchrun."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from conftest import copy_dataset, rewrite_shard, small_overrides, stripes_dataset
+
+from dtrain.config import load_config
+from dtrain.errors import ConfigError
+from dtrain.tune.outputs import pick_best
+from dtrain.tune.space import parse_space
+from dtrain.tune.trial import objective
+
+pytest.importorskip("ray.tune", reason="the tune extra (pip install -e .[tune]) is not installed")
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+# -- the search file, before any work -------------------------------------------------------------
+
+
+def test_group_sizes_that_do_not_divide_the_batch_are_dropped(capsys):
+    base = load_config(None, ["data.batch_size=24"])
+    (dim,) = parse_space({"method.group_size": {"choice": [2, 4, 8, 16]}}, base, "s.yaml")
+    assert dim.values == (2, 4, 8)
+    assert "[16] dropped" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "space, message",
+    [
+        ({"method.temprature": {"uniform": [0.1, 1]}}, "did you mean method.temperature"),
+        ({"method.temperature": {"loguniform": [0, 1]}}, "low > 0"),
+        ({"method.temperature": {"uniform": [1, 0.1]}}, "low < high"),
+        ({"method.temperature": {"choice": [0.5, -1]}}, "choice -1"),
+        ({"method.temperature": [0.1, 0.5]}, "must be one of {choice"),
+        ({"method.group_size": {"choice": [3, 5]}}, "no value left"),
+        ({"optim.name": {"choice": ["sgd", "lion"]}}, "'lion'"),
+    ],
+)
+def test_a_bad_search_space_is_refused_with_the_key(space, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_space(space, load_config(None, ["data.batch_size=16"]), "s.yaml")
+
+
+def test_grid_values_of_a_log_range_are_log_spaced():
+    (dim,) = parse_space({"method.mixup_alpha": {"loguniform": [0.1, 10.0]}}, load_config(), "s")
+    assert dim.grid(3) == pytest.approx([0.1, 1.0, 10.0])
+
+
+def test_objective_averages_the_last_epochs():
+    history = [{"val_accuracy": v} for v in (0.2, 0.9, 0.5, 0.6, 0.7)]
+    assert objective(history, "val_accuracy", 3) == pytest.approx(0.6)
+    assert objective(history[:1], "val_accuracy", 3) == pytest.approx(0.2)
+    assert math.isnan(objective([], "val_accuracy", 3))
+
+
+def test_the_best_trial_is_one_that_ran_every_epoch():
+    trials = pd.DataFrame(
+        {
+            "trial_id": ["a", "b", "c", "d"],
+            "status": ["stopped", "done", "done", "failed"],
+            "objective": [0.9, 0.6, 0.7, math.nan],
+        }
+    )
+    assert pick_best(trials, "max")["trial_id"] == "c"
+    assert pick_best(trials, "min")["trial_id"] == "b"
+
+
+# -- real searches --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return stripes_dataset(tmp_path_factory.mktemp("tune"), 48, shard_size=16)
+
+
+@pytest.fixture
+def env():
+    """A private Ray temp dir (short: Ray's socket paths must stay under 108 bytes); any Ray
+    process still holding it afterwards is killed."""
+    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    yield {
+        **os.environ,
+        "RAY_TMPDIR": ray_tmp,
+        "OMP_NUM_THREADS": "1",
+        "DS_ACCELERATOR": "cpu",
+    }
+    subprocess.run(["pkill", "-9", "-f", ray_tmp], check=False)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def write_search(path: Path, space: dict, **search) -> Path:
+    path.write_text(yaml.safe_dump({"space": space, "search": search}))
+    return path
+
+
+def tune_command(search_file: Path, data: Path, storage: Path, *extra: str) -> list[str]:
+    """`dtrain tune` on the small test config; `extra` holds overrides and `--flags`."""
+    overrides = [o for o in small_overrides(data, Path("unused"), 16) if "run_dir" not in o]
+    overrides += [e for e in extra if not e.startswith("--")]
+    flags = [e for e in extra if e.startswith("--")]
+    return [
+        str(BIN / "dtrain"),
+        "tune",
+        str(search_file),
+        *overrides,
+        f"--storage-path={storage}",
+        *flags,
+    ]
+
+
+def run(command: list[str], env: dict, timeout: int = 400) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def epoch_lines(run_dir: Path) -> list[str]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [line for line in lines if '"kind": "epoch"' in line]
+
+
+def epoch_records(run_dir: Path) -> list[int]:
+    return [json.loads(line)["epoch"] for line in epoch_lines(run_dir)]
+
+
+def test_asha_search_writes_tables_plots_and_a_best_config(tiny, tmp_path, env):
+    space = {
+        "method.group_size": {"choice": [2, 4, 8]},
+        "method.temperature": {"loguniform": [0.05, 1.0]},
+        "method.mixup_alpha": {"loguniform": [0.1, 4.0]},
+    }
+    search = write_search(
+        tmp_path / "search.yaml", space, num_samples=4, max_concurrent=2, grace_period=1
+    )
+    result = run(tune_command(search, tiny, tmp_path / "results"), env)
+    folder = tmp_path / "results" / "search"
+    trials = pd.read_parquet(folder / "trials.parquet")
+    epochs = pd.read_parquet(folder / "epochs.parquet")
+    assert len(trials) == 4 and set(trials["status"]) <= {"done", "stopped"}
+    assert result.stdout.count("tune: trial ") == 4  # one progress line per finished trial
+    assert (trials["status"] == "done").any()
+    done = trials[trials["status"] == "done"]
+    assert done["test_clean_accuracy_last"].between(0, 1).all()  # the trial's own test
+    assert len(epochs) == trials["epochs"].sum() <= 8
+    assert {"objective", "val_accuracy", "val_clean_accuracy"} <= set(epochs.columns)
+    assert (folder / "trials.csv").is_file() and (folder / "epochs.csv").is_file()
+    for plot in ("objective_vs_params.png", "learning_curves.png"):
+        assert (folder / plot).stat().st_size > 10_000
+    # never more than 2 trials at once: their [start, end] spans, from Ray's own timestamps
+    spans = [
+        (part["timestamp"].min() - part["time_this_iter_s"].iloc[0], part["timestamp"].max())
+        for _, part in epochs.groupby("trial_id")
+    ]
+    for start, _ in spans:
+        running = sum(s <= start + 0.5 and start + 0.5 < e for s, e in spans)
+        assert running <= 2, spans
+    summary = yaml.safe_load((folder / "summary.json").read_text())
+    best = trials.set_index("trial_id").loc[summary["best"]["trial_id"]]
+    best_config = yaml.safe_load((folder / "best.yaml").read_text())
+    assert best_config["method"]["temperature"] == pytest.approx(best["method.temperature"])
+    assert best_config["train"]["run_dir"] == ""
+    # `dtrain train --config best.yaml` takes it unchanged (here for one epoch)
+    run_dir = tmp_path / "from_best"
+    run(
+        [
+            str(BIN / "dtrain"),
+            "train",
+            "--config",
+            str(folder / "best.yaml"),
+            "train.epochs=1",
+            f"train.run_dir={run_dir}",
+            "train.progress=false",
+        ],
+        env,
+    )
+    assert epoch_records(run_dir) == [1]
+
+
+def test_resume_after_the_driver_is_killed_skips_the_finished_trial(tiny, tmp_path, env):
+    search = write_search(
+        tmp_path / "search.yaml",
+        {"method.temperature": {"choice": [0.3, 0.6]}},
+        algorithm="grid",
+        scheduler="none",
+        max_concurrent=1,
+    )
+    command = tune_command(search, tiny, tmp_path / "results")
+    with open(tmp_path / "first.log", "w") as log:
+        driver = subprocess.Popen(
+            command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True
+        )
+    deadline = time.monotonic() + 300
+    while "(1 finished" not in (tmp_path / "first.log").read_text():
+        assert driver.poll() is None and time.monotonic() < deadline, (
+            tmp_path / "first.log"
+        ).read_text()[-3000:]
+        time.sleep(0.5)
+    time.sleep(3)  # Tune snapshots the search's state every second
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    folder = tmp_path / "results" / "search"
+    (first,) = [d for d in (folder / "trials").iterdir() if (d / "summary.json").is_file()]
+    finished_at = (first / "summary.json").stat().st_mtime_ns
+    result = run([*command, "--resume"], env)
+    assert f"trial {first.name} done" not in result.stdout  # not run again
+    assert (first / "summary.json").stat().st_mtime_ns == finished_at
+    trials = pd.read_parquet(folder / "trials.parquet")
+    assert list(trials["status"]) == ["done", "done"]
+    for run_dir in (folder / "trials").iterdir():
+        assert epoch_records(run_dir) == [1, 2]
+
+
+def test_a_killed_trial_is_retried_from_its_checkpoint(tiny, tmp_path, env):
+    search = write_search(
+        tmp_path / "search.yaml",
+        {"method.temperature": {"choice": [0.3]}},
+        scheduler="none",
+        num_samples=1,
+        max_failures=1,
+    )
+    command = tune_command(search, tiny, tmp_path / "results", "train.epochs=3")
+    with open(tmp_path / "search.log", "w") as log:
+        driver = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    folder = tmp_path / "results" / "search"
+    deadline = time.monotonic() + 300
+    while not list(folder.glob("run_trial_*/checkpoint_*")):  # epoch 1 reported to Ray
+        assert driver.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    trial = subprocess.run(
+        ["pgrep", "-f", "ray::ImplicitFunc"], capture_output=True, text=True, check=True
+    )
+    os.kill(int(trial.stdout.split()[0]), signal.SIGKILL)
+    (run_dir,) = (folder / "trials").iterdir()
+    first_epoch = epoch_lines(run_dir)[0]  # its numbers (e.g. img/s) differ in any rerun
+    assert driver.wait(timeout=300) == 0, (tmp_path / "search.log").read_text()[-3000:]
+    assert list(folder.glob("run_trial_*/error.txt"))  # it did fail once
+    epochs = epoch_records(run_dir)  # an epoch past the last report may have been done twice
+    assert sorted(set(epochs)) == [1, 2, 3] and epochs[-1] == 3, epochs
+    assert epoch_lines(run_dir)[0] == first_epoch  # went on from it: epoch 1 was not rerun
+    assert pd.read_parquet(folder / "trials.parquet")["status"].tolist() == ["done"]
+
+
+def test_a_trial_failing_past_its_retries_is_recorded_and_the_search_goes_on(tiny, tmp_path, env):
+    """data.strict=true fails on the broken sample (every attempt); the other trial runs."""
+    data = copy_dataset(tiny, tmp_path / "data")
+    victim = []
+
+    def corrupt(sample: dict) -> dict:
+        if not victim:
+            victim.append(sample["__key__"])
+            sample["png"] = sample["png"][:40]  # a truncated image
+        return sample
+
+    rewrite_shard(sorted(data.glob("train-*.tar"))[0], corrupt)
+    search = write_search(
+        tmp_path / "search.yaml",
+        {"data.strict": {"choice": [True, False]}},
+        algorithm="grid",
+        scheduler="none",
+        max_failures=0,
+    )
+    result = run(tune_command(search, data, tmp_path / "results", "train.epochs=1"), env)
+    assert "FAILED" in result.stdout
+    trials = pd.read_parquet(tmp_path / "results" / "search" / "trials.parquet")
+    status = dict(zip(trials["data.strict"], trials["status"], strict=True))
+    assert status == {True: "failed", False: "done"}
+    failed = trials[trials["status"] == "failed"].iloc[0]
+    assert failed["error"]
+    best = yaml.safe_load((tmp_path / "results" / "search" / "best.yaml").read_text())
+    assert best["data"]["strict"] is False
+
+
+def test_a_two_worker_trial_equals_the_same_run_under_torchrun(tiny, tmp_path, env):
+    search = write_search(
+        tmp_path / "search.yaml",
+        {"method.temperature": {"choice": [0.5]}},
+        scheduler="none",
+        num_samples=1,
+    )
+    run(
+        tune_command(
+            search, tiny, tmp_path / "results", "--workers-per-trial=2", "--cpus-per-trial=0.9"
+        ),
+        env,
+    )
+    (trial_dir,) = (tmp_path / "results" / "search" / "trials").iterdir()
+    torchrun_dir = tmp_path / "torchrun"
+    overrides = small_overrides(tiny, torchrun_dir, 16, "method.temperature=0.5")
+    run(
+        [
+            str(BIN / "torchrun"),
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "dtrain.cli",
+            "train",
+            *overrides,
+        ],
+        env,
+    )
+    trial = torch.load(trial_dir / "last.pt", weights_only=True)
+    assert len(trial["rng"]) == 2  # one RNG state per process: it ran in 2
+    ours = trial["model"]
+    theirs = torch.load(torchrun_dir / "last.pt", weights_only=True)["model"]
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), name
