@@ -69,7 +69,13 @@ def main(argv: list[str] | None = None) -> None:
     _add_train(sub)
     _add_eval(sub)
     add_tune_parser(sub)
-    args = parser.parse_args(argv)
+    # key=value overrides may stand anywhere, also after flags (`tune FILE --config X a=b`)
+    args, extra = parser.parse_known_args(argv)
+    stray = [e for e in extra if e.startswith("-") or "=" not in e]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides += extra
     commands = {"prepare": run_prepare, "train": _run_train, "eval": _run_eval, "tune": run_tune}
     try:
         commands[args.command](args)

@@ -34,6 +34,11 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
+def write_search(path: Path, space: dict, **search) -> Path:
+    path.write_text(yaml.safe_dump({"space": space, "search": search}))
+    return path
+
+
 # -- the search file, before any work -------------------------------------------------------------
 
 
@@ -85,6 +90,37 @@ def test_the_best_trial_is_one_that_ran_every_epoch():
     assert pick_best(trials, "min")["trial_id"] == "b"
 
 
+def test_overrides_after_flags_reach_the_base_config(tmp_path, capsys):
+    from dtrain.cli import main
+
+    search = write_search(tmp_path / "s.yaml", {"method.temperature": {"choice": [0.5]}})
+    with pytest.raises(SystemExit) as exit_info:
+        main(["tune", str(search), "--config", "configs/iam.yaml", f"data.path={tmp_path}/none"])
+    assert exit_info.value.code == 2
+    assert f"data.path={tmp_path}/none holds no dataset.json" in capsys.readouterr().err
+
+
+def test_a_search_folder_is_never_reused_by_another_search(tiny, tmp_path):
+    from dtrain.errors import RunFolderError
+    from dtrain.tune.search import _check_folder
+    from dtrain.tune.settings import load_search
+
+    def load(space: dict):
+        path = write_search(tmp_path / "s.yaml", space)
+        return load_search(path, None, [f"data.path={tiny}"], {"storage_path": str(tmp_path)})
+
+    first = load({"method.temperature": {"choice": [0.5]}})
+    with pytest.raises(RunFolderError, match="holds no search to resume"):
+        _check_folder(first, resume=True)
+    _check_folder(first, resume=False)
+    assert (first.folder / "search.yaml").is_file()
+    with pytest.raises(RunFolderError, match="already holds a search"):
+        _check_folder(first, resume=False)
+    _check_folder(first, resume=True)  # the same search continues
+    with pytest.raises(ConfigError, match="the space differs"):
+        _check_folder(load({"method.temperature": {"choice": [0.7]}}), resume=True)
+
+
 # -- real searches --------------------------------------------------------------------------------
 
 
@@ -106,11 +142,6 @@ def env():
     }
     subprocess.run(["pkill", "-9", "-f", ray_tmp], check=False)
     shutil.rmtree(ray_tmp, ignore_errors=True)
-
-
-def write_search(path: Path, space: dict, **search) -> Path:
-    path.write_text(yaml.safe_dump({"space": space, "search": search}))
-    return path
 
 
 def tune_command(search_file: Path, data: Path, storage: Path, *extra: str) -> list[str]:

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 import yaml
 
-from dtrain.config import Config, load_config
+from dtrain.config import Config, load_config, set_key
 from dtrain.errors import ConfigError
 from dtrain.tune.space import Dimension, parse_space
 
@@ -71,6 +71,16 @@ class SearchSettings:
                 raise ConfigError("search.algorithm=tpe needs optuna: pip install optuna") from err
 
 
+def _absolute_paths(config: Config) -> None:
+    """Trials run in Ray's own working folders (and on other nodes): every path they read must
+    be absolute. The embedded set is prepared here, once, not by each trial."""
+    from dtrain.train.dataset import resolve_data_dir
+
+    set_key(config, "data.path", str(resolve_data_dir(config.data.path, progress=True).resolve()))
+    if config.train.deepspeed:
+        set_key(config, "train.deepspeed", str(Path(config.train.deepspeed).resolve()))
+
+
 @dataclass
 class Search:
     """Everything a search needs, resolved: saved as `search.yaml` in its folder so that
@@ -125,6 +135,7 @@ def load_search(
     settings.validate()
     base = load_config(config_path, overrides)
     base.validate()
+    _absolute_paths(base)
     space = parse_space(values.get("space"), base, str(path))
     if settings.algorithm == "tpe" and settings.num_samples < 2:
         raise ConfigError("search.algorithm=tpe needs search.num_samples >= 2")
