@@ -13,7 +13,7 @@ import pandas as pd
 
 from dtrain.config import config_from_dict, save_config, set_key
 from dtrain.files import write_atomic, write_json_atomic
-from dtrain.tune.settings import Search
+from dtrain.tune.settings import Search, max_epochs_of
 from dtrain.tune.trial import OBJECTIVE
 
 TOP = 5
@@ -22,7 +22,7 @@ CLEAN = "val_clean_accuracy"
 
 def _trial_rows(search: Search, grid) -> tuple[list[dict], list[dict]]:
     """One row per trial and one per (trial, epoch), from Ray's results and the run folders."""
-    max_epochs = _max_epochs(search)
+    max_epochs = max_epochs_of(search)
     trials, epochs = [], []
     for result in grid:
         metrics = result.metrics or {}
@@ -53,12 +53,6 @@ def _trial_rows(search: Search, grid) -> tuple[list[dict], list[dict]]:
             keep = {k: v for k, v in record.items() if not k.startswith("config/")}
             epochs.append({"trial_id": trial_id, **keep})
     return trials, epochs
-
-
-def _max_epochs(search: Search) -> int:
-    epochs = [search.base.train.epochs]
-    epochs += [max(d.values) for d in search.space if d.key == "train.epochs"]
-    return max(epochs)
 
 
 def pick_best(trials: pd.DataFrame, mode: str) -> pd.Series | None:

@@ -12,7 +12,7 @@ import yaml
 
 from dtrain.errors import ConfigError, RunFolderError
 from dtrain.files import write_atomic
-from dtrain.tune.settings import Search
+from dtrain.tune.settings import Search, max_epochs_of
 from dtrain.tune.trial import OBJECTIVE, TrialJob, run_trial
 
 SAVED = "search.yaml"
@@ -55,11 +55,9 @@ def _scheduler(search: Search):
         return None
     from ray.tune.schedulers import ASHAScheduler
 
-    epochs = [search.base.train.epochs]
-    epochs += [max(d.values) for d in search.space if d.key == "train.epochs"]
     return ASHAScheduler(
         time_attr="epoch",
-        max_t=max(epochs),
+        max_t=max_epochs_of(search),
         grace_period=s.grace_period,
         reduction_factor=s.reduction_factor,
     )
@@ -77,7 +75,6 @@ def _job(search: Search) -> TrialJob:
         explicit_keys=set(search.base.explicit_keys),
         folder=str(search.folder),
         metric=s.metric,
-        mode=s.mode,
         window=s.window,
         workers=s.workers_per_trial,
         cpus=s.cpus_per_trial,
@@ -97,7 +94,7 @@ def _trainable(search: Search):
     return tune.with_resources(trainable, resources)
 
 
-def _progress_callback():
+def _progress_callback(max_epochs: int):
     from ray.tune import Callback
 
     class ProgressLine(Callback):
@@ -119,7 +116,8 @@ def _progress_callback():
             )
 
         def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-            self._line(trial, "done")
+            epochs = (trial.last_result or {}).get("epoch", 0)
+            self._line(trial, "done" if epochs >= max_epochs else "stopped early")
 
         def on_trial_error(self, iteration, trials, trial, **info) -> None:
             self._line(trial, "FAILED")
@@ -189,8 +187,10 @@ def run_search(search: Search, resume: bool = False):
             storage_path=str(Path(s.storage_path).resolve()),
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            callbacks=[_progress_callback()],
+            callbacks=[_progress_callback(max_epochs_of(search))],
+            # each trial's console output: stdout and stderr in Ray's trial folder
             log_to_file=True,
+            sync_config=tune.SyncConfig(sync_artifacts=True),
             verbose=0,
         ),
     )

@@ -140,3 +140,9 @@ def load_search(
     if settings.algorithm == "tpe" and settings.num_samples < 2:
         raise ConfigError("search.algorithm=tpe needs search.num_samples >= 2")
     return Search(settings, space, base, str(path))
+
+
+def max_epochs_of(search: Search) -> int:
+    """The most epochs any trial runs (train.epochs may itself be searched)."""
+    searched = [max(d.values) for d in search.space if d.key == "train.epochs"]
+    return max([search.base.train.epochs, *searched])

@@ -31,7 +31,6 @@ class TrialJob:
     explicit_keys: set[str]
     folder: str
     metric: str
-    mode: str
     window: int
     workers: int
     cpus: float
