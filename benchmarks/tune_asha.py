@@ -49,11 +49,13 @@ def search(name: str, scheduler: str, args: argparse.Namespace) -> dict:
             f"--name={name}",
             f"--max-concurrent={args.max_concurrent}",
         ]
-        if (folder / "search.yaml").is_file():
+        resumed = (folder / "search.yaml").is_file()
+        if resumed:
             command.append("--resume")
         started = time.perf_counter()
         subprocess.run(command, check=True, cwd=REPO)
-        (folder / "wall_seconds").write_text(f"{time.perf_counter() - started:.1f}\n")
+        if not resumed:  # the wall time of a search run in one go, else none
+            (folder / "wall_seconds").write_text(f"{time.perf_counter() - started:.1f}\n")
     trials = pd.read_parquet(folder / "trials.parquet")
     epochs = pd.read_parquet(folder / "epochs.parquet")
     summary = json.loads((folder / "summary.json").read_text())

@@ -131,8 +131,8 @@ def tiny(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def env():
-    """A private Ray temp dir (short: Ray's socket paths must stay under 108 bytes); any Ray
-    process still holding it afterwards is killed."""
+    """A private Ray temp dir (short: Ray's socket paths must stay under 108 bytes); every
+    process started with it is killed afterwards."""
     ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
     yield {
         **os.environ,
@@ -140,8 +140,21 @@ def env():
         "OMP_NUM_THREADS": "1",
         "DS_ACCELERATOR": "cpu",
     }
-    subprocess.run(["pkill", "-9", "-f", ray_tmp], check=False)
+    kill_processes_with_env(f"RAY_TMPDIR={ray_tmp}")
     shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def kill_processes_with_env(entry: str) -> None:
+    """SIGKILL every process whose environment holds `entry`: this test's Ray processes (agents
+    renamed to `ray::...` included), and no other Ray on the machine."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if entry.encode() in (proc / "environ").read_bytes().split(b"\0"):
+                os.kill(int(proc.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            continue  # gone, or not ours to read
 
 
 def tune_command(search_file: Path, data: Path, storage: Path, *extra: str) -> list[str]:
@@ -358,3 +371,37 @@ def test_a_two_worker_trial_equals_the_same_run_under_torchrun(tiny, tmp_path, e
     assert ours.keys() == theirs.keys()
     for name in ours:
         assert torch.equal(ours[name], theirs[name]), name
+
+
+def test_tpe_search_on_a_ray_cluster_started_beforehand(tiny, tmp_path, env):
+    """`ray start --head` as on a cluster's first node, then `dtrain tune --address`."""
+    from conftest import free_port
+
+    address = f"127.0.0.1:{free_port()}"
+    head = [
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        f"--port={address.split(':')[1]}",
+        "--num-cpus=2",
+        "--include-dashboard=false",
+        "--object-store-memory=100000000",
+    ]
+    env = {**env, "RAY_AUTH_MODE": "disabled"}
+    run(head, env)  # stopped by the `env` fixture (`ray stop` would stop every Ray here)
+    search = write_search(
+        tmp_path / "search.yaml",
+        {"method.temperature": {"loguniform": [0.05, 1.0]}},
+        algorithm="tpe",
+        num_samples=2,
+        scheduler="none",
+    )
+    command = tune_command(
+        search, tiny, tmp_path / "results", "train.epochs=1", f"--address={address}"
+    )
+    result = run(command, env)
+    assert "Started a local Ray instance" not in result.stdout + result.stderr
+    trials = pd.read_parquet(tmp_path / "results" / "search" / "trials.parquet")
+    assert list(trials["status"]) == ["done", "done"]
+    assert trials["method.temperature"].between(0.05, 1.0).all()
+    assert trials["method.temperature"].nunique() == 2
