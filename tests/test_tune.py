@@ -144,17 +144,29 @@ def env():
     shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def kill_processes_with_env(entry: str) -> None:
-    """SIGKILL every process whose environment holds `entry`: this test's Ray processes (agents
-    renamed to `ray::...` included), and no other Ray on the machine."""
+def processes_with_env(entry: str, title: str = "") -> list[int]:
+    """Processes whose environment holds `entry` (and whose command line starts with `title`):
+    this test's Ray processes, agents renamed to `ray::...` included, and no other Ray here."""
+    found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
             continue
         try:
-            if entry.encode() in (proc / "environ").read_bytes().split(b"\0"):
-                os.kill(int(proc.name), signal.SIGKILL)
-        except (OSError, ProcessLookupError):
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            command = (proc / "cmdline").read_bytes()
+        except OSError:
             continue  # gone, or not ours to read
+        if entry.encode() in environ and command.startswith(title.encode()):
+            found.append(int(proc.name))
+    return found
+
+
+def kill_processes_with_env(entry: str) -> None:
+    for pid in processes_with_env(entry):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
 
 
 def tune_command(search_file: Path, data: Path, storage: Path, *extra: str) -> list[str]:
@@ -292,10 +304,8 @@ def test_a_killed_trial_is_retried_from_its_checkpoint(tiny, tmp_path, env):
     while not list(folder.glob("run_trial_*/checkpoint_*")):  # epoch 1 reported to Ray
         assert driver.poll() is None and time.monotonic() < deadline
         time.sleep(0.2)
-    trial = subprocess.run(
-        ["pgrep", "-f", "ray::ImplicitFunc"], capture_output=True, text=True, check=True
-    )
-    os.kill(int(trial.stdout.split()[0]), signal.SIGKILL)
+    (trial,) = processes_with_env(f"RAY_TMPDIR={env['RAY_TMPDIR']}", "ray::ImplicitFunc")
+    os.kill(trial, signal.SIGKILL)
     (run_dir,) = (folder / "trials").iterdir()
     first_epoch = epoch_lines(run_dir)[0]  # its numbers (e.g. img/s) differ in any rerun
     assert driver.wait(timeout=300) == 0, (tmp_path / "search.log").read_text()[-3000:]
