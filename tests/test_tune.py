@@ -90,6 +90,31 @@ def test_the_best_trial_is_one_that_ran_every_epoch():
     assert pick_best(trials, "min")["trial_id"] == "b"
 
 
+def test_an_unknown_objective_metric_is_refused_with_a_suggestion():
+    from dtrain.tune.settings import SearchSettings
+
+    with pytest.raises(ConfigError, match="did you mean val_accuracy"):
+        SearchSettings(metric="val_acuracy").validate()
+
+
+def test_a_reported_checkpoint_comes_back_with_its_deepspeed_shards(tmp_path):
+    from ray.tune import Checkpoint
+
+    from dtrain.tune.trial import _checkpoint_dir, restore
+
+    run_dir = tmp_path / "run"
+    (run_dir / "deepspeed" / "step3").mkdir(parents=True)
+    files = {"last.pt": b"weights", "config.yaml": b"a: 1", "deepspeed/step3/rank0.pt": b"shard"}
+    for name, content in files.items():
+        (run_dir / name).write_bytes(content)
+    folder = _checkpoint_dir(run_dir / "last.pt")
+    other = tmp_path / "elsewhere"
+    assert restore(Checkpoint.from_directory(str(folder)), other) is True
+    for name, content in files.items():
+        assert (other / name).read_bytes() == content, name
+    assert restore(None, other) is False and not other.exists()  # no checkpoint: from scratch
+
+
 def test_overrides_after_flags_reach_the_base_config(tmp_path, capsys):
     from dtrain.cli import main
 

@@ -20,6 +20,7 @@ from dtrain.train.engine import Engine
 from dtrain.train.rng import set_rng_state
 
 LAST, BEST = "last.pt", "best.pt"
+SHARDS = "deepspeed"  # the run folder's DeepSpeed shard tags
 
 
 @dataclass
@@ -60,7 +61,7 @@ class CheckpointSaver:
     def __init__(self, run_dir: Path, engine: Engine) -> None:
         self.run_dir = run_dir
         self.engine = engine
-        self.shards = run_dir / "deepspeed"
+        self.shards = run_dir / SHARDS
 
     @property
     def last(self) -> Path:

@@ -4,6 +4,7 @@ from `dtrain tune`'s flags (each field is a flag), checked before Ray starts."""
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -13,6 +14,16 @@ import yaml
 from dtrain.config import Config, load_config, set_key
 from dtrain.errors import ConfigError
 from dtrain.tune.space import Dimension, parse_space
+
+_EVAL = ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "ece")
+# what the objective may average: the val metrics on the labels as shipped, or (where the
+# dataset keeps them, e.g. to study the search itself) on the clean labels; or the train loss
+OBJECTIVE_METRICS = (
+    *(f"val_{m}" for m in _EVAL),
+    *(f"val_clean_{m}" for m in _EVAL),
+    "train_loss",
+    "train_accuracy",
+)
 
 
 def flag(default: Any, help: str) -> Any:
@@ -64,6 +75,13 @@ class SearchSettings:
         for key, ok in checks.items():
             if not ok:
                 raise ConfigError(f"search.{key}={getattr(self, key)!r} is invalid")
+        if self.metric not in OBJECTIVE_METRICS:
+            close = difflib.get_close_matches(self.metric, OBJECTIVE_METRICS, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(
+                f"search.metric={self.metric!r} is not an epoch metric{hint} "
+                f"(one of {', '.join(OBJECTIVE_METRICS)})"
+            )
         if self.algorithm == "tpe":
             try:
                 import optuna  # noqa: F401

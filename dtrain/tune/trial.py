@@ -18,9 +18,10 @@ from typing import Any
 
 from dtrain.config import Config, config_from_dict, set_key
 from dtrain.files import promote
+from dtrain.train.checkpoint import LAST, SHARDS
 
 OBJECTIVE = "objective"
-CHECKPOINT_FILES = ("last.pt", "config.yaml")
+CHECKPOINT_FILES = (LAST, "config.yaml")
 
 
 @dataclass
@@ -63,11 +64,15 @@ def _report_record(record: dict, history: list[dict], job: TrialJob) -> dict:
 
 
 def _checkpoint_dir(last: Path) -> Path:
-    """A folder of hard links to the run's checkpoint files, for Ray to persist."""
-    folder = Path(tempfile.mkdtemp(prefix=".ray_checkpoint_", dir=last.parent))
+    """A folder of hard links to the run's checkpoint files (and its DeepSpeed shards, which
+    `last.pt` names), for Ray to persist."""
+    run_dir = last.parent
+    folder = Path(tempfile.mkdtemp(prefix=".ray_checkpoint_", dir=run_dir))
     for name in CHECKPOINT_FILES:
-        if (last.parent / name).exists():
-            os.link(last.parent / name, folder / name)
+        if (run_dir / name).exists():
+            os.link(run_dir / name, folder / name)
+    if (run_dir / SHARDS).is_dir():
+        shutil.copytree(run_dir / SHARDS, folder / SHARDS, copy_function=os.link)
     return folder
 
 
@@ -80,6 +85,8 @@ def restore(checkpoint: Any, run_dir: Path) -> bool:
         return False
     run_dir.mkdir(parents=True, exist_ok=True)
     with checkpoint.as_directory() as source:
+        if (Path(source) / SHARDS).is_dir():  # before last.pt, which names them
+            shutil.copytree(Path(source) / SHARDS, run_dir / SHARDS, dirs_exist_ok=True)
         for name in CHECKPOINT_FILES:
             pending = run_dir / f".{name}.restored"
             shutil.copyfile(Path(source) / name, pending)
