@@ -293,10 +293,15 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
             raise _unknown(key, valid)
         section, name = key.split(".")
         config.explicit_keys |= _apply(config, {section: {name: value}}, valid)
+    apply_method_implies(config)
+    return config
+
+
+def apply_method_implies(config: Config) -> None:
+    """What the method implies (dtrain.registry), for the keys the user left unset."""
     for key, value in METHODS[config.method.name].implies.items():
         if key not in config.explicit_keys:
             set_key(config, key, value)
-    return config
 
 
 def config_from_dict(values: dict) -> Config:

@@ -115,6 +115,17 @@ def test_a_reported_checkpoint_comes_back_with_its_deepspeed_shards(tmp_path):
     assert restore(None, other) is False and not other.exists()  # no checkpoint: from scratch
 
 
+def test_a_searched_method_brings_its_implied_values():
+    from dtrain.tune.trial import TrialJob
+
+    base = load_config(None, ["method.temperature=0.3"])
+    job = TrialJob(base.to_dict(), set(base.explicit_keys), "search", "val_accuracy", 3, 1, 1, 0)
+    afm = job.config({"method.name": "afm"}, Path("run"))
+    assert afm.model.attention_inputs == "feature"  # AFM's own, as `method.name=afm` gives
+    assert afm.method.temperature == 0.3 and afm.train.run_dir == "run"
+    assert job.config({"method.name": "iam"}, Path("run")).model.attention_inputs != "feature"
+
+
 def test_overrides_after_flags_reach_the_base_config(tmp_path, capsys):
     from dtrain.cli import main
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from dtrain.config import Config, config_keys, set_key
+from dtrain.config import Config, apply_method_implies, config_keys, set_key
 from dtrain.errors import ConfigError
 from dtrain.registry import METHODS
 
@@ -67,6 +67,8 @@ def _check_value(base: Config, key: str, value: Any) -> None:
     """Refuse, before any trial, a value the trial's config would refuse."""
     trial = copy.deepcopy(base)
     set_key(trial, key, value)
+    trial.explicit_keys.add(key)
+    apply_method_implies(trial)
     trial.validate()
 
 

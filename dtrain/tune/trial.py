@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dtrain.config import Config, config_from_dict, set_key
+from dtrain.config import Config, apply_method_implies, config_from_dict, set_key
 from dtrain.files import promote
 from dtrain.train.checkpoint import LAST, SHARDS
 
@@ -44,6 +44,7 @@ class TrialJob:
         for key, value in values.items():
             set_key(config, key, value)
             config.explicit_keys.add(key)
+        apply_method_implies(config)  # a searched method.name brings its own defaults
         set_key(config, "train.run_dir", str(run_dir))
         set_key(config, "train.progress", False)  # one line per epoch in the trial's log
         config.validate()
