@@ -136,7 +136,7 @@ def test_overrides_after_flags_reach_the_base_config(tmp_path, capsys):
     assert f"data.path={tmp_path}/none holds no dataset.json" in capsys.readouterr().err
 
 
-def test_a_search_folder_is_never_reused_by_another_search(tiny, tmp_path):
+def test_a_search_folder_is_never_reused_by_another_search(tiny, tmp_path, capsys):
     from dtrain.errors import RunFolderError
     from dtrain.tune.search import _check_folder
     from dtrain.tune.settings import load_search
@@ -153,6 +153,10 @@ def test_a_search_folder_is_never_reused_by_another_search(tiny, tmp_path):
     with pytest.raises(RunFolderError, match="already holds a search"):
         _check_folder(first, resume=False)
     _check_folder(first, resume=True)  # the same search continues
+    assert "ignored" not in capsys.readouterr().out
+    first.settings.max_concurrent = 5
+    _check_folder(first, resume=True)
+    assert "ignored: max_concurrent" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="the space differs"):
         _check_folder(load({"method.temperature": {"choice": [0.7]}}), resume=True)
 

@@ -143,6 +143,9 @@ def _check_folder(search: Search, resume: bool) -> None:
                     f"--resume: the {part} differs from the one {search.folder} was started "
                     f"with ({saved}); resume with the same file and overrides"
                 )
+        changed = sorted(k for k, v in now["search"].items() if before["search"].get(k) != v)
+        if changed:  # Tune restores the search as it was started
+            print(f"tune: --resume keeps the search's own settings; ignored: {', '.join(changed)}")
         return
     if saved.exists():
         raise RunFolderError(
