@@ -28,7 +28,7 @@ SEARCH_FILE = REPO / "tuning" / "iam_search.yaml"
 SPACE = ["method.group_size", "method.temperature", "method.mixup_alpha"]
 
 
-def search(name: str, scheduler: str, args: argparse.Namespace) -> dict:
+def search(name: str, scheduler: str, args: argparse.Namespace, *flags: str) -> dict:
     """Run (or continue, or reuse) one search; its trials table and summary."""
     folder = Path(args.storage) / name
     if not (folder / "summary.json").is_file():
@@ -48,6 +48,7 @@ def search(name: str, scheduler: str, args: argparse.Namespace) -> dict:
             f"--storage-path={args.storage}",
             f"--name={name}",
             f"--max-concurrent={args.max_concurrent}",
+            *flags,
         ]
         resumed = (folder / "search.yaml").is_file()
         if resumed:
@@ -81,12 +82,19 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=12)
     parser.add_argument("--max-concurrent", type=int, default=2)
     parser.add_argument("--storage", default=str(REPO / "runs" / "tune_bench"))
+    parser.add_argument(
+        "--reduction-factor", type=float, help="ASHA's (default: the search file's)"
+    )
     parser.add_argument("--out", default=str(RESULTS / "tune.json"))
     parser.add_argument("overrides", nargs="*", help="extra key=value for every trial")
     args = parser.parse_args()
 
     full = search("full", "none", args)
-    asha = search("asha", "asha", args)
+    if args.reduction_factor:  # another ASHA search beside the first, over the same configs
+        rf = f"--reduction-factor={args.reduction_factor}"
+        asha = search(f"asha_rf{args.reduction_factor:g}", "asha", args, rf)
+    else:
+        asha = search("asha", "asha", args)
     full_trials, asha_trials = full["trials"], asha["trials"]
     same = sorted(map(config_key, full_trials.to_dict("records"))) == sorted(
         map(config_key, asha_trials.to_dict("records"))
@@ -153,6 +161,7 @@ def main() -> None:
             "image_size": args.image_size,
             "samples": args.samples,
             "max_concurrent": args.max_concurrent,
+            "reduction_factor": args.reduction_factor or "the search file's",
             "search_file": str(SEARCH_FILE.relative_to(REPO)),
             "searches": rows,
             "oracle_clean_test_accuracy": oracle,
