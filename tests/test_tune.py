@@ -232,6 +232,13 @@ def run(command: list[str], env: dict, timeout: int = 400) -> subprocess.Complet
     return result
 
 
+def reported(folder: Path) -> bool:
+    """Whether Tune has taken in a trial's first report (it writes result.json as it does; a
+    checkpoint folder alone may still be being copied)."""
+    results = list(folder.glob("run_trial_*/result.json"))
+    return bool(results) and bool(results[0].read_text().strip())
+
+
 def epoch_lines(run_dir: Path) -> list[str]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [line for line in lines if '"kind": "epoch"' in line]
@@ -341,7 +348,7 @@ def test_a_killed_trial_is_retried_from_its_checkpoint(tiny, tmp_path, env):
         driver = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     folder = tmp_path / "results" / "search"
     deadline = time.monotonic() + 300
-    while not list(folder.glob("run_trial_*/checkpoint_*")):  # epoch 1 reported to Ray
+    while not reported(folder):  # epoch 1 and its checkpoint registered by Tune
         assert driver.poll() is None and time.monotonic() < deadline
         time.sleep(0.2)
     (trial,) = processes_with_env(f"RAY_TMPDIR={env['RAY_TMPDIR']}", "ray::ImplicitFunc")
