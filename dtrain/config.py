@@ -268,21 +268,27 @@ def set_key(config: Config, key: str, value: Any) -> None:
     _apply(config, {section: {name: value}}, config_keys())
 
 
+def read_yaml_mapping(path: str | Path, what: str) -> dict:
+    """A YAML file that must hold a mapping; a clear error naming the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{what} {path} is not valid YAML: {err}") from err
+    if not isinstance(values, dict):
+        raise ConfigError(f"{what} {path} must hold a mapping of sections")
+    return values
+
+
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     """Defaults, then the YAML file, then `section.key=value` overrides, then what the method
     implies for keys left unset (dtrain.registry); not yet validated."""
     config = Config()
     valid = config_keys()
     if path:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
-        if not isinstance(values, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections")
+        values = read_yaml_mapping(path, "config file")
         config.explicit_keys |= _apply(config, values, valid)
     for item in overrides:
         key, sep, value = item.partition("=")

@@ -126,6 +126,23 @@ def test_a_searched_method_brings_its_implied_values():
     assert job.config({"method.name": "iam"}, Path("run")).model.attention_inputs != "feature"
 
 
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("space: [unclosed", "search file .*s.yaml is not valid YAML"),
+        ("- a list", "must hold a mapping"),
+        ("space: {}\nsearhc: {}", "only `space:` and `search:`"),
+        ("space: {}", "`space:` must map config keys"),
+    ],
+)
+def test_a_broken_search_file_is_refused_naming_the_file(tmp_path, text, message):
+    from dtrain.tune.settings import load_search
+
+    (tmp_path / "s.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_search(tmp_path / "s.yaml", None, [], {})
+
+
 def test_overrides_after_flags_reach_the_base_config(tmp_path, capsys):
     from dtrain.cli import main
 

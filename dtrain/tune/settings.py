@@ -9,9 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from dtrain.config import Config, load_config, set_key
+from dtrain.config import Config, load_config, read_yaml_mapping, set_key
 from dtrain.errors import ConfigError
 from dtrain.tune.space import Dimension, parse_space
 
@@ -131,13 +129,8 @@ def load_search(
     """The search file (`space:` and optionally `search:`), the base dtrain config (as for
     `dtrain train`) and the flags given on the command line (they win)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"search file {path} does not exist")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"search file {path} is not valid YAML: {err}") from err
-    unknown = set(values) - {"space", "search"} if isinstance(values, dict) else {"?"}
+    values = read_yaml_mapping(path, "search file")
+    unknown = set(values) - {"space", "search"}
     if unknown:
         raise ConfigError(
             f"search file {path}: only `space:` and `search:` sections are read; got {unknown}"
@@ -153,8 +146,8 @@ def load_search(
     settings.validate()
     base = load_config(config_path, overrides)
     base.validate()
-    _absolute_paths(base)
     space = parse_space(values.get("space"), base, str(path))
+    _absolute_paths(base)  # last: it may prepare the embedded set
     if settings.algorithm == "tpe" and settings.num_samples < 2:
         raise ConfigError("search.algorithm=tpe needs search.num_samples >= 2")
     return Search(settings, space, base, str(path))
