@@ -18,4 +18,7 @@ if __name__ == "__main__":
             trainer.request_stop()
 
     trainer = Trainer(load_config(None, overrides), on_step=on_step)
-    print("RESULT " + json.dumps({"rank": rank, **trainer.fit()}), flush=True)
+    # one write that starts its own line: the two ranks share torchrun's stdout, and a result
+    # appended to the other rank's unfinished line could not be read back
+    sys.stdout.write("\nRESULT " + json.dumps({"rank": rank, **trainer.fit()}) + "\n")
+    sys.stdout.flush()

@@ -257,3 +257,12 @@ def test_metrics_match_a_plain_python_reference(seed, classes):
     flags = [rng.random() < 0.3 for _ in range(n)]
     flags[:2] = [True, False]
     assert auroc(np.array(scores), np.array(flags)) == pytest.approx(reference_auroc(scores, flags))
+
+
+def test_metric_names_are_the_keys_classification_metrics_returns():
+    import numpy as np
+
+    from dtrain.train.metrics import METRIC_NAMES, classification_metrics
+
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+    assert tuple(classification_metrics(probs, np.array([0, 1, 1]))) == METRIC_NAMES

@@ -28,6 +28,9 @@ def auroc(scores: np.ndarray, positives: np.ndarray) -> float:
     return float(roc_auc_score(positives, scores))
 
 
+METRIC_NAMES = ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "ece")
+
+
 def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """probs [N, C] (softmax), labels [N] -> accuracy, balanced accuracy, macro-F1, AUROC, ECE."""
     num_classes = probs.shape[1]

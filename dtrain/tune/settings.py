@@ -11,14 +11,14 @@ from typing import Any, Literal
 
 from dtrain.config import Config, load_config, read_yaml_mapping, set_key
 from dtrain.errors import ConfigError
+from dtrain.train.metrics import METRIC_NAMES
 from dtrain.tune.space import Dimension, parse_space
 
-_EVAL = ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "ece")
 # what the objective may average: the val metrics on the labels as shipped, or (where the
 # dataset keeps them, e.g. to study the search itself) on the clean labels; or the train loss
 OBJECTIVE_METRICS = (
-    *(f"val_{m}" for m in _EVAL),
-    *(f"val_clean_{m}" for m in _EVAL),
+    *(f"val_{m}" for m in METRIC_NAMES),
+    *(f"val_clean_{m}" for m in METRIC_NAMES),
     "train_loss",
     "train_accuracy",
 )
