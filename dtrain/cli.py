@@ -6,8 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dtrain.prepare.cli import add_prepare_parser, run_prepare
-from dtrain.tune.cli import add_tune_parser, run_tune
+from dtrain import stop_signal
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -22,7 +21,15 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "methods (method.name=..., presets in configs/<name>.yaml):\n" + methods_help(),
     )
     p.add_argument("--config", help="YAML config, e.g. configs/iam.yaml")
-    p.add_argument("--resume", action="store_true", help="continue the run in train.run_dir")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="yes",
+        choices=["yes", "auto"],
+        help="continue the run in train.run_dir; `--resume auto` continues it if it has a "
+        "checkpoint and starts it otherwise (one command line for a job's first start and "
+        "every requeue)",
+    )
     p.add_argument(
         "overrides", nargs="*", metavar="key=value", help="e.g. method.group_size=4 optim.lr=0.1"
     )
@@ -36,19 +43,23 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> None:
-    import signal
-
     from dtrain.config import load_config
+    from dtrain.train.checkpoint import LAST
     from dtrain.train.trainer import Trainer
 
     config = load_config(args.config, args.overrides)
     config.validate()
-    trainer = Trainer(config, resume=args.resume)
-    # SLURM sends SIGTERM (or the --signal of your choice) before preemption or the time limit:
-    # checkpoint at the next log step and exit; `--resume` continues.
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, lambda *_: trainer.request_stop())
-    trainer.fit()
+    # SIGTERM / SIGUSR1 (main() installed the handlers) or the job's stop file: checkpoint at
+    # the next log step and exit 0; `--resume` continues.
+    stop_file = stop_signal.stop_file()
+    trainer = Trainer(config, stop=stop_signal.requested, stop_file=stop_file)
+    has_checkpoint = (trainer.run_dir / LAST).exists()
+    trainer.resume = args.resume == "yes" or (args.resume == "auto" and has_checkpoint)
+    if args.resume == "auto" and trainer.is_main:
+        print(f"--resume auto: {'resuming' if has_checkpoint else 'starting'} {trainer.run_dir}")
+    result = trainer.fit()
+    if result.get("stopped") and stop_file is not None and stop_signal.requested.is_set():
+        stop_signal.acknowledgement(stop_file).touch()
 
 
 def _run_eval(args: argparse.Namespace) -> None:
@@ -57,8 +68,25 @@ def _run_eval(args: argparse.Namespace) -> None:
     evaluate_run(args.run_dir, args.split, args.checkpoint)
 
 
+def _resume_flag_alone(argv: list[str]) -> list[str]:
+    """`train --resume` takes an optional value (`auto`); a `key=value` after a bare `--resume`
+    is an override, not that value."""
+    commands = [a for a in argv if not a.startswith("-")]
+    if not commands or commands[0] != "train":
+        return argv
+    return [
+        "--resume=yes" if a == "--resume" and argv[i + 1 : i + 2] not in (["yes"], ["auto"]) else a
+        for i, a in enumerate(argv)
+    ]
+
+
 def main(argv: list[str] | None = None) -> None:
+    # first of all: a stop signal that arrives while dtrain imports torch must not kill it
+    stop_signal.install_handlers()
     from dtrain.errors import DtrainError
+    from dtrain.launch.cli import add_launch_parser, run_launch
+    from dtrain.prepare.cli import add_prepare_parser, run_prepare
+    from dtrain.tune.cli import add_tune_parser, run_tune
 
     parser = argparse.ArgumentParser(prog="dtrain", description=__doc__)
     # the deepspeed launcher passes --local_rank=N first; LOCAL_RANK in the environment says
@@ -69,14 +97,24 @@ def main(argv: list[str] | None = None) -> None:
     _add_train(sub)
     _add_eval(sub)
     add_tune_parser(sub)
+    add_launch_parser(sub)
     # key=value overrides may stand anywhere, also after flags (`tune FILE --config X a=b`)
+    argv = _resume_flag_alone(sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)
     stray = [e for e in extra if e.startswith("-") or "=" not in e]
     if stray or (extra and not hasattr(args, "overrides")):
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:
         args.overrides += extra
-    commands = {"prepare": run_prepare, "train": _run_train, "eval": _run_eval, "tune": run_tune}
+    if args.command != "train":
+        stop_signal.restore_defaults()  # only training checkpoints on a stop request
+    commands = {
+        "prepare": run_prepare,
+        "train": _run_train,
+        "eval": _run_eval,
+        "tune": run_tune,
+        "launch": run_launch,
+    }
     try:
         commands[args.command](args)
     except DtrainError as err:

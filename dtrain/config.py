@@ -165,6 +165,11 @@ class Config:
             t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", t.max_nonfinite_steps, ">= 1"
         )
 
+    @property
+    def run_path(self) -> Path:
+        """The run folder: train.run_dir, or runs/<method>_seed<seed>."""
+        return Path(self.train.run_dir or f"runs/{self.method.name}_seed{self.train.seed}")
+
     def to_dict(self) -> dict:
         values = dataclasses.asdict(self)
         values.pop("explicit_keys")

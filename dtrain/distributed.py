@@ -5,24 +5,13 @@ global batch)."""
 from __future__ import annotations
 
 import os
-import re
 import socket
 
 import torch
 import torch.distributed as dist
 
 from dtrain.errors import DistributedError
-
-
-def first_host(nodelist: str) -> str:
-    """The first host of a SLURM node list: `gpu[03-05,09],cpu1` -> `gpu03`."""
-    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
-    if not match:
-        raise DistributedError(f"cannot read the SLURM node list {nodelist!r}")
-    prefix, ranges = match.groups()
-    if not ranges:
-        return prefix
-    return prefix + ranges.split(",")[0].split("-")[0]
+from dtrain.launch.slurm_env import head_address
 
 
 def env_from_slurm() -> bool:
@@ -37,10 +26,9 @@ def env_from_slurm() -> bool:
     env["RANK"] = env["SLURM_PROCID"]
     env["WORLD_SIZE"] = env["SLURM_NTASKS"]
     env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
-    env.setdefault(
-        "MASTER_ADDR",
-        first_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "localhost"))),
-    )
+    if "MASTER_ADDR" not in env:  # the job script normally exports it (launchers/)
+        nodelist = env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "localhost"))
+        env["MASTER_ADDR"] = head_address(nodelist, env.get("SLURMD_NODENAME"))
     # one port per job, so that two jobs sharing a node do not collide
     env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
     return True
@@ -70,6 +58,8 @@ def preflight(device: torch.device) -> None:
             f"preflight: rank {rank} summed {probe.item()} over {world} ranks; "
             "the ranks disagree on the world size"
         )
+    node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    print(f"rank {rank} of {world} on node {node}: joined through {rendezvous()}", flush=True)
 
 
 def world() -> tuple[int, int]:

@@ -68,21 +68,29 @@ class Trainer:
         on_epoch_end: EpochHook | None = None,
         on_step: StepHook | None = None,
         resume: bool = False,
+        stop: threading.Event | None = None,
+        stop_file: Path | None = None,
     ) -> None:
         config.validate()
         self.config = config
         self.on_epoch_end, self.on_step = on_epoch_end, on_step
         self.resume = resume
-        self._stop = threading.Event()  # requested on this rank (a signal, a callback)
+        # requested on this rank: a signal, a callback, or the job's stop file appearing
+        self._stop = stop or threading.Event()
+        self._stop_file = stop_file
         self._stopping = False  # agreed by every rank: only this ends the loop
         self.engine = make_engine(config)
         config.validate()  # again: a DeepSpeed file may have set values (dtrain.train.ds_config)
-        t = config.train
-        self.run_dir = Path(t.run_dir or f"runs/{config.method.name}_seed{t.seed}")
+        self.run_dir = config.run_path
 
     def request_stop(self) -> None:
         """Safe from a signal handler: checkpoint and return at the next log step."""
         self._stop.set()
+
+    def _stop_requested(self) -> bool:
+        if not self._stop.is_set() and self._stop_file is not None and self._stop_file.exists():
+            self._stop.set()
+        return self._stop.is_set()
 
     @property
     def is_main(self) -> bool:
@@ -187,7 +195,7 @@ class Trainer:
         count = batch["valid"].sum() if batch is not None else torch.zeros((), device=device)
         parts = [count.to(torch.float64).reshape(1)]
         if sums is not None:
-            stop = torch.tensor([float(self._stop.is_set())], dtype=torch.float64, device=device)
+            stop = torch.tensor([float(self._stop_requested())], dtype=torch.float64, device=device)
             parts += [stop, sums.vector()]
         return distributed.sum_over_ranks(torch.cat(parts))
 
@@ -273,7 +281,7 @@ class Trainer:
         nonfinite.read()
         # a stop requested after the last log step is agreed here, with the epoch's sums
         epoch_sums.values["stop"] = torch.tensor(
-            float(self._stop.is_set()), dtype=torch.float64, device=engine.device
+            float(self._stop_requested()), dtype=torch.float64, device=engine.device
         )
         totals = epoch_sums.reduce()
         self._stopping = self._stopping or totals.pop("stop") > 0

@@ -1,0 +1,218 @@
+"""`dtrain launch slurm`: a job script rendered from a template in `launchers/`, checked
+against the partition, and submitted with `sbatch`.
+
+Rendering sets the template's `#SBATCH` lines from the request (nodes, GPUs, CPUs, time,
+partition, the warning signal, a log in the run folder), writes the dtrain arguments into the
+script (`set -- ...`, so a requeued job runs exactly the same command) and points the script at
+the Python environment that rendered it. Everything else in the template stays as shipped."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from dtrain.errors import ConfigError
+
+LAUNCHERS_DIR = Path(__file__).resolve().parents[2] / "launchers"
+TRAIN_LAUNCHERS = ("torchrun", "srun", "accelerate", "deepspeed")
+DIRECTIVE = re.compile(r"^#+SBATCH\s+--([\w-]+)(?:=(.*))?$")
+
+
+class ClusterUnavailable(ConfigError):
+    """No SLURM to ask here (a --dry-run may go on without it)."""
+
+
+@dataclass
+class JobRequest:
+    """What the user asked for; `None` keeps the template's value (or leaves the option out)."""
+
+    launcher: str  # one of TRAIN_LAUNCHERS, or "ray_tune"
+    nodes: int = 1
+    gpus_per_node: str = "0"  # "8" or typed "a100:8"; "0": CPU nodes
+    gres: str | None = None  # instead of gpus_per_node: "gpu:8" or "gpu:a100:8"
+    cpus_per_task: int | None = None
+    time: str | None = None
+    partition: str | None = None
+    account: str | None = None
+    job_name: str | None = None
+    warning_s: int = 300
+
+    def __post_init__(self) -> None:
+        if self.nodes < 1:
+            raise ConfigError(f"--nodes {self.nodes}: must be >= 1")
+        if self.gpus < 0:  # also checks the request's form
+            raise ConfigError(f"GPU request {self.gpus_per_node!r}: must be >= 0")
+
+    @property
+    def gpu_type(self) -> str:
+        spec = self.gres.split(":", 1)[1] if self.gres else self.gpus_per_node
+        return spec.rsplit(":", 1)[0] if ":" in spec else ""
+
+    @property
+    def gpus(self) -> int:
+        spec = self.gres.split(":", 1)[1] if self.gres else self.gpus_per_node
+        count = spec.rsplit(":", 1)[-1]
+        if not count.isdigit():
+            raise ConfigError(f"GPU request {spec!r}: expected N or TYPE:N, e.g. 8 or a100:8")
+        return int(count)
+
+    @property
+    def tasks_per_node(self) -> int:
+        """One task per GPU without a per-node launcher (srun), else one per node."""
+        return max(self.gpus, 1) if self.launcher == "srun" else 1
+
+    def template(self) -> Path:
+        return LAUNCHERS_DIR / f"slurm_{self.launcher}.sbatch"
+
+
+@dataclass
+class NodeShape:
+    name: str
+    cpus: int
+    gpus: dict[str, int]  # per type; "" counts every GPU of the node
+
+
+def parse_gres(gres: str) -> dict[str, int]:
+    """`gpu:a100:8(S:0-1),gpu:2` -> {"a100": 8, "": 10}."""
+    counts: dict[str, int] = {"": 0}
+    for item in re.sub(r"\([^)]*\)", "", gres).split(","):
+        parts = item.split(":")
+        if parts[0] != "gpu" or len(parts) < 2 or not parts[-1].isdigit():
+            continue
+        count = int(parts[-1])
+        counts[""] += count
+        if len(parts) == 3:
+            counts[parts[1]] = counts.get(parts[1], 0) + count
+    return counts
+
+
+def _scontrol_records(*args: str) -> list[dict[str, str]]:
+    if shutil.which("scontrol") is None:
+        raise ClusterUnavailable("scontrol is not on PATH: run this on a SLURM login node")
+    out = subprocess.run(
+        ["scontrol", "show", *args, "-o"], capture_output=True, text=True, timeout=60
+    )
+    if out.returncode != 0:
+        lines = out.stderr.strip().splitlines() or ["no output"]
+        raise ClusterUnavailable(f"scontrol show {' '.join(args)} failed: {lines[-1]}")
+    return [
+        dict(f.split("=", 1) for f in line.split() if "=" in f)
+        for line in out.stdout.splitlines()
+        if line.strip()
+    ]
+
+
+def partition_nodes(partition: str | None) -> tuple[str, list[NodeShape]]:
+    """The partition (the default one if None) and the shape of each of its nodes."""
+    parts = _scontrol_records("partition")
+    chosen = [
+        p
+        for p in parts
+        if (p.get("PartitionName") == partition if partition else p.get("Default") == "YES")
+    ]
+    if not chosen:
+        names = ", ".join(p.get("PartitionName", "?") for p in parts)
+        wanted = f"partition {partition!r}" if partition else "a default partition"
+        raise ConfigError(f"SLURM has no {wanted}; its partitions: {names} (--partition)")
+    part = chosen[0]
+    hosts = subprocess.run(
+        ["scontrol", "show", "hostnames", part["Nodes"]], capture_output=True, text=True
+    ).stdout.split()
+    shapes = [
+        NodeShape(n["NodeName"], int(n.get("CPUTot", 0)), parse_gres(n.get("Gres", "")))
+        for n in _scontrol_records("node")
+        if n.get("NodeName") in hosts
+    ]
+    return part["PartitionName"], shapes
+
+
+def fit_to_partition(request: JobRequest, partition: str, nodes: list[NodeShape]) -> None:
+    """Refuse a request no `request.nodes` nodes of the partition can hold (SLURM would leave
+    it pending forever); choose CPUs per task when not given: the node's share per task."""
+    if request.nodes > len(nodes):
+        raise ConfigError(
+            f"--nodes {request.nodes}: partition {partition} has {len(nodes)} node(s)"
+        )
+    tasks = request.tasks_per_node
+    with_gpus = [n for n in nodes if n.gpus.get(request.gpu_type, 0) >= request.gpus]
+    if len(with_gpus) < request.nodes:
+        most = max((n.gpus.get(request.gpu_type, 0) for n in nodes), default=0)
+        kind = f"{request.gpu_type} GPUs" if request.gpu_type else "GPUs"
+        raise ConfigError(
+            f"{request.gpus} {kind} per node: the nodes of partition {partition} have at most "
+            f"{most}"
+        )
+    if request.cpus_per_task is None:
+        request.cpus_per_task = max(1, sorted(n.cpus for n in with_gpus)[-request.nodes] // tasks)
+    need = request.cpus_per_task * tasks
+    if sum(n.cpus >= need for n in with_gpus) < request.nodes:
+        most = max(n.cpus for n in with_gpus)
+        raise ConfigError(
+            f"--cpus-per-task {request.cpus_per_task} x {tasks} task(s) per node = {need} CPUs: "
+            f"the nodes of partition {partition} have at most {most}; lower --cpus-per-task"
+        )
+
+
+def directives(request: JobRequest, log: Path) -> dict[str, str | None]:
+    """The `#SBATCH` options to set; None removes the option from the script."""
+    gpu_option = None if request.gres or request.gpus == 0 else request.gpus_per_node
+    values: dict[str, str | None] = {
+        "nodes": str(request.nodes),
+        "ntasks-per-node": str(request.tasks_per_node),
+        "gpus-per-node": gpu_option,
+        "gres": request.gres,
+        "cpus-per-task": str(request.cpus_per_task) if request.cpus_per_task else None,
+        "output": str(log),
+    }
+    if request.launcher != "ray_tune":
+        values["signal"] = f"B:USR1@{request.warning_s}"
+    for key in ("time", "partition", "account", "job-name"):
+        value = getattr(request, key.replace("-", "_"))
+        if value is not None:
+            values[key] = value
+    if values["cpus-per-task"] is None:
+        del values["cpus-per-task"]  # the template's own
+    return values
+
+
+def render(template: str, options: dict[str, str | None], args: list[str], bin_dir: Path) -> str:
+    """The template with its `#SBATCH` lines set from `options`, the arguments written in and
+    the environment pointed at `bin_dir`."""
+    lines, last_directive, seen = [], 0, set()
+    for line in template.splitlines():
+        match = DIRECTIVE.match(line)
+        if match and match.group(1) in options:
+            key = match.group(1)
+            seen.add(key)
+            if options[key] is None:
+                continue
+            line = f"#SBATCH --{key}={options[key]}"
+        if match:
+            last_directive = len(lines) + 1
+        if line.startswith("# ARGS:"):
+            line = "set -- " + shlex.join(args)
+        line = re.sub(r"\$\{DTRAIN_BIN:-[^}]*\}", f"${{DTRAIN_BIN:-{bin_dir}}}", line)
+        lines.append(line)
+    extra = [f"#SBATCH --{k}={v}" for k, v in options.items() if k not in seen and v is not None]
+    lines[last_directive:last_directive] = extra
+    return "\n".join(lines) + "\n"
+
+
+def python_bin() -> Path:
+    """The folder of the interpreter running dtrain (a venv's bin/: its python, torchrun, ...)."""
+    return Path(sys.executable).parent.absolute()
+
+
+def submit(script: Path) -> str:
+    """`sbatch` the script from the current folder; the job id."""
+    result = subprocess.run(
+        ["sbatch", "--parsable", str(script)], capture_output=True, text=True, timeout=120
+    )
+    if result.returncode != 0:
+        raise ConfigError(f"sbatch {script} refused the job: {result.stderr.strip()}")
+    return result.stdout.strip().split(";")[0]

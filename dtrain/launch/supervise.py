@@ -1,0 +1,96 @@
+"""The job step's supervisor: `exec python -m dtrain.launch.supervise COMMAND...` as the last
+line of a batch script, so that it *is* the batch shell that SLURM signals.
+
+SLURM warns a job before its time limit or a preemption with `--signal=B:USR1@<seconds>`, sent
+to the batch shell only. The supervisor turns the warning into a stop file that the training
+ranks on this node read at their next log step (`DTRAIN_STOP_FILE`, dtrain.stop_signal). The
+ranks agree on one step, checkpoint and exit 0; then the supervisor requeues the job
+(`scontrol requeue`) and exits 0. The requeued job runs the same script again with
+`SLURM_RESTART_COUNT` > 0, and `dtrain train --resume auto` continues from `last.pt`.
+
+A signal file rather than a signal to the ranks: torchrun, accelerate and the deepspeed launcher
+stand between the batch shell and the ranks and would die of a USR1, or turn a TERM into a failed
+job even after a clean checkpoint. A job that finishes while the warning is on its way is not
+requeued (the run acknowledges an early stop with `<stop file>.stopped`)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from dtrain.stop_signal import STOP_FILE_ENV, STOP_SIGNALS, acknowledgement
+
+
+def _say(message: str) -> None:
+    print(f"dtrain supervise: {message}", file=sys.stderr, flush=True)
+
+
+def stop_file_for(env: dict[str, str]) -> Path:
+    """Node-local, one per job start: the ranks on the first node see it at once, and a stale
+    one from an earlier start cannot stop the next."""
+    job = env.get("SLURM_JOB_ID", str(os.getpid()))
+    restart = env.get("SLURM_RESTART_COUNT", "0")
+    return Path(tempfile.gettempdir()) / f"dtrain-{job}.{restart}.stop"
+
+
+def requeue(job_id: str) -> int:
+    result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
+    if result.returncode != 0:
+        _say(
+            f"scontrol requeue {job_id} failed ({result.stderr.strip()}); the checkpoint is "
+            "saved: submit the same script again to continue"
+        )
+    return result.returncode
+
+
+def supervise(command: list[str], env: dict[str, str], warned: bool = False) -> int:
+    """Run `command` with the stop file in its environment; the exit status of the job.
+    `warned`: the batch script caught the warning before the supervisor started."""
+    stop = stop_file_for(env)
+    for path in (stop, acknowledgement(stop)):
+        path.unlink(missing_ok=True)
+    if warned:
+        _say("warned during start-up: the ranks will checkpoint and stop at their first log step")
+        stop.touch()
+
+    def on_warning(signum: int, frame: object) -> None:
+        if not stop.exists():
+            _say(f"{signal.Signals(signum).name}: asking the ranks to checkpoint and stop")
+            stop.touch()
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, on_warning)
+    restarts = env.get("SLURM_RESTART_COUNT", "0")
+    _say(f"job {env.get('SLURM_JOB_ID', '?')} start {int(restarts) + 1}: {' '.join(command)}")
+    # its own process group: a signal meant for the batch shell never reaches srun or the ranks
+    child = subprocess.Popen(command, env={**env, STOP_FILE_ENV: str(stop)}, start_new_session=True)
+    code = child.wait()
+    stopped_early = acknowledgement(stop).exists()
+    for path in (stop, acknowledgement(stop)):
+        path.unlink(missing_ok=True)
+    if code < 0:
+        code = 128 - code
+    if code != 0:
+        _say(f"the job's command exited {code}")
+        return code
+    if not stopped_early:
+        return 0
+    _say("the ranks stopped at a checkpoint; requeueing the job to continue it")
+    return 1 if requeue(env["SLURM_JOB_ID"]) else 0
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    warned = args[:1] == ["--warned"]
+    command = args[1:] if warned else args
+    if not command:
+        raise SystemExit("usage: python -m dtrain.launch.supervise [--warned] COMMAND [ARGS...]")
+    sys.exit(supervise(command, dict(os.environ), warned))
+
+
+if __name__ == "__main__":
+    main()
