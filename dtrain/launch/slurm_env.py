@@ -67,31 +67,38 @@ def _address_towards(host: str) -> str | None:
 
 
 def _controller_host() -> str | None:
-    out = subprocess.run(
-        ["scontrol", "show", "config"], capture_output=True, text=True, timeout=30
-    ).stdout
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "config"], capture_output=True, text=True, timeout=30
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
     match = re.search(r"^SlurmctldHost\[0\]\s*=\s*([^\s(]+)(?:\(([^)]+)\))?", out, re.M)
     return (match.group(2) or match.group(1)) if match else None
 
 
-def head_address(nodelist: str, this_node: str | None) -> str:
-    """The address of the job's first node that the other nodes can reach (see the module)."""
-    head = first_host(nodelist)
-    node_addr = _scontrol_fields("node", head).get("NodeAddr")
-    if node_addr and node_addr != head:
+def node_address(node: str, this_node: str | None) -> str:
+    """An address of `node` that the other nodes can reach (see the module docstring)."""
+    node_addr = _scontrol_fields("node", node).get("NodeAddr")
+    if node_addr and node_addr != node:
         return _resolve(node_addr) or node_addr
-    if this_node == head:
+    if this_node == node:
         controller = _controller_host()
         own = _address_towards(controller) if controller else None
         if own:
             return own
-    resolved = _resolve(head)
+    resolved = _resolve(node)
     if resolved is None:
         raise DistributedError(
-            f"the first node {head!r} has no NodeAddr in SLURM and its name does not resolve; "
-            "export MASTER_ADDR (an address of that node the others can reach) in the job script"
+            f"node {node!r} has no NodeAddr in SLURM and its name does not resolve; export "
+            "MASTER_ADDR (an address of the first node that the others can reach) in the job script"
         )
     return resolved
+
+
+def head_address(nodelist: str, this_node: str | None) -> str:
+    """The rendezvous address: the job's first node's."""
+    return node_address(first_host(nodelist), this_node)
 
 
 def job_exports(env: dict[str, str], per_node_launcher: bool) -> dict[str, str]:
@@ -122,8 +129,17 @@ def main() -> None:
         help="one task per node starts NPROC_PER_NODE processes (torchrun, accelerate, "
         "deepspeed): each gets its share of the task's CPUs",
     )
+    parser.add_argument(
+        "--node-address",
+        action="store_true",
+        help="print only this node's reachable address (torchrun --local_addr: the c10d "
+        "rendezvous otherwise hands the workers this node's hostname)",
+    )
     args = parser.parse_args()
     try:
+        if args.node_address:
+            print(node_address(os.environ["SLURMD_NODENAME"], os.environ["SLURMD_NODENAME"]))
+            return
         exports = job_exports(dict(os.environ), args.per_node)
     except DistributedError as err:
         raise SystemExit(f"dtrain.launch.slurm_env: error: {err}") from err
