@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 # Triton decides at import whether its kernels run interpreted: set it before dtrain is imported,
 # so that the fused mixup kernels can be checked on CPU tensors (backend="triton").
@@ -149,3 +150,28 @@ def rewrite_shard(path: Path, change) -> None:
                     {k: v for k, v in sample.items() if k != "__url__" and k != "__local_path__"}
                 )
             )
+
+
+def processes_with_env(entry: str, title: str = "") -> list[int]:
+    """Processes whose environment holds `entry` (and whose command line starts with `title`):
+    this test's Ray processes, agents renamed to `ray::...` included, and no other Ray here."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            command = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue  # gone, or not ours to read
+        if entry.encode() in environ and command.startswith(title.encode()):
+            found.append(int(proc.name))
+    return found
+
+
+def kill_processes_with_env(entry: str) -> None:
+    for pid in processes_with_env(entry):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue

@@ -89,23 +89,22 @@ PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
         run_dir = MUNGE_SOCKET.parent
         run_dir.mkdir(parents=True, exist_ok=True)
         shutil.chown(run_dir, "munge", "munge")
-        self.daemons.append(
-            subprocess.Popen(["runuser", "-u", "munge", "--", "munged", "--foreground"])
-        )
+        self.daemons.append(self._daemon("munged", "runuser", "-u", "munge", "--", "munged", "-F"))
         self._wait(_munge_works, 20, "munged")
 
     def start(self) -> SlurmCluster:
         self._write_config()
         self._start_munge()
-        self.daemons.append(
-            subprocess.Popen(["slurmctld", "-D", "-i"], env=self.env, stdout=subprocess.DEVNULL)
-        )
+        self.daemons.append(self._daemon("slurmctld", "slurmctld", "-D", "-i"))
         for node in NODES:
-            self.daemons.append(
-                subprocess.Popen(["slurmd", "-D", "-N", node], env=self.env, stdout=subprocess.DEVNULL)
-            )
+            self.daemons.append(self._daemon(f"slurmd.{node}", "slurmd", "-D", "-N", node))
         self._wait(self._nodes_idle, 60, "both slurmd nodes idle")
         return self
+
+    def _daemon(self, name: str, *command: str) -> subprocess.Popen:
+        """A daemon in the foreground, its console output in log/<name>.console."""
+        with open(self.root / "log" / f"{name}.console", "wb") as console:
+            return subprocess.Popen(command, env=self.env, stdout=console, stderr=console)
 
     def _nodes_idle(self) -> bool:
         out = self.run("sinfo", "-h", "-N", "-o", "%N %t", check=False).stdout.split()
@@ -122,7 +121,9 @@ PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
             time.sleep(0.3)
 
     def run(self, *cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
-        return subprocess.run(cmd, env=kw.pop("env", self.env), text=True, capture_output=True, check=check, **kw)
+        return subprocess.run(
+            cmd, env=kw.pop("env", self.env), text=True, capture_output=True, check=check, **kw
+        )
 
     def job(self, job_id: str) -> dict[str, str]:
         """`scontrol show job` as a dict (JobState, ExitCode, Restarts, NodeList, ...)."""
@@ -133,12 +134,18 @@ PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
         """Poll until the job reaches one of `states`; a requeued job held until its begin time
         is released at once."""
         deadline = time.monotonic() + seconds
+        held_since = None
         while True:
             info = self.job(job_id)
             if info["JobState"] in states:
                 return info
             if info["JobState"] == "PENDING" and info.get("Reason") == "BeginTime":
-                self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
+                held_since = held_since or time.monotonic()
+                # slurmd refuses a credential issued in the second its job was requeued
+                # ("Job credential revoked"): let that second pass and the nodes idle
+                if time.monotonic() - held_since > 2 and self._nodes_idle():
+                    self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+                    held_since = None
             if time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still {info['JobState']} after {seconds} s")
             time.sleep(0.5)

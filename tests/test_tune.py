@@ -20,7 +20,14 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import copy_dataset, rewrite_shard, small_overrides, stripes_dataset
+from conftest import (
+    copy_dataset,
+    kill_processes_with_env,
+    processes_with_env,
+    rewrite_shard,
+    small_overrides,
+    stripes_dataset,
+)
 
 from dtrain.config import load_config
 from dtrain.errors import ConfigError
@@ -199,31 +206,6 @@ def env():
     }
     kill_processes_with_env(f"RAY_TMPDIR={ray_tmp}")
     shutil.rmtree(ray_tmp, ignore_errors=True)
-
-
-def processes_with_env(entry: str, title: str = "") -> list[int]:
-    """Processes whose environment holds `entry` (and whose command line starts with `title`):
-    this test's Ray processes, agents renamed to `ray::...` included, and no other Ray here."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            environ = (proc / "environ").read_bytes().split(b"\0")
-            command = (proc / "cmdline").read_bytes()
-        except OSError:
-            continue  # gone, or not ours to read
-        if entry.encode() in environ and command.startswith(title.encode()):
-            found.append(int(proc.name))
-    return found
-
-
-def kill_processes_with_env(entry: str) -> None:
-    for pid in processes_with_env(entry):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            continue
 
 
 def tune_command(search_file: Path, data: Path, storage: Path, *extra: str) -> list[str]:

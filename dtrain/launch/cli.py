@@ -88,7 +88,9 @@ def _search_folder(args: list[str]) -> Path:
     if stray:
         raise ConfigError(f"unrecognized tune arguments: {' '.join(stray)}")
     flags = {f.name: getattr(tune_args, f.name) for f in fields(SearchSettings)}
-    search = load_search(tune_args.search_file, tune_args.config, tune_args.overrides + extra, flags)
+    search = load_search(
+        tune_args.search_file, tune_args.config, tune_args.overrides + extra, flags
+    )
     return search.folder
 
 

@@ -379,7 +379,7 @@ class Trainer:
                 print(report.epoch_line(record))
             if self.on_epoch_end is not None:
                 self.on_epoch_end(record, path)
-            if self._stopping:
+            if self._stopping and state.epoch < cfg.train.epochs:  # else only the test is left
                 return self._close({"stopped": True, "epoch": state.epoch, "batch": 0})
         return self._finish()
 

@@ -1,0 +1,236 @@
+"""The launch layer without a cluster: the job environment from SLURM's variables, templates
+rendered and checked against a partition's nodes, the supervisor's stop file, and `dtrain train`
+under a stop signal and `--resume auto`. On a real cluster: tests/test_slurm.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import small_overrides, stripes_dataset
+
+from dtrain.errors import ConfigError
+from dtrain.launch import slurm
+from dtrain.launch.slurm_env import first_host, job_exports
+from dtrain.launch.supervise import stop_file_for, supervise
+from dtrain.stop_signal import STOP_FILE_ENV, acknowledgement
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def test_first_host_of_slurm_node_lists():
+    assert first_host("gpu[03-05,09],cpu1") == "gpu03"
+    assert first_host("node7") == "node7"
+    assert first_host("a[1,4]") == "a1"
+
+
+def test_job_exports_from_slurm_variables():
+    job = {"SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": "123456"}
+    # --gres=gpu:4 or a typed --gpus-per-node=a100:4: SLURM_GPUS_ON_NODE is 4 either way
+    gpus = job_exports({**job, "SLURM_GPUS_ON_NODE": "4", "SLURM_CPUS_PER_TASK": "16"}, True)
+    assert gpus == {
+        "MASTER_ADDR": "127.0.0.1",  # the name resolved: no SLURM here to give a NodeAddr
+        "MASTER_PORT": str(20000 + 123456 % 20000),
+        "NPROC_PER_NODE": "4",
+        "OMP_NUM_THREADS": "4",  # the node task's 16 CPUs over its 4 processes
+    }
+    cpu = job_exports({**job, "SLURM_CPUS_PER_TASK": "6", "MASTER_ADDR": "10.1.2.3"}, False)
+    assert (cpu["NPROC_PER_NODE"], cpu["OMP_NUM_THREADS"], cpu["MASTER_ADDR"]) == (
+        "1",
+        "6",
+        "10.1.2.3",
+    )
+
+
+def test_gres_strings_of_scontrol():
+    assert slurm.parse_gres("gpu:a100:8(S:0-1),gpu:2") == {"": 10, "a100": 8}
+    assert slurm.parse_gres("(null)") == {"": 0}
+
+
+NODES = [slurm.NodeShape(f"n{i}", 16, {"": 8, "a100": 8}) for i in (1, 2)]
+
+
+@pytest.mark.parametrize(
+    "request_args, message",
+    [
+        ({"nodes": 3}, "partition p has 2 node"),
+        ({"nodes": 2, "cpus_per_task": 64}, "64 CPUs: the nodes of partition p have at most 16"),
+        ({"launcher": "srun", "gpus_per_node": "8", "cpus_per_task": 4}, "32 CPUs"),
+        ({"gpus_per_node": "h100:1"}, "1 h100 GPUs per node: .* at most 0"),
+        ({"gres": "gpu:9"}, "9 GPUs per node"),
+    ],
+)
+def test_requests_that_no_node_can_hold_are_refused(request_args, message):
+    request = slurm.JobRequest(**{"launcher": "torchrun", **request_args})
+    with pytest.raises(ConfigError, match=message):
+        slurm.fit_to_partition(request, "p", NODES)
+
+
+def test_cpus_per_task_defaults_to_the_nodes_share_per_task():
+    request = slurm.JobRequest("srun", nodes=2, gpus_per_node="a100:4")
+    slurm.fit_to_partition(request, "p", NODES)
+    assert (request.tasks_per_node, request.cpus_per_task) == (4, 4)
+
+
+def test_a_malformed_gpu_request_is_refused():
+    with pytest.raises(ConfigError, match="expected N or TYPE:N"):
+        slurm.JobRequest("torchrun", gpus_per_node="a100")
+
+
+@pytest.mark.parametrize("launcher", [*slurm.TRAIN_LAUNCHERS, "ray_tune"])
+def test_every_template_renders_to_a_valid_script(launcher, tmp_path):
+    request = slurm.JobRequest(launcher, nodes=3, gres="gpu:a100:2", cpus_per_task=5)
+    request.partition, request.time = "big", "1:00:00"
+    args = ["--config", "configs/iam.yaml", "optim.lr=0.1", "train.run_dir=a b"]
+    options = slurm.directives(request, tmp_path / "slurm-%j.out")
+    script = slurm.render(request.template().read_text(), options, args, Path("/opt/venv/bin"))
+    lines = script.splitlines()
+    for line in ("#SBATCH --nodes=3", "#SBATCH --gres=gpu:a100:2", "#SBATCH --cpus-per-task=5"):
+        assert line in lines
+    assert "#SBATCH --partition=big" in lines and "#SBATCH --time=1:00:00" in lines
+    assert not [line for line in lines if line.startswith("#SBATCH --gpus-per-node")]
+    tasks = 2 if launcher == "srun" else 1
+    assert f"#SBATCH --ntasks-per-node={tasks}" in lines
+    assert f"#SBATCH --output={tmp_path}/slurm-%j.out" in lines
+    assert ("#SBATCH --signal=B:USR1@300" in lines) == (launcher != "ray_tune")
+    assert "set -- --config configs/iam.yaml optim.lr=0.1 'train.run_dir=a b'" in lines
+    assert 'export PATH="${DTRAIN_BIN:-/opt/venv/bin}:$PATH"' in lines
+    directives = [i for i, line in enumerate(lines) if line.startswith("#SBATCH")]
+    assert directives[-1] < lines.index("set -euo pipefail")  # sbatch reads only the head
+    (tmp_path / "job.sbatch").write_text(script)
+    subprocess.run(["bash", "-n", str(tmp_path / "job.sbatch")], check=True)
+    subprocess.run(["bash", "-n", str(request.template())], check=True)  # as shipped
+
+
+def test_dry_run_prints_the_script_and_submits_nothing(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "SLURM_CONF"}
+    env["PATH"] = f"{BIN}:/usr/bin:/bin"  # with or without SLURM on this machine
+    result = subprocess.run(
+        [str(BIN / "dtrain"), "launch", "slurm", "--dry-run", "--nodes", "2", "--launcher"]
+        + ["accelerate", "--gpus-per-node", "a100:4", f"train.run_dir={tmp_path}/run"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "#SBATCH --gpus-per-node=a100:4" in result.stdout
+    assert f"set -- train.run_dir={tmp_path}/run" in result.stdout
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_bad_train_argument_is_refused_before_submitting(tmp_path):
+    result = subprocess.run(
+        [str(BIN / "dtrain"), "launch", "slurm", "--dry-run", "optim.lr=-1"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert result.returncode == 2
+    assert "optim.lr=-1" in result.stderr and "#SBATCH" not in result.stdout
+
+
+# -- the supervisor -------------------------------------------------------------------------------
+
+# a stand-in for the training ranks: wait for the stop file, then exit as the ranks would
+RANKS = """
+import os, sys, time
+from pathlib import Path
+stop = Path(os.environ["DTRAIN_STOP_FILE"])
+print("ready", flush=True)
+while not stop.exists():
+    time.sleep(0.05)
+if sys.argv[1] == "checkpointed":
+    Path(str(stop) + ".stopped").touch()
+sys.exit(int(sys.argv[2]))
+"""
+
+
+def test_the_warning_becomes_the_stop_file_the_ranks_read(tmp_path):
+    env = {
+        **os.environ,
+        "SLURM_JOB_ID": f"{os.getpid()}",
+        "SLURM_RESTART_COUNT": "0",
+        "TMPDIR": str(tmp_path),
+    }
+    supervisor = subprocess.Popen(
+        [sys.executable, "-m", "dtrain.launch.supervise", sys.executable, "-c", RANKS]
+        + ["finished", "0"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert supervisor.stdout.readline().strip() == "ready"
+    supervisor.send_signal(signal.SIGUSR1)
+    out, err = supervisor.communicate(timeout=60)
+    # the ranks finished on their own (no acknowledgement): no requeue, exit 0
+    assert supervisor.returncode == 0, err
+    assert "SIGUSR1: asking the ranks to checkpoint and stop" in err
+    assert "requeue" not in err
+    assert not list(tmp_path.iterdir())  # the stop file is gone: a restart starts clean
+
+
+def test_a_failing_command_fails_the_job_and_is_not_requeued(tmp_path):
+    env = {"SLURM_JOB_ID": "7", "TMPDIR": str(tmp_path), "PATH": os.environ["PATH"]}
+    stop = stop_file_for(env)
+    command = [sys.executable, "-c", RANKS, "checkpointed", "3"]
+    assert supervise(command, env, warned=True) == 3
+    assert not stop.exists() and not acknowledgement(stop).exists()
+
+
+# -- dtrain train under a stop signal and --resume auto ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return stripes_dataset(tmp_path_factory.mktemp("launch"), 32, shard_size=8)
+
+
+def train(data: Path, run_dir: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
+    args = small_overrides(data, run_dir, 8, "train.epochs=1", "train.log_every=1", *extra)
+    return subprocess.Popen(
+        [str(BIN / "dtrain"), "train", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+
+
+def test_a_signal_during_start_up_is_kept_not_fatal(tiny, tmp_path):
+    """USR1 while dtrain still imports torch: the default action would kill it; the CLI's
+    first act is to install the handlers, so the run checkpoints at its first log step."""
+    stop = tmp_path / "stop"
+    proc = train(tiny, tmp_path / "run", env={**os.environ, STOP_FILE_ENV: str(stop)})
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "stopped at epoch 0 batch 1" in out
+    assert (tmp_path / "run" / "last.pt").is_file()
+    assert acknowledgement(stop).exists()  # tells the job's supervisor to requeue
+
+
+def test_resume_auto_starts_a_new_run_and_continues_a_stopped_one(tiny, tmp_path):
+    run_dir = tmp_path / "run"
+    first = train(tiny, run_dir, "--resume", "auto", "train.stop_after_steps=2")
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-3000:]
+    assert f"--resume auto: starting {run_dir}" in out
+    # a bare --resume followed by an override: the override is not taken for its value
+    again = train(tiny, run_dir, "--resume", "train.stop_after_steps=0")
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err[-3000:]
+    assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 1
+    auto = train(tiny, run_dir, "--resume", "auto")
+    out, err = auto.communicate(timeout=300)
+    assert auto.returncode == 0 and f"--resume auto: resuming {run_dir}" in out

@@ -1,0 +1,265 @@
+"""`dtrain launch slurm` on a real two-node SLURM cluster (tests/slurm_cluster.py): every
+launcher trains across both nodes and exits 0; GPU requests of both forms are granted; requests
+that cannot fit are refused before submitting; a warning signal during start-up is not fatal; a
+warned job checkpoints, requeues itself and finishes with the weights of an uninterrupted run;
+the Ray template runs a search on a head and a worker.
+
+Jobs are submitted from a shell without the venv (PATH holds only the system's folders): the job
+script sets its own environment."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import kill_processes_with_env, small_overrides, stripes_dataset
+from slurm_cluster import NODES, SlurmCluster, missing_commands
+
+ROOT = Path(__file__).resolve().parent.parent
+DTRAIN = Path(sys.executable).parent / "dtrain"
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    missing = missing_commands()
+    if missing:
+        pytest.skip(
+            f"SLURM is not installed here ({', '.join(missing)} missing); .ci/run installs "
+            "slurm-wlm and munge with apt-get"
+        )
+    if os.geteuid() != 0:
+        pytest.skip("bringing up munge and slurmd needs root")
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """128 stripe images in shards of 8: every split feeds up to 4 ranks."""
+    return stripes_dataset(tmp_path_factory.mktemp("slurm_data"), 64, shard_size=8)
+
+
+@pytest.fixture
+def submit_env(cluster, tmp_path) -> dict:
+    """A login shell's environment: no venv on PATH, the test cluster's config."""
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    return {
+        **env,
+        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "SLURM_CONF": str(cluster.conf),
+        "OMP_NUM_THREADS": "1",
+        "DS_ACCELERATOR": "cpu",
+        "TORCH_EXTENSIONS_DIR": str(tmp_path.parent / "torch_extensions"),
+    }
+
+
+def launch(env: dict, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [str(DTRAIN), "launch", "slurm", *args], env=env, capture_output=True, text=True, cwd=ROOT
+    )
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def job_id(result: subprocess.CompletedProcess) -> str:
+    return re.search(r"submitted job (\d+)", result.stdout).group(1)
+
+
+def train_args(data: Path, run_dir: Path, *extra: str) -> list[str]:
+    return small_overrides(data, run_dir, 8, "train.epochs=1", *extra)
+
+
+def finished(cluster: SlurmCluster, job: str, log: Path, seconds: float = 300) -> dict:
+    info = cluster.wait_job(job, ENDED, seconds)
+    text = log.read_text() if log.exists() else "(no log)"
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), text[-4000:]
+    return info
+
+
+def ranks_by_node(log_text: str) -> dict[str, set[int]]:
+    found: dict[str, set[int]] = {}
+    for rank, node in re.findall(r"^rank (\d+) of \d+ on node (\S+):", log_text, re.M):
+        found.setdefault(node, set()).add(int(rank))
+    return found
+
+
+@pytest.mark.parametrize(
+    "launcher, gpus, ranks_per_node",
+    [
+        ("torchrun", [], 1),  # CPU nodes: one process per node
+        ("srun", ["--gpus-per-node", "a100:1"], 1),  # typed request: one task per GPU
+        ("torchrun", ["--gres", "gpu:2"], 2),  # --gres request: two processes per node
+        ("accelerate", [], 1),
+        ("deepspeed", [], 1),
+    ],
+    ids=["torchrun-cpu", "srun-a100:1", "torchrun-gres-gpu:2", "accelerate", "deepspeed"],
+)
+def test_each_launcher_trains_on_both_nodes(
+    launcher, gpus, ranks_per_node, cluster, tiny, submit_env, tmp_path
+):
+    run_dir = tmp_path / "run"
+    extra = ["train.deepspeed=configs/deepspeed/zero2.json"] if launcher == "deepspeed" else []
+    submitted = launch(
+        submit_env,
+        "--nodes",
+        "2",
+        "--launcher",
+        launcher,
+        *gpus,
+        *train_args(tiny, run_dir, *extra),
+    )
+    job = job_id(submitted)
+    log = run_dir / f"slurm-{job}.out"
+    assert f"log:    {log}" in submitted.stdout
+    info = finished(cluster, job, log)
+    assert info["Restarts"] == "0"
+    text = log.read_text()
+    by_node = ranks_by_node(text)
+    assert set(by_node) == set(NODES), text[-3000:]
+    assert sorted(r for ranks in by_node.values() for r in ranks) == list(range(2 * ranks_per_node))
+    assert all(len(ranks) == ranks_per_node for ranks in by_node.values())
+    assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 1
+    if gpus:  # SLURM granted the (fake) GPUs: the request reached the job as asked
+        assert (
+            cluster.job(job)["TresPerNode"]
+            == {
+                "a100:1": "gres:gpu:a100:1",
+                "gpu:2": "gres:gpu:2",
+            }[gpus[1]]
+        )
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--cpus-per-task", "64"], "64 CPUs: the nodes of partition debug have at most 2"),
+        (["--nodes", "3"], "partition debug has 2 node"),
+        (["--gpus-per-node", "h100:1"], "1 h100 GPUs per node"),
+        (["--partition", "gpu"], "no partition 'gpu'; its partitions: debug"),
+    ],
+)
+def test_a_request_that_cannot_fit_is_refused_before_submitting(
+    args, message, cluster, tiny, submit_env, tmp_path
+):
+    before = cluster.run("squeue", "-h", "-o", "%i").stdout
+    result = launch(submit_env, *args, *train_args(tiny, tmp_path / "run"), check=False)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert cluster.run("squeue", "-h", "-o", "%i").stdout == before
+    assert not (tmp_path / "run").exists()
+
+
+def wait_for(predicate, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, f"no {what} after {seconds} s"
+        time.sleep(0.1)
+
+
+def test_a_warning_during_start_up_is_not_fatal(cluster, tiny, submit_env, tmp_path):
+    """USR1 to the batch shell while the ranks are still starting (importing torch): the job
+    checkpoints at the first log step, requeues, resumes and completes."""
+    run_dir = tmp_path / "run"
+    args = train_args(tiny, run_dir, "train.log_every=1")
+    job = job_id(launch(submit_env, "--nodes", "2", *args))
+    log = run_dir / f"slurm-{job}.out"
+    wait_for(lambda: log.exists() and f"job {job} start 1" in log.read_text(), 120, "start")
+    cluster.run("scancel", "--batch", "--signal=USR1", job)
+    info = finished(cluster, job, log)
+    text = log.read_text()
+    assert info["Restarts"] == "1", text[-3000:]
+    assert "SIGUSR1: asking the ranks to checkpoint and stop" in text
+    assert "stopped at epoch 0 batch 1;" in text  # the first log step
+    assert "--resume auto: resuming" in text
+    assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 1
+
+
+def test_a_warning_to_the_ranks_themselves_is_kept(cluster, tiny, submit_env, tmp_path):
+    """USR1 to the job steps (`--signal=USR1@...` without B:, or scancel): under srun the
+    ranks get it directly, as soon as they exist; each checkpoints and the job requeues."""
+    run_dir = tmp_path / "run"
+    args = train_args(tiny, run_dir, "train.log_every=1")
+    job = job_id(launch(submit_env, "--nodes", "2", "--launcher", "srun", *args))
+    log = run_dir / f"slurm-{job}.out"
+    steps = lambda: cluster.run("squeue", "-h", "-s", "-j", job, "-o", "%i").stdout.strip()  # noqa: E731
+    wait_for(lambda: steps() != "" and f"{job}.0" in steps(), 120, "job step")
+    cluster.run("scancel", "--signal=USR1", job)
+    info = finished(cluster, job, log)
+    text = log.read_text()
+    assert info["Restarts"] == "1", text[-3000:]
+    assert "User defined signal" not in text
+    assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 1
+
+
+def test_a_warned_job_requeues_and_ends_with_the_uninterrupted_weights(
+    cluster, tiny, submit_env, tmp_path
+):
+    args = ["data.batch_size=4", "train.epochs=3", "train.log_every=2", "method.name=iam"]
+    runs = {}
+    for name in ("straight", "warned"):
+        run_dir = tmp_path / name
+        job = job_id(launch(submit_env, "--nodes", "2", *train_args(tiny, run_dir, *args)))
+        log = run_dir / f"slurm-{job}.out"
+        if name == "warned":  # mid-epoch: after the first step was logged
+            metrics = run_dir / "metrics.jsonl"
+            wait_for(lambda: metrics.exists() and '"step"' in metrics.read_text(), 180, "step")
+            cluster.run("scancel", "--batch", "--signal=USR1", job)
+        runs[name] = (finished(cluster, job, log), log.read_text())
+    info, text = runs["warned"]
+    assert runs["straight"][0]["Restarts"] == "0" and info["Restarts"] == "1", text[-3000:]
+    stopped = re.search(r"stopped at epoch (\d+) batch (\d+)", text)
+    assert stopped and int(stopped.group(2)) > 0, text[-3000:]  # mid-epoch
+    assert "requeueing the job" in text and "--resume auto: resuming" in text
+    a, b = (torch.load(tmp_path / n / "last.pt", weights_only=True) for n in runs)
+    assert a["state"]["step"] == b["state"]["step"] == 3 * 12  # 45 images per rank, 4 a batch
+    for key, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][key]), key
+
+
+def test_the_ray_template_runs_a_search_on_a_head_and_a_worker(cluster, tiny, submit_env, tmp_path):
+    search = tmp_path / "s.yaml"
+    search.write_text(
+        yaml.safe_dump(
+            {
+                "space": {"method.temperature": {"choice": [0.2, 0.5]}},
+                "search": {"algorithm": "grid", "scheduler": "none"},
+            }
+        )
+    )
+    overrides = [o for o in train_args(tiny, tmp_path / "unused") if "run_dir" not in o]
+    ray_tmp = tempfile.mkdtemp(prefix="rs", dir="/tmp")  # Ray's socket paths stay short
+    env = {**submit_env, "RAY_TMPDIR": ray_tmp}
+    try:
+        submitted = launch(
+            env,
+            "tune",
+            str(search),
+            "--nodes",
+            "2",
+            *overrides,
+            f"--storage-path={tmp_path / 'searches'}",
+            "--object-store-mb=128",
+        )
+        folder = tmp_path / "searches" / "s"
+        log = folder / f"slurm-{job_id(submitted)}.out"
+        finished(cluster, job_id(submitted), log)
+    finally:
+        kill_processes_with_env(f"RAY_TMPDIR={ray_tmp}")
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    text = log.read_text()
+    assert text.count("Ray runtime started.") == 2  # the head, then the worker
+    assert "Ray cluster of 2 node(s) up" in text
+    trials = (folder / "trials.csv").read_text().splitlines()
+    assert len(trials) == 3 and all(",done," in line for line in trials[1:]), trials
