@@ -91,7 +91,8 @@ def finished(cluster: SlurmCluster, job: str, log: Path, seconds: float = 300) -
 
 def ranks_by_node(log_text: str) -> dict[str, set[int]]:
     found: dict[str, set[int]] = {}
-    for rank, node in re.findall(r"^rank (\d+) of \d+ on node (\S+):", log_text, re.M):
+    # not anchored at line starts: srun may merge two tasks' lines into one
+    for rank, node in re.findall(r"rank (\d+) of \d+ on node (n\d+):", log_text):
         found.setdefault(node, set()).add(int(rank))
     return found
 
@@ -168,6 +169,11 @@ def wait_for(predicate, seconds: float, what: str) -> None:
         time.sleep(0.1)
 
 
+def logged_a_step(run_dir: Path) -> bool:
+    metrics = run_dir / "metrics.jsonl"
+    return metrics.exists() and '"kind": "step"' in metrics.read_text()
+
+
 def test_a_warning_during_start_up_is_not_fatal(cluster, tiny, submit_env, tmp_path):
     """USR1 to the batch shell while the ranks are still starting (importing torch): the job
     checkpoints at the first log step, requeues, resumes and completes."""
@@ -193,8 +199,12 @@ def test_a_warning_to_the_ranks_themselves_is_kept(cluster, tiny, submit_env, tm
     args = train_args(tiny, run_dir, "train.log_every=1")
     job = job_id(launch(submit_env, "--nodes", "2", "--launcher", "srun", *args))
     log = run_dir / f"slurm-{job}.out"
-    steps = lambda: cluster.run("squeue", "-h", "-s", "-j", job, "-o", "%i").stdout.strip()  # noqa: E731
-    wait_for(lambda: steps() != "" and f"{job}.0" in steps(), 120, "job step")
+
+    def first_step_started() -> bool:
+        steps = cluster.run("squeue", "-h", "-s", "-j", job, "-o", "%i").stdout.split()
+        return f"{job}.0" in steps
+
+    wait_for(first_step_started, 120, "job step")
     cluster.run("scancel", "--signal=USR1", job)
     info = finished(cluster, job, log)
     text = log.read_text()
@@ -213,8 +223,7 @@ def test_a_warned_job_requeues_and_ends_with_the_uninterrupted_weights(
         job = job_id(launch(submit_env, "--nodes", "2", *train_args(tiny, run_dir, *args)))
         log = run_dir / f"slurm-{job}.out"
         if name == "warned":  # mid-epoch: after the first step was logged
-            metrics = run_dir / "metrics.jsonl"
-            wait_for(lambda: metrics.exists() and '"step"' in metrics.read_text(), 180, "step")
+            wait_for(lambda d=run_dir: logged_a_step(d), 180, "logged step")
             cluster.run("scancel", "--batch", "--signal=USR1", job)
         runs[name] = (finished(cluster, job, log), log.read_text())
     info, text = runs["warned"]
