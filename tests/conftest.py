@@ -175,3 +175,13 @@ def kill_processes_with_env(entry: str) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             continue
+
+
+def catches(pid: int, sig: int) -> bool:
+    """Whether process `pid` has a handler installed for signal `sig` (/proc's SigCgt mask)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(int(mask, 16) & (1 << (sig - 1)))

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import small_overrides, stripes_dataset
+from conftest import catches, small_overrides, stripes_dataset
 
 from dtrain.errors import ConfigError
 from dtrain.launch import slurm
@@ -181,7 +181,8 @@ def test_the_warning_becomes_the_stop_file_the_ranks_read(tmp_path):
 def test_a_failing_command_fails_the_job_and_is_not_requeued(tmp_path):
     env = {"SLURM_JOB_ID": "7", "TMPDIR": str(tmp_path), "PATH": os.environ["PATH"]}
     stop = stop_file_for(env)
-    command = [sys.executable, "-c", RANKS, "checkpointed", "3"]
+    # warned at start-up (the stop file is there at once), the ranks fail without a checkpoint
+    command = [sys.executable, "-c", RANKS, "failed", "3"]
     assert supervise(command, env, warned=True) == 3
     assert not stop.exists() and not acknowledgement(stop).exists()
 
@@ -207,11 +208,15 @@ def train(data: Path, run_dir: Path, *extra: str, env: dict | None = None) -> su
 
 
 def test_a_signal_during_start_up_is_kept_not_fatal(tiny, tmp_path):
-    """USR1 while dtrain still imports torch: the default action would kill it; the CLI's
-    first act is to install the handlers, so the run checkpoints at its first log step."""
+    """USR1 as soon as the handler exists, while dtrain still imports torch: the default
+    action would kill it; the CLI's first act is to install the handlers, so the run
+    checkpoints at its first log step."""
     stop = tmp_path / "stop"
     proc = train(tiny, tmp_path / "run", env={**os.environ, STOP_FILE_ENV: str(stop)})
-    time.sleep(0.5)
+    deadline = time.monotonic() + 60
+    while not catches(proc.pid, signal.SIGUSR1):  # the interpreter is up, torch not yet
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.01)
     proc.send_signal(signal.SIGUSR1)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]

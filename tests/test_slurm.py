@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -22,7 +23,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import kill_processes_with_env, small_overrides, stripes_dataset
+from conftest import (
+    catches,
+    kill_processes_with_env,
+    processes_with_env,
+    small_overrides,
+    stripes_dataset,
+)
 from slurm_cluster import NODES, SlurmCluster, missing_commands
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -192,25 +199,54 @@ def test_a_warning_during_start_up_is_not_fatal(cluster, tiny, submit_env, tmp_p
     assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 1
 
 
+def ranks_catch_usr1(job: str, ranks: int) -> bool:
+    """Whether the job's `dtrain.cli` processes (not its supervisor) all handle USR1."""
+    pids = []
+    for pid in processes_with_env(f"SLURM_JOB_ID={job}"):
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue  # gone
+        if args[1:3] == [b"-m", b"dtrain.cli"]:
+            pids.append(pid)
+    return len(pids) == ranks and all(catches(pid, signal.SIGUSR1) for pid in pids)
+
+
 def test_a_warning_to_the_ranks_themselves_is_kept(cluster, tiny, submit_env, tmp_path):
     """USR1 to the job steps (`--signal=USR1@...` without B:, or scancel): under srun the
-    ranks get it directly, as soon as they exist; each checkpoints and the job requeues."""
+    ranks get it directly. Sent as soon as their handlers exist, while they still import
+    torch: each checkpoints at its first log step and the job requeues. (Before the handler,
+    in the interpreter's own start, the default action would still end the rank: the
+    templates send the warning to the batch shell instead.)"""
     run_dir = tmp_path / "run"
     args = train_args(tiny, run_dir, "train.log_every=1")
     job = job_id(launch(submit_env, "--nodes", "2", "--launcher", "srun", *args))
     log = run_dir / f"slurm-{job}.out"
 
-    def first_step_started() -> bool:
-        steps = cluster.run("squeue", "-h", "-s", "-j", job, "-o", "%i").stdout.split()
-        return f"{job}.0" in steps
-
-    wait_for(first_step_started, 120, "job step")
+    wait_for(lambda: ranks_catch_usr1(job, 2), 120, "ranks with their handlers")
     cluster.run("scancel", "--signal=USR1", job)
     info = finished(cluster, job, log)
     text = log.read_text()
     assert info["Restarts"] == "1", text[-3000:]
     assert "User defined signal" not in text
     assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 1
+
+
+def test_a_term_through_torchrun_requeues_instead_of_failing(cluster, tiny, submit_env, tmp_path):
+    """TERM to the job steps (a preemption's, or `scancel`): torchrun forwards it to its ranks,
+    which checkpoint, and then exits 1 itself; the ranks' acknowledgement makes that a requeue,
+    not a job that ends FAILED 143."""
+    run_dir = tmp_path / "run"
+    args = train_args(tiny, run_dir, "data.batch_size=4", "train.epochs=3", "train.log_every=2")
+    job = job_id(launch(submit_env, "--nodes", "2", "--launcher", "torchrun", *args))
+    log = run_dir / f"slurm-{job}.out"
+    wait_for(lambda: logged_a_step(run_dir), 180, "logged step")
+    cluster.run("scancel", "--signal=TERM", job)
+    info = finished(cluster, job, log)
+    text = log.read_text()
+    assert info["Restarts"] == "1", text[-3000:]
+    assert "the ranks stopped at a checkpoint (exit 1)" in text  # torchrun's own status
+    assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 3
 
 
 def test_a_warned_job_requeues_and_ends_with_the_uninterrupted_weights(

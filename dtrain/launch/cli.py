@@ -16,8 +16,7 @@ def add_launch_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "launch",
         help="submit training or a search to a cluster (SLURM)",
-        description=__doc__,
-        add_help=False,
+        description=__doc__ + "\nOptions: `dtrain launch slurm --help`.",
     )
     p.add_argument("backend", choices=["slurm"])
     p.add_argument("rest", nargs=argparse.REMAINDER)

@@ -11,7 +11,9 @@ ranks agree on one step, checkpoint and exit 0; then the supervisor requeues the
 A signal file rather than a signal to the ranks: torchrun, accelerate and the deepspeed launcher
 stand between the batch shell and the ranks and would die of a USR1, or turn a TERM into a failed
 job even after a clean checkpoint. A job that finishes while the warning is on its way is not
-requeued (the run acknowledges an early stop with `<stop file>.stopped`)."""
+requeued: the ranks acknowledge an early stop with `<stop file>.stopped`, and only that requeues,
+whatever the launcher's exit status (torchrun exits 1 after forwarding a TERM to ranks that then
+checkpointed cleanly)."""
 
 from __future__ import annotations
 
@@ -74,13 +76,12 @@ def supervise(command: list[str], env: dict[str, str], warned: bool = False) -> 
         path.unlink(missing_ok=True)
     if code < 0:
         code = 128 - code
+    if stopped_early:  # whatever the launcher made of it: torchrun exits 1 after a TERM
+        _say(f"the ranks stopped at a checkpoint (exit {code}); requeueing the job to continue")
+        return 1 if requeue(env["SLURM_JOB_ID"]) else 0
     if code != 0:
         _say(f"the job's command exited {code}")
-        return code
-    if not stopped_early:
-        return 0
-    _say("the ranks stopped at a checkpoint; requeueing the job to continue it")
-    return 1 if requeue(env["SLURM_JOB_ID"]) else 0
+    return code
 
 
 def main() -> None:
