@@ -79,9 +79,33 @@ def test_cpus_per_task_defaults_to_the_nodes_share_per_task():
     assert (request.tasks_per_node, request.cpus_per_task) == (4, 4)
 
 
-def test_a_malformed_gpu_request_is_refused():
-    with pytest.raises(ConfigError, match="expected N or TYPE:N"):
-        slurm.JobRequest("torchrun", gpus_per_node="a100")
+@pytest.mark.parametrize(
+    "request_args, message",
+    [
+        ({"gpus_per_node": "a100"}, "--gpus-per-node 'a100': expected 8 or a100:8"),
+        ({"gres": "gpu"}, "--gres 'gpu': expected gpu:8"),
+        ({"gres": "gpu:a100:8,nic:1"}, "--gres 'gpu:a100:8,nic:1'"),
+        ({"gres": "shard:2"}, "--gres 'shard:2'"),
+        ({"time": "4:00"}, "--time 4:00 is not longer than --warning-seconds 300"),
+        ({"time": "1:2:3:4"}, "--time '1:2:3:4': expected"),
+        ({"nodes": 0}, "--nodes 0"),
+    ],
+)
+def test_a_malformed_request_is_refused_naming_the_flag(request_args, message):
+    with pytest.raises(ConfigError, match=message):
+        slurm.JobRequest("torchrun", **request_args)
+
+
+def test_gpu_requests_and_time_limits_are_read_as_slurm_reads_them():
+    typed = slurm.JobRequest("srun", gres="gpu:a100:4", time="1-02:03:04")
+    assert (typed.gpu_type, typed.gpus, typed.tasks_per_node) == ("a100", 4, 4)
+    assert slurm.time_seconds("1-02:03:04") == 93784
+    assert [slurm.time_seconds(t) for t in ("30", "30:15", "1:00:00", "2-0")] == [
+        1800,
+        1815,
+        3600,
+        172800,
+    ]
 
 
 @pytest.mark.parametrize("launcher", [*slurm.TRAIN_LAUNCHERS, "ray_tune"])

@@ -111,9 +111,9 @@ def ranks_by_node(log_text: str) -> dict[str, set[int]]:
         ("srun", ["--gpus-per-node", "a100:1"], 1),  # typed request: one task per GPU
         ("torchrun", ["--gres", "gpu:2"], 2),  # --gres request: two processes per node
         ("accelerate", [], 1),
-        ("deepspeed", [], 1),
+        ("deepspeed", ["--gres", "gpu:2"], 2),  # its own srun -n 4, laid out 2 per node
     ],
-    ids=["torchrun-cpu", "srun-a100:1", "torchrun-gres-gpu:2", "accelerate", "deepspeed"],
+    ids=["torchrun-cpu", "srun-a100:1", "torchrun-gres-gpu:2", "accelerate", "deepspeed-gpu:2"],
 )
 def test_each_launcher_trains_on_both_nodes(
     launcher, gpus, ranks_per_node, cluster, tiny, submit_env, tmp_path
@@ -245,8 +245,24 @@ def test_a_term_through_torchrun_requeues_instead_of_failing(cluster, tiny, subm
     info = finished(cluster, job, log)
     text = log.read_text()
     assert info["Restarts"] == "1", text[-3000:]
-    assert "the ranks stopped at a checkpoint (exit 1)" in text  # torchrun's own status
+    # torchrun's own failure (1, or srun's 143 once it ends the other node's torchrun)
+    assert re.search(r"the ranks stopped at a checkpoint \(exit [1-9]\d*\)", text), text[-3000:]
     assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 3
+
+
+def test_a_cancelled_job_stays_cancelled(cluster, tiny, submit_env, tmp_path):
+    """`scancel` sends TERM to the ranks as well, which may checkpoint and acknowledge a stop:
+    the supervisor must not requeue a job that is being cancelled."""
+    run_dir = tmp_path / "run"
+    args = train_args(tiny, run_dir, "data.batch_size=4", "train.epochs=3", "train.log_every=2")
+    job = job_id(launch(submit_env, "--nodes", "2", "--launcher", "srun", *args))
+    wait_for(lambda: logged_a_step(run_dir), 180, "logged step")
+    cluster.run("scancel", job)
+    cluster.wait_job(job, ENDED, 120)
+    time.sleep(5)  # a requeue would show by now
+    info = cluster.job(job)
+    assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0")
+    assert not (run_dir / "summary.json").exists()
 
 
 def test_a_warned_job_requeues_and_ends_with_the_uninterrupted_weights(

@@ -25,6 +25,7 @@ def add_launch_parser(sub: argparse._SubParsersAction) -> None:
 def _launch_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dtrain launch slurm",
+        allow_abbrev=False,  # an abbreviation must not swallow a train or tune flag
         description="Render a job script from launchers/ and submit it with sbatch. Arguments "
         "it does not know go to `dtrain train` (or, after `tune`, to `dtrain tune`).",
     )
@@ -42,7 +43,9 @@ def _launch_parser() -> argparse.ArgumentParser:
     p.add_argument("--partition", help="default: the cluster's default partition")
     p.add_argument("--account")
     p.add_argument("--job-name")
-    p.add_argument("--launcher", choices=slurm.TRAIN_LAUNCHERS, default="torchrun")
+    p.add_argument(
+        "--launcher", choices=slurm.TRAIN_LAUNCHERS, help="how training starts (default torchrun)"
+    )
     p.add_argument(
         "--warning-seconds",
         type=int,
@@ -57,9 +60,16 @@ def _train_folder(args: list[str]) -> Path:
     """The run folder of `dtrain train ARGS`, after checking the config as `train` would."""
     from dtrain.config import load_config
 
+    # `--resume`, `--resume auto` or `--resume=auto`: a key=value after it is an override
+    resume = any(a == "--resume" or a.startswith("--resume=") for a in args)
+    args = [
+        a
+        for i, a in enumerate(args)
+        if not (a == "--resume" or a.startswith("--resume="))
+        and not (a in ("yes", "auto") and args[i - 1 : i] == ["--resume"])
+    ]
     p = argparse.ArgumentParser(prog="dtrain launch slurm ... (train arguments)")
     p.add_argument("--config")
-    p.add_argument("--resume", nargs="?", const="yes", choices=["yes", "auto"])
     known, overrides = p.parse_known_args(args)
     stray = [a for a in overrides if "=" not in a]
     if stray:
@@ -67,7 +77,7 @@ def _train_folder(args: list[str]) -> Path:
     config = load_config(known.config, overrides)
     config.validate()
     folder = config.run_path.absolute()
-    if (folder / "last.pt").exists() and not known.resume:
+    if (folder / "last.pt").exists() and not resume:
         raise RunFolderError(
             f"{folder} already holds a run; add --resume to continue it or set train.run_dir"
         )
@@ -100,8 +110,10 @@ def run_launch(args: argparse.Namespace) -> None:
     tune = rest[:1] == ["tune"]
     if tune:
         rest = rest[1:]
+        if opts.launcher:
+            raise ConfigError("--launcher is for training; a search runs on the Ray template")
     request = slurm.JobRequest(
-        launcher="ray_tune" if tune else opts.launcher,
+        launcher="ray_tune" if tune else opts.launcher or "torchrun",
         nodes=opts.nodes,
         gpus_per_node=opts.gpus_per_node,
         gres=opts.gres,

@@ -13,7 +13,7 @@ import shlex
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dtrain.errors import ConfigError
@@ -21,6 +21,24 @@ from dtrain.errors import ConfigError
 LAUNCHERS_DIR = Path(__file__).resolve().parents[2] / "launchers"
 TRAIN_LAUNCHERS = ("torchrun", "srun", "accelerate", "deepspeed")
 DIRECTIVE = re.compile(r"^#+SBATCH\s+--([\w-]+)(?:=(.*))?$")
+GRES_GPU = re.compile(r"gpu(?::([\w.-]+))?:(\d+)")
+GPUS_PER_NODE = re.compile(r"(?:([\w.-]+):)?(\d+)")
+SLURM_TIME = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?")
+
+
+def time_seconds(value: str) -> int:
+    """SLURM's time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S."""
+    match = SLURM_TIME.fullmatch(value)
+    if match is None:
+        raise ConfigError(f"--time {value!r}: expected minutes, H:M:S or D-H:M:S")
+    days, first, second, third = match.groups()
+    if days is not None:  # D-H, D-H:M, D-H:M:S
+        hours, minutes, seconds = int(first), int(second or 0), int(third or 0)
+    elif third is not None:  # H:M:S
+        hours, minutes, seconds = int(first), int(second), int(third)
+    else:  # M or M:S
+        hours, minutes, seconds = 0, int(first), int(second or 0)
+    return ((int(days or 0) * 24 + hours) * 60 + minutes) * 60 + seconds
 
 
 class ClusterUnavailable(ConfigError):
@@ -41,25 +59,27 @@ class JobRequest:
     account: str | None = None
     job_name: str | None = None
     warning_s: int = 300
+    gpu_type: str = field(init=False)  # "" for any type
+    gpus: int = field(init=False)
 
     def __post_init__(self) -> None:
         if self.nodes < 1:
             raise ConfigError(f"--nodes {self.nodes}: must be >= 1")
-        if self.gpus < 0:  # also checks the request's form
-            raise ConfigError(f"GPU request {self.gpus_per_node!r}: must be >= 0")
-
-    @property
-    def gpu_type(self) -> str:
-        spec = self.gres.split(":", 1)[1] if self.gres else self.gpus_per_node
-        return spec.rsplit(":", 1)[0] if ":" in spec else ""
-
-    @property
-    def gpus(self) -> int:
-        spec = self.gres.split(":", 1)[1] if self.gres else self.gpus_per_node
-        count = spec.rsplit(":", 1)[-1]
-        if not count.isdigit():
-            raise ConfigError(f"GPU request {spec!r}: expected N or TYPE:N, e.g. 8 or a100:8")
-        return int(count)
+        if self.gres is not None:
+            match = GRES_GPU.fullmatch(self.gres)
+            flag, example = "--gres", "gpu:8 or gpu:a100:8"
+        else:
+            match = GPUS_PER_NODE.fullmatch(self.gpus_per_node)
+            flag, example = "--gpus-per-node", "8 or a100:8 (0: CPU nodes)"
+        if match is None:
+            value = self.gres if self.gres is not None else self.gpus_per_node
+            raise ConfigError(f"{flag} {value!r}: expected {example}")
+        self.gpu_type, self.gpus = match.group(1) or "", int(match.group(2))
+        if self.time is not None and time_seconds(self.time) <= self.warning_s:
+            raise ConfigError(
+                f"--time {self.time} is not longer than --warning-seconds {self.warning_s}: "
+                "every start would be warned at once"
+            )
 
     @property
     def tasks_per_node(self) -> int:
@@ -120,9 +140,14 @@ def partition_nodes(partition: str | None) -> tuple[str, list[NodeShape]]:
         wanted = f"partition {partition!r}" if partition else "a default partition"
         raise ConfigError(f"SLURM has no {wanted}; its partitions: {names} (--partition)")
     part = chosen[0]
-    hosts = subprocess.run(
-        ["scontrol", "show", "hostnames", part["Nodes"]], capture_output=True, text=True
-    ).stdout.split()
+    listing = subprocess.run(
+        ["sinfo", "-h", "-N", "-p", part["PartitionName"], "-o", "%N"],
+        capture_output=True,
+        text=True,
+    )
+    if listing.returncode != 0:
+        raise ClusterUnavailable(f"sinfo -p {part['PartitionName']} failed: {listing.stderr}")
+    hosts = set(listing.stdout.split())
     shapes = [
         NodeShape(n["NodeName"], int(n.get("CPUTot", 0)), parse_gres(n.get("Gres", "")))
         for n in _scontrol_records("node")
@@ -167,7 +192,7 @@ def directives(request: JobRequest, log: Path) -> dict[str, str | None]:
         "gpus-per-node": gpu_option,
         "gres": request.gres,
         "cpus-per-task": str(request.cpus_per_task) if request.cpus_per_task else None,
-        "output": str(log),
+        "output": shlex.quote(str(log)),
     }
     if request.launcher != "ray_tune":
         values["signal"] = f"B:USR1@{request.warning_s}"

@@ -39,7 +39,20 @@ def stop_file_for(env: dict[str, str]) -> Path:
     return Path(tempfile.gettempdir()) / f"dtrain-{job}.{restart}.stop"
 
 
+def job_state(job_id: str) -> str:
+    out = subprocess.run(
+        ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True
+    ).stdout
+    return next((f.split("=", 1)[1] for f in out.split() if f.startswith("JobState=")), "?")
+
+
 def requeue(job_id: str) -> int:
+    """Requeue a job that is still running; one that is being cancelled (`scancel`, a
+    preemption that cancels) stays cancelled, with its checkpoint."""
+    state = job_state(job_id)
+    if state != "RUNNING":
+        _say(f"job {job_id} is {state}, not requeued; resubmit with --resume to continue")
+        return 0
     result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
     if result.returncode != 0:
         _say(
