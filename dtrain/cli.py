@@ -52,9 +52,9 @@ def _run_train(args: argparse.Namespace) -> None:
     # SIGTERM / SIGUSR1 (main() installed the handlers) or the job's stop file: checkpoint at
     # the next log step and exit 0; `--resume` continues.
     stop_file = stop_signal.stop_file()
-    trainer = Trainer(config, stop=stop_signal.requested, stop_file=stop_file)
-    has_checkpoint = (trainer.run_dir / LAST).exists()
-    trainer.resume = args.resume == "yes" or (args.resume == "auto" and has_checkpoint)
+    has_checkpoint = (config.run_path / LAST).exists()
+    resume = args.resume == "yes" or (args.resume == "auto" and has_checkpoint)
+    trainer = Trainer(config, resume=resume, stop=stop_signal.requested, stop_file=stop_file)
     if args.resume == "auto" and trainer.is_main:
         print(f"--resume auto: {'resuming' if has_checkpoint else 'starting'} {trainer.run_dir}")
     result = trainer.fit()

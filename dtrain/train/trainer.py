@@ -59,8 +59,10 @@ StepHook = Callable[[StepInfo], None]
 
 class Trainer:
     """`on_epoch_end(record, last_checkpoint)` after each epoch (a Ray Tune trial reports from
-    it), `on_step(StepInfo)` after each optimiser step; `request_stop()` (a preemption signal)
-    makes `fit` checkpoint and return at the next log step (`train.log_every`)."""
+    it), `on_step(StepInfo)` after each optimiser step; `request_stop()` (a preemption signal),
+    a set `stop` event or the appearance of `stop_file` (a SLURM job's warning) makes `fit`
+    checkpoint and return at the next log step (`train.log_every`), on every rank at the same
+    step."""
 
     def __init__(
         self,
