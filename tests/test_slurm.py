@@ -150,6 +150,29 @@ def test_each_launcher_trains_on_both_nodes(
         )
 
 
+def test_a_shipped_template_runs_with_plain_sbatch(cluster, tiny, submit_env, tmp_path):
+    """`sbatch launchers/slurm_torchrun.sbatch ARGS` from the project folder, no hand edits:
+    the counts overridden on sbatch's command line as usual (a typed GPU request), the venv
+    found beside the script's submit folder."""
+    run_dir = tmp_path / "run"
+    log = tmp_path / "job.out"
+    submitted = cluster.run(
+        "sbatch",
+        "--parsable",
+        "--cpus-per-task=1",
+        "--gpus-per-node=a100:1",
+        f"--output={log}",
+        "launchers/slurm_torchrun.sbatch",
+        *train_args(tiny, run_dir),
+        env=submit_env,
+        cwd=ROOT,
+    )
+    job = submitted.stdout.strip()
+    finished(cluster, job, log)
+    assert set(ranks_by_node(log.read_text())) == set(NODES)
+    assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 1
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
