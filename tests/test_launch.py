@@ -161,6 +161,26 @@ def test_a_bad_train_argument_is_refused_before_submitting(tmp_path):
     assert "optim.lr=-1" in result.stderr and "#SBATCH" not in result.stdout
 
 
+def test_a_run_folder_holding_a_run_needs_resume_as_train_would(tmp_path):
+    """The train arguments go through train's own parser: a bare `--resume` before an
+    override is the flag, and the override stays an override."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "last.pt").write_bytes(b"a run")
+    launch = [str(BIN / "dtrain"), "launch", "slurm", "--dry-run"]
+    refused = subprocess.run(
+        [*launch, f"train.run_dir={tmp_path}/run"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert refused.returncode == 2 and "already holds a run" in refused.stderr
+    resumed = subprocess.run(
+        [*launch, "--resume", f"train.run_dir={tmp_path}/run"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"set -- --resume train.run_dir={tmp_path}/run" in resumed.stdout
+
+
 # -- the supervisor -------------------------------------------------------------------------------
 
 # a stand-in for the training ranks: wait for the stop file, then exit as the ranks would

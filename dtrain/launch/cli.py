@@ -10,6 +10,7 @@ from pathlib import Path
 
 from dtrain.errors import ConfigError, RunFolderError
 from dtrain.launch import slurm
+from dtrain.launch.slurm_env import ClusterUnavailable
 
 
 def add_launch_parser(sub: argparse._SubParsersAction) -> None:
@@ -57,27 +58,21 @@ def _launch_parser() -> argparse.ArgumentParser:
 
 
 def _train_folder(args: list[str]) -> Path:
-    """The run folder of `dtrain train ARGS`, after checking the config as `train` would."""
+    """The run folder of `dtrain train ARGS`, after checking them with train's own parser and
+    the config as `train` would."""
     from dtrain.config import load_config
+    from dtrain.train.cli import add_train_parser, resume_flag_alone
 
-    # `--resume`, `--resume auto` or `--resume=auto`: a key=value after it is an override
-    resume = any(a == "--resume" or a.startswith("--resume=") for a in args)
-    args = [
-        a
-        for i, a in enumerate(args)
-        if not (a == "--resume" or a.startswith("--resume="))
-        and not (a in ("yes", "auto") and args[i - 1 : i] == ["--resume"])
-    ]
-    p = argparse.ArgumentParser(prog="dtrain launch slurm ... (train arguments)")
-    p.add_argument("--config")
-    known, overrides = p.parse_known_args(args)
-    stray = [a for a in overrides if "=" not in a]
+    p = argparse.ArgumentParser(prog="dtrain launch slurm ...")
+    add_train_parser(p.add_subparsers(dest="command"))
+    known, extra = p.parse_known_args(resume_flag_alone(["train", *args]))
+    stray = [a for a in extra if "=" not in a]
     if stray:
         raise ConfigError(f"unrecognized train arguments: {' '.join(stray)}")
-    config = load_config(known.config, overrides)
+    config = load_config(known.config, known.overrides + extra)
     config.validate()
     folder = config.run_path.absolute()
-    if (folder / "last.pt").exists() and not resume:
+    if (folder / "last.pt").exists() and not known.resume:
         raise RunFolderError(
             f"{folder} already holds a run; add --resume to continue it or set train.run_dir"
         )
@@ -127,7 +122,7 @@ def run_launch(args: argparse.Namespace) -> None:
     folder = _search_folder(rest) if tune else _train_folder(rest)
     try:
         partition = slurm.partition_nodes(request.partition)
-    except slurm.ClusterUnavailable as err:
+    except ClusterUnavailable as err:
         if not opts.dry_run:
             raise
         print(f"dtrain launch: note: {err}; the request is not checked", file=sys.stderr)

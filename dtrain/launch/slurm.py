@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dtrain.errors import ConfigError
+from dtrain.launch.slurm_env import ClusterUnavailable, scontrol_show
 
 LAUNCHERS_DIR = Path(__file__).resolve().parents[2] / "launchers"
 TRAIN_LAUNCHERS = ("torchrun", "srun", "accelerate", "deepspeed")
@@ -39,10 +39,6 @@ def time_seconds(value: str) -> int:
     else:  # M or M:S
         hours, minutes, seconds = 0, int(first), int(second or 0)
     return ((int(days or 0) * 24 + hours) * 60 + minutes) * 60 + seconds
-
-
-class ClusterUnavailable(ConfigError):
-    """No SLURM to ask here (a --dry-run may go on without it)."""
 
 
 @dataclass
@@ -111,25 +107,9 @@ def parse_gres(gres: str) -> dict[str, int]:
     return counts
 
 
-def _scontrol_records(*args: str) -> list[dict[str, str]]:
-    if shutil.which("scontrol") is None:
-        raise ClusterUnavailable("scontrol is not on PATH: run this on a SLURM login node")
-    out = subprocess.run(
-        ["scontrol", "show", *args, "-o"], capture_output=True, text=True, timeout=60
-    )
-    if out.returncode != 0:
-        lines = out.stderr.strip().splitlines() or ["no output"]
-        raise ClusterUnavailable(f"scontrol show {' '.join(args)} failed: {lines[-1]}")
-    return [
-        dict(f.split("=", 1) for f in line.split() if "=" in f)
-        for line in out.stdout.splitlines()
-        if line.strip()
-    ]
-
-
 def partition_nodes(partition: str | None) -> tuple[str, list[NodeShape]]:
     """The partition (the default one if None) and the shape of each of its nodes."""
-    parts = _scontrol_records("partition")
+    parts = scontrol_show("partition")
     chosen = [
         p
         for p in parts
@@ -150,7 +130,7 @@ def partition_nodes(partition: str | None) -> tuple[str, list[NodeShape]]:
     hosts = set(listing.stdout.split())
     shapes = [
         NodeShape(n["NodeName"], int(n.get("CPUTot", 0)), parse_gres(n.get("Gres", "")))
-        for n in _scontrol_records("node")
+        for n in scontrol_show("node")
         if n.get("NodeName") in hosts
     ]
     return part["PartitionName"], shapes
@@ -191,17 +171,16 @@ def directives(request: JobRequest, log: Path) -> dict[str, str | None]:
         "ntasks-per-node": str(request.tasks_per_node),
         "gpus-per-node": gpu_option,
         "gres": request.gres,
-        "cpus-per-task": str(request.cpus_per_task) if request.cpus_per_task else None,
         "output": shlex.quote(str(log)),
     }
+    if request.cpus_per_task:  # else the template's own
+        values["cpus-per-task"] = str(request.cpus_per_task)
     if request.launcher != "ray_tune":
         values["signal"] = f"B:USR1@{request.warning_s}"
     for key in ("time", "partition", "account", "job-name"):
         value = getattr(request, key.replace("-", "_"))
         if value is not None:
             values[key] = value
-    if values["cpus-per-task"] is None:
-        del values["cpus-per-task"]  # the template's own
     return values
 
 

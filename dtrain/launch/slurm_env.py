@@ -35,15 +35,28 @@ def first_host(nodelist: str) -> str:
     return prefix + ranges.split(",")[0].split("-")[0]
 
 
-def _scontrol_fields(*args: str) -> dict[str, str]:
-    """`scontrol show ... -o` as a dict; empty where scontrol is missing or fails."""
+class ClusterUnavailable(DistributedError):
+    """No SLURM to ask here (`dtrain launch slurm --dry-run` may go on without it)."""
+
+
+def scontrol_show(*args: str) -> list[dict[str, str]]:
+    """`scontrol show ARGS -o`: one dict of its `key=value` fields per record."""
     try:
         out = subprocess.run(
-            ["scontrol", "show", *args, "-o"], capture_output=True, text=True, timeout=30
-        ).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return {}
-    return dict(f.split("=", 1) for f in out.split() if "=" in f)
+            ["scontrol", "show", *args, "-o"], capture_output=True, text=True, timeout=60
+        )
+    except FileNotFoundError as err:
+        raise ClusterUnavailable("scontrol is not on PATH: run this on a SLURM login node") from err
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise ClusterUnavailable(f"scontrol show {' '.join(args)}: {err}") from err
+    if out.returncode != 0:
+        lines = out.stderr.strip().splitlines() or ["no output"]
+        raise ClusterUnavailable(f"scontrol show {' '.join(args)} failed: {lines[-1]}")
+    return [
+        dict(f.split("=", 1) for f in line.split() if "=" in f)
+        for line in out.stdout.splitlines()
+        if line.strip()
+    ]
 
 
 def _resolve(host: str) -> str | None:
@@ -79,7 +92,10 @@ def _controller_host() -> str | None:
 
 def node_address(node: str, this_node: str | None) -> str:
     """An address of `node` that the other nodes can reach (see the module docstring)."""
-    node_addr = _scontrol_fields("node", node).get("NodeAddr")
+    try:
+        node_addr = scontrol_show("node", node)[0].get("NodeAddr")
+    except (ClusterUnavailable, IndexError):
+        node_addr = None  # no SLURM to ask: the name, resolved
     if node_addr and node_addr != node:
         return _resolve(node_addr) or node_addr
     if this_node == node:

@@ -24,6 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from dtrain.launch.slurm_env import ClusterUnavailable, scontrol_show
 from dtrain.stop_signal import STOP_FILE_ENV, STOP_SIGNALS, acknowledgement
 
 
@@ -40,10 +41,10 @@ def stop_file_for(env: dict[str, str]) -> Path:
 
 
 def job_state(job_id: str) -> str:
-    out = subprocess.run(
-        ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True
-    ).stdout
-    return next((f.split("=", 1)[1] for f in out.split() if f.startswith("JobState=")), "?")
+    try:
+        return scontrol_show("job", job_id)[0].get("JobState", "?")
+    except (ClusterUnavailable, IndexError):
+        return "?"
 
 
 def requeue(job_id: str) -> int:

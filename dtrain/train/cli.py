@@ -1,0 +1,80 @@
+"""`dtrain train` and `dtrain eval` on the command line. `dtrain launch slurm` parses the train
+arguments it hands on with the same parser, so both accept exactly the same thing."""
+
+from __future__ import annotations
+
+import argparse
+
+from dtrain import stop_signal
+
+
+def add_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from dtrain.registry import methods_help
+
+    p = sub.add_parser(
+        "train",
+        help="train a classifier on noisy labels",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train with the config (defaults < --config YAML < key=value overrides). "
+        "With no arguments: prepare the embedded Br35H set if missing and train the method.\n\n"
+        "methods (method.name=..., presets in configs/<name>.yaml):\n" + methods_help(),
+    )
+    p.add_argument("--config", help="YAML config, e.g. configs/iam.yaml")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="yes",
+        choices=["yes", "auto"],
+        help="continue the run in train.run_dir; `--resume auto` continues it if it has a "
+        "checkpoint and starts it otherwise (one command line for a job's first start and "
+        "every requeue)",
+    )
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="e.g. method.group_size=4 optim.lr=0.1"
+    )
+    return p
+
+
+def add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a finished run on a split")
+    p.add_argument("run_dir")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--checkpoint", default="best", choices=["best", "last"])
+
+
+def resume_flag_alone(argv: list[str]) -> list[str]:
+    """`train --resume` takes an optional value (`auto`); a `key=value` after a bare `--resume`
+    is an override, not that value. `argv` starts at the subcommand or before it."""
+    commands = [a for a in argv if not a.startswith("-")]
+    if not commands or commands[0] != "train":
+        return argv
+    return [
+        "--resume=yes" if a == "--resume" and argv[i + 1 : i + 2] not in (["yes"], ["auto"]) else a
+        for i, a in enumerate(argv)
+    ]
+
+
+def run_train(args: argparse.Namespace) -> None:
+    from dtrain.config import load_config
+    from dtrain.train.checkpoint import LAST
+    from dtrain.train.trainer import Trainer
+
+    config = load_config(args.config, args.overrides)
+    config.validate()
+    # SIGTERM / SIGUSR1 (the CLI's first act installed the handlers) or the job's stop file:
+    # checkpoint at the next log step and exit 0; `--resume` continues.
+    stop_file = stop_signal.stop_file()
+    has_checkpoint = (config.run_path / LAST).exists()
+    resume = args.resume == "yes" or (args.resume == "auto" and has_checkpoint)
+    trainer = Trainer(config, resume=resume, stop=stop_signal.requested, stop_file=stop_file)
+    if args.resume == "auto" and trainer.is_main:
+        print(f"--resume auto: {'resuming' if has_checkpoint else 'starting'} {trainer.run_dir}")
+    result = trainer.fit()
+    if result.get("stopped") and stop_file is not None and stop_signal.requested.is_set():
+        stop_signal.acknowledgement(stop_file).touch()
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    from dtrain.train.run_eval import evaluate_run
+
+    evaluate_run(args.run_dir, args.split, args.checkpoint)
