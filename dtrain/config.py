@@ -103,6 +103,11 @@ class TrainConfig:
     max_nonfinite_steps: int = operational(20)  # stop (with a checkpoint) after this many in a row
     # checkpoint and exit after this many steps in this invocation (0: never)
     stop_after_steps: int = operational(0)
+    # mid-epoch checkpoints (beside the one at each epoch end), so that a crash loses at most
+    # this much work: every N optimiser steps and/or every M minutes (0: off). Both are checked
+    # on log steps only (train.log_every), where the ranks already agree.
+    checkpoint_every_steps: int = operational(0)
+    checkpoint_every_minutes: float = operational(15.0)
     dist_timeout_s: int = operational(600)  # how long a rank waits for the others
     # a DeepSpeed JSON config (configs/deepspeed/zero{1,2,3}.json) runs the DeepSpeed engine;
     # empty: Accelerate (DDP). "auto" values are filled from this config.
@@ -160,6 +165,18 @@ class Config:
             "train.deepspeed",
             t.deepspeed,
             "an existing DeepSpeed JSON file",
+        )
+        _check(
+            t.checkpoint_every_steps >= 0,
+            "train.checkpoint_every_steps",
+            t.checkpoint_every_steps,
+            ">= 0 (0: off)",
+        )
+        _check(
+            t.checkpoint_every_minutes >= 0,
+            "train.checkpoint_every_minutes",
+            t.checkpoint_every_minutes,
+            ">= 0 (0: off)",
         )
         _check(
             t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", t.max_nonfinite_steps, ">= 1"
