@@ -1,11 +1,14 @@
 """Process-group plumbing: rank and world from the launcher or from SLURM, a preflight that fails
-fast and readably, and an all-gather that keeps gradients (for contrastive negatives over the
-global batch)."""
+fast and readably, a roll call that names a rank whose process died, and an all-gather that keeps
+gradients (for contrastive negatives over the global batch)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import time
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -59,7 +62,57 @@ def preflight(device: torch.device) -> None:
             "the ranks disagree on the world size"
         )
     node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    _store().set(f"dtrain/rank/{rank}", f"pid {os.getpid()} on {node}")
     print(f"rank {rank} of {world} on node {node}: joined through {rendezvous()}", flush=True)
+
+
+ROLL_CALL_SECONDS = 5.0  # how long survivors wait for each other after a collective failed
+# how gloo and NCCL word a peer that went away (torch raises a plain RuntimeError for these)
+PEER_LOSS = ("Connection reset", "Connection closed", "Broken pipe", "Connection refused", "NCCL")
+
+
+def _store() -> dist.Store:
+    """The rendezvous key-value store (torchrun's agent or rank 0 hosts it): it outlives a
+    rank's process, so the survivors can find out which ranks are gone."""
+    return dist.distributed_c10d._get_default_store()
+
+
+def lost_ranks(wait_s: float = ROLL_CALL_SECONDS) -> list[str]:
+    """Collective among the survivors of a failed collective: each checks in, then waits up to
+    `wait_s` for the others; the ranks that never do are lost, described by pid and node."""
+    rank, size = world()
+    try:
+        store = _store()
+        store.set(f"dtrain/alive/{rank}", "1")
+        deadline = time.monotonic() + wait_s
+        while True:
+            missing = [r for r in range(size) if not store.check([f"dtrain/alive/{r}"])]
+            if not missing or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        return [f"rank {r} ({store.get(f'dtrain/rank/{r}').decode()})" for r in missing]
+    except Exception:  # the store itself is gone: its host, rank 0 under srun, died
+        return [f"rank 0 (it hosted the rendezvous store at {rendezvous()})"]
+
+
+@contextlib.contextmanager
+def naming_lost_ranks(advice: str) -> Iterator[None]:
+    """A collective that fails because another rank's process died (gloo: "Connection reset
+    by peer") becomes, on every survivor and within seconds, a DistributedError naming the
+    lost ranks, instead of a backend traceback or a hang until the timeout."""
+    try:
+        yield
+    except RuntimeError as err:
+        peer_loss = isinstance(err, dist.DistError) or any(p in str(err) for p in PEER_LOSS)
+        if world()[1] == 1 or isinstance(err, DistributedError) or not peer_loss:
+            raise
+        lost = lost_ranks()
+        if not lost:
+            raise
+        raise DistributedError(
+            f"rank {world()[0]} lost {', '.join(lost)}: its process stopped answering in the "
+            f"middle of the run ({str(err).splitlines()[0][:200]}); {advice}"
+        ) from err
 
 
 def world() -> tuple[int, int]:

@@ -596,6 +596,8 @@ def test_identity_drops_exactly_the_operational_keys():
         "train.progress",
         "train.max_nonfinite_steps",
         "train.stop_after_steps",
+        "train.checkpoint_every_steps",
+        "train.checkpoint_every_minutes",
         "train.dist_timeout_s",
     }
     assert set(operational_keys()) == expected

@@ -1,13 +1,17 @@
-"""Checkpoints: `last.pt` after every epoch and on a stop, `best.pt` beside it when the selection
-metric improves. Each save serialises once, to a temp file; `best.pt` becomes a hard link to it
-before it is renamed to `last.pt` (timm's CheckpointSaver way), so a crash at any point leaves
-both files whole, and `best.pt` is never behind a `last.pt` that recorded a new best. Read back
-with `weights_only=True`: loading a checkpoint never runs code from it."""
+"""Checkpoints: `last.pt` after every epoch, every `train.checkpoint_every_steps` /
+`_minutes` mid-epoch and on a stop, `best.pt` beside it when the selection metric improves. Each
+save serialises once, to a temp file; `best.pt` becomes a hard link to it before it is renamed to
+`last.pt` (timm's CheckpointSaver way), so a crash at any point leaves both files whole, and
+`best.pt` is never behind a `last.pt` that recorded a new best. A full disk fails the save with
+both files as they were. Read back with `weights_only=True`: loading a checkpoint never runs code
+from it."""
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,15 +39,44 @@ class TrainState:
     skipped_steps: int = 0
     nonfinite_in_a_row: int = 0
     corrupt_samples: int = 0
+    # why each skipped sample was skipped (shard and member), the first SKIPS_KEPT of them
+    skipped: list[str] = field(default_factory=list)
+
+    def note_skipped(self, reasons: list[str]) -> None:
+        self.skipped.extend(reasons[: max(0, SKIPS_KEPT - len(self.skipped))])
 
     def state_dict(self) -> dict:
         values = asdict(self)
-        values["history"] = json.dumps(self.history)  # plain strings load under weights_only
+        for name in JSON_FIELDS:  # plain strings load under weights_only
+            values[name] = json.dumps(values[name])
         return values
 
     def load_state_dict(self, values: dict) -> None:
         for name, value in values.items():
-            setattr(self, name, json.loads(value) if name == "history" else value)
+            setattr(self, name, json.loads(value) if name in JSON_FIELDS else value)
+
+
+JSON_FIELDS = ("history", "skipped")
+SKIPS_KEPT = 1000
+
+
+class Cadence:
+    """When a mid-epoch checkpoint is due: `every_steps` optimiser steps or `every_minutes`
+    since the last save (0: never). Time is read on the main rank only and agreed with the
+    others through the log step's all-reduce, so that every rank saves at the same step."""
+
+    def __init__(self, every_steps: int, every_minutes: float, step: int) -> None:
+        self.every_steps, self.every_seconds = every_steps, every_minutes * 60
+        self.saved(step)
+
+    def saved(self, step: int) -> None:
+        self.step, self.time = step, time.monotonic()
+
+    def due_by_time(self) -> bool:
+        return bool(self.every_seconds) and time.monotonic() - self.time >= self.every_seconds
+
+    def due_by_steps(self, step: int) -> bool:
+        return bool(self.every_steps) and step - self.step >= self.every_steps
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
@@ -67,6 +100,44 @@ class CheckpointSaver:
     def last(self) -> Path:
         return self.run_dir / LAST
 
+    def resume_point(self, resume: bool, identity: dict) -> dict | None:
+        """The checkpoint a run continues from, or None to start it from the beginning. Refuses
+        to overwrite a run, and to resume one written with a different config. A run folder
+        with its config but no checkpoint yet (killed before its first save) starts over."""
+        from dtrain.config import config_from_dict, load_config
+
+        last, saved = self.last, self.run_dir / "config.yaml"
+        if self.engine.is_main:  # what a save killed half-way left behind: never loaded
+            for leftover in self.run_dir.glob(f"*.{LAST}.pending*"):
+                leftover.unlink()
+            for leftover in self.run_dir.glob(f".{BEST}.*.link"):
+                leftover.unlink()
+        if last.exists() and not resume:
+            raise RunFolderError(
+                f"{self.run_dir} already holds a run ({last}); pass --resume to continue it or "
+                "set train.run_dir to start a new one"
+            )
+        if not resume:
+            return None
+        if last.exists():
+            checkpoint = load_checkpoint(last)
+            written_with = config_from_dict(checkpoint["config"])
+        elif saved.exists():
+            checkpoint, written_with = None, load_config(saved)
+        else:
+            raise RunFolderError(
+                f"{self.run_dir} holds no run to resume (no {LAST}, no config.yaml); "
+                "drop --resume to start it"
+            )
+        if written_with.identity() != identity:
+            raise RunFolderError(
+                f"{last if checkpoint else saved} was written with a different config; resume "
+                "with the saved config.yaml or start a new train.run_dir"
+            )
+        if checkpoint is None and self.engine.is_main:
+            print(f"{self.run_dir} has no checkpoint yet: starting it from the beginning")
+        return checkpoint
+
     def save(self, payload: Callable[[], dict], step: int, best: bool) -> Path:
         """`payload()` builds the checkpoint dict (collective under ZeRO-3)."""
         # a new shard tag each save, named in last.pt: the previous one stays whole until
@@ -75,9 +146,19 @@ class CheckpointSaver:
         has_shards = self.engine.save_shards(str(self.shards), tag)
         content = {**payload(), "deepspeed_tag": tag if has_shards else None}
         if self.engine.is_main:
-            pending = write_atomic(
-                self.run_dir / f".{LAST}.pending", lambda f: torch.save(content, f)
-            )
+            try:
+                pending = write_atomic(
+                    self.run_dir / f".{LAST}.pending", lambda f: torch.save(content, f)
+                )
+            except OSError as err:
+                if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                raise RunFolderError(
+                    f"no space left on the device of {self.run_dir} to write a checkpoint "
+                    f"({shutil.disk_usage(self.run_dir).free / 2**20:.0f} MiB free); "
+                    f"{LAST} and {BEST} there are intact and hold the last save before this "
+                    "one: free space, then --resume"
+                ) from err
             if best:
                 link_atomic(pending, self.run_dir / BEST)
             promote(pending, self.last)

@@ -42,12 +42,21 @@ def epoch_line(record: dict) -> str:
 
 
 class RunLog:
-    """metrics.jsonl (one JSON record per line, appended) and TensorBoard, on the main rank."""
+    """metrics.jsonl (one JSON record per line, appended) and TensorBoard, on the main rank.
+    Opened at a run's `step` and `epoch` (0, 0 for a fresh start), it first drops the records
+    a crashed attempt logged after that point, so that a resumed run's log has each step once."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, step: int = 0, epoch: int = 0) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         self.path = run_dir / "metrics.jsonl"
+        if self.path.exists():
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if _logged_before(line, step, epoch)
+            ]
+            write_atomic(self.path, "".join(f"{line}\n" for line in kept))
         self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
 
     def write(self, record: dict) -> None:
@@ -61,6 +70,14 @@ class RunLog:
 
     def close(self) -> None:
         self.tensorboard.close()
+
+
+def _logged_before(line: str, step: int, epoch: int) -> bool:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:  # the last line of a log cut off by a crash
+        return False
+    return record["step"] <= step if record["kind"] == "step" else record["epoch"] <= epoch
 
 
 def label_scores(rows: dict[str, ScoreRow], manifest: Path) -> tuple[list[dict], dict[str, float]]:
@@ -155,6 +172,7 @@ def write_run_report(
     test_last: dict,
     manifest: Path,
     classes: list[str],
+    skipped: tuple[int, list[str]] = (0, []),
 ) -> dict:
     """summary.json, curves.png and label_scores.parquet (each written atomically), and the
     summary table, AUROCs and top suspects printed; returns the summary."""
@@ -168,6 +186,8 @@ def write_run_report(
         "test_last": test_last,
         "best_epoch": None,
         "mislabel_auroc": {},
+        # samples the loader could not use (data.strict=false), and why (the first ones)
+        "skipped_samples": {"count": skipped[0], "which": skipped[1]},
     }
     if history:
         best = max(history, key=lambda r: r["val_accuracy"])
@@ -197,6 +217,8 @@ def write_run_report(
         ]
     write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(summary_table(summary))
+    if skipped[0]:
+        print(f"skipped {skipped[0]} sample(s) the loader could not use; summary.json says which")
     if scores:
         print(
             "finding the wrong training labels, AUROC: "

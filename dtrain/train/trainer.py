@@ -8,8 +8,8 @@ curves. The backend (Accelerate or DeepSpeed) is behind `Engine`; checkpoints be
 
 Per micro-step the loop issues one small all-reduce, the *header* of the next batch: its valid
 count (each rank weighs its loss by its share of the global count, so padding never skews the
-mean) and, on log steps, the stop flag and the metric sums since the last log. Nothing is read
-back to the host except on log steps and at epoch ends."""
+mean) and, on log steps, the stop flag, the main rank's "checkpoint due" flag and the metric sums
+since the last log. Nothing is read back to the host except on log steps and at epoch ends."""
 
 from __future__ import annotations
 
@@ -22,11 +22,13 @@ from pathlib import Path
 import torch
 
 from dtrain import distributed
-from dtrain.config import Config, config_from_dict, save_config
-from dtrain.errors import NonFiniteLossError, RunFolderError
+from dtrain.config import Config, save_config
+from dtrain.errors import NonFiniteLossError
 from dtrain.train import report
 from dtrain.train.checkpoint import (
     BEST,
+    LAST,
+    Cadence,
     CheckpointSaver,
     TrainState,
     load_checkpoint,
@@ -145,28 +147,22 @@ class Trainer:
         self.saver = CheckpointSaver(self.run_dir, self.engine)
 
     def _open_run(self) -> None:
-        """Refuse to overwrite a run, or restore it; save the resolved config; open logs."""
-        last = self.saver.last
-        if last.exists() and not self.resume:
-            raise RunFolderError(
-                f"{self.run_dir} already holds a run ({last}); pass --resume to continue it or "
-                "set train.run_dir to start a new one"
-            )
-        if self.resume:
-            ckpt = load_checkpoint(last)
-            if config_from_dict(ckpt["config"]).identity() != self.config.identity():
-                raise RunFolderError(
-                    f"{last} was written with a different config; resume with the saved "
-                    "config.yaml or start a new train.run_dir"
-                )
+        """Start the run or restore it (CheckpointSaver.resume_point); save the resolved config;
+        open the logs, cut back to the checkpoint (a crash may have logged past it)."""
+        ckpt = self.saver.resume_point(self.resume, self.config.identity())
+        if ckpt is not None:
             self.saver.restore(ckpt)
             self.state.load_state_dict(ckpt["state"])
             self.state.nonfinite_in_a_row = 0  # a resume is a fresh chance
             self.scores.load_state_dict(ckpt["scores"])
+        t = self.config.train
+        self.cadence = Cadence(
+            t.checkpoint_every_steps, t.checkpoint_every_minutes, self.state.step
+        )
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.config, self.run_dir / "config.yaml")
-            self.log = report.RunLog(self.run_dir)
+            self.log = report.RunLog(self.run_dir, self.state.step, self.state.epoch)
 
     def _payload(self) -> dict:
         return {
@@ -181,7 +177,9 @@ class Trainer:
 
     def _save(self, best: bool = False) -> Path:
         self.scores.merge()
-        return self.saver.save(self._payload, self.state.step, best)
+        path = self.saver.save(self._payload, self.state.step, best)
+        self.cadence.saved(self.state.step)
+        return path
 
     def evaluate(self, loader: ShardLoader) -> dict[str, float]:
         """Metrics on a split (collective: every rank scores its share)."""
@@ -192,13 +190,14 @@ class Trainer:
 
     def _header(self, batch: dict | None, sums: MetricSums | None) -> torch.Tensor:
         """The all-reduced header of the next batch: [global valid count] and, on log steps,
-        [stop flag, metric sums...] (see the module docstring)."""
+        [stop flag, checkpoint due, metric sums...] (see the module docstring)."""
         device = self.engine.device
         count = batch["valid"].sum() if batch is not None else torch.zeros((), device=device)
         parts = [count.to(torch.float64).reshape(1)]
         if sums is not None:
-            stop = torch.tensor([float(self._stop_requested())], dtype=torch.float64, device=device)
-            parts += [stop, sums.vector()]
+            due = self.is_main and self.cadence.due_by_time()
+            flags = [float(self._stop_requested()), float(due)]
+            parts += [torch.tensor(flags, dtype=torch.float64, device=device), sums.vector()]
         return distributed.sum_over_ranks(torch.cat(parts))
 
     def _to_device(self, batch: dict | None) -> dict | None:
@@ -249,6 +248,7 @@ class Trainer:
                 state.step += 1
             for sums in (epoch_sums, window):
                 sums.add_step(out, batch)
+            state.note_skipped(batch.get("skipped", []))
             if scoring:
                 self.scores.add(
                     batch["key"],
@@ -266,12 +266,14 @@ class Trainer:
             bar.update(1)
             metrics = None
             if log_now:
-                metrics, self._stopping = self._log_step(
+                metrics, self._stopping, due = self._log_step(
                     header, window, nonfinite, started, first_batch
                 )
                 bar.set_postfix(
                     loss=f"{metrics['loss']:.3f}", img_s=f"{metrics['images_per_s']:.0f}"
                 )
+                if due and not self._stopping and state.batch < num_batches:
+                    self._save()  # mid-epoch, with the loader position: bounded loss
             if boundary and self.on_step is not None:
                 self.on_step(StepInfo(state.step, state.epoch + state.batch / num_batches, metrics))
             steps_here = state.step - self._first_step
@@ -303,13 +305,13 @@ class Trainer:
         nonfinite: NonFiniteCounter,
         started: float,
         first_batch: int,
-    ) -> tuple[dict[str, float], bool]:
-        """The one read-back of a log step: the header's sums, the stop flag, the non-finite
-        counters and the pending mislabel scores."""
+    ) -> tuple[dict[str, float], bool, bool]:
+        """The one read-back of a log step: the header's sums, the stop and checkpoint flags,
+        the non-finite counters and the pending mislabel scores."""
         state, cfg = self.state, self.config
         values = header.tolist()
-        stop = values[1] > 0
-        totals = dict(zip(window.names(), values[2:], strict=True))
+        stop, due = values[1] > 0, values[2] > 0 or self.cadence.due_by_steps(state.step)
+        totals = dict(zip(window.names(), values[3:], strict=True))
         window.clear()
         nonfinite.read()
         self.scores.flush()
@@ -333,10 +335,15 @@ class Trainer:
                 f"(epoch {state.epoch}, step {state.step}); the weights before them are in "
                 f"{self.saver.last}. Lower optim.lr or raise optim.warmup_epochs, then --resume"
             )
-        return record, stop
+        return record, stop, due
 
     def fit(self) -> dict:
-        """Train (or continue), then write the report; returns the summary dict."""
+        """Train (or continue), then write the report; returns the summary dict. A rank whose
+        process dies ends the run on every other rank at once, with an error naming it."""
+        with distributed.naming_lost_ranks(f"restart the whole run with --resume from {LAST}"):
+            return self._fit()
+
+    def _fit(self) -> dict:
         self.build()
         self._open_run()
         cfg, state = self.config, self.state
@@ -402,6 +409,7 @@ class Trainer:
                 test_last=test_last,
                 manifest=self.data_dir / "manifest.parquet",
                 classes=self.classes,
+                skipped=(self.state.corrupt_samples, self.state.skipped),
             )
         return self._close(summary)
 

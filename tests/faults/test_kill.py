@@ -1,0 +1,96 @@
+"""kill -9 of a training process at points spread over a run, once half-way through writing a
+checkpoint, and once under DeepSpeed ZeRO-2: each time `--resume` continues from the last whole
+checkpoint and the run ends with the weights of a run never interrupted (CPU, deterministic)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import small_overrides, stripes_dataset
+
+ROOT = Path(__file__).parents[2]
+CRASH = Path(__file__).parent / "crash.py"
+STEPS_PER_EPOCH = 14  # 224 train samples, batches of 16
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return stripes_dataset(tmp_path_factory.mktemp("kill"), 160, shard_size=16)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict:
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "DS_ACCELERATOR": "cpu",
+        "TORCH_EXTENSIONS_DIR": str(tmp_path_factory.mktemp("torch_extensions")),
+    }
+
+
+def train_args(data: Path, run_dir: Path, *extra: str) -> list[str]:
+    # mid-epoch checkpoints every 4 steps, looked at on every second step
+    return small_overrides(
+        data, run_dir, 16, "train.log_every=2", "train.checkpoint_every_steps=4", *extra
+    )
+
+
+def run(command: list[str], env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def crash(env: dict, point: str, step: int, args: list[str]) -> subprocess.CompletedProcess:
+    result = run([sys.executable, str(CRASH), point, str(step), "--", *args], env)
+    assert result.returncode == -signal.SIGKILL, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+def resumed_from(run_dir: Path) -> int:
+    return torch.load(run_dir / "last.pt", weights_only=True)["state"]["step"]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    first, second = (torch.load(p / "last.pt", weights_only=True) for p in (a, b))
+    assert first["state"]["step"] == second["state"]["step"]
+    for name, tensor in first["model"].items():
+        assert torch.equal(tensor, second["model"][name]), name
+
+
+def test_killed_at_six_points_resumes_each_time_to_the_uninterrupted_weights(tiny, tmp_path, env):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    done = run([sys.executable, "-m", "dtrain.cli", "train", *train_args(tiny, straight)], env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    args = ["--resume", *train_args(tiny, killed)]
+    # (point, after global step, the checkpoint the next resume must start from)
+    points = [
+        ("step", 3, None),  # before any checkpoint: only config.yaml is there
+        ("forward", 5, 4),  # mid-forward of step 6, after the mid-epoch checkpoint at step 4
+        ("eval", STEPS_PER_EPOCH, 12),  # the epoch boundary: validating epoch 1
+        ("save", STEPS_PER_EPOCH, 12),  # half-way through writing epoch 1's checkpoint
+        ("step", 21, 18),  # right after a step, mid-epoch 2
+        ("test", 2 * STEPS_PER_EPOCH, 28),  # the final test, after the last checkpoint
+    ]
+    for point, step, checkpoint in points:
+        crash(env, point, step, args if checkpoint is not None or point != "step" else args[1:])
+        if checkpoint is None:
+            assert (killed / "config.yaml").exists() and not (killed / "last.pt").exists()
+        else:
+            assert resumed_from(killed) == checkpoint, point
+        if point == "save":  # the half-written file is there, beside an intact last.pt
+            assert list(killed.glob("*.last.pt.pending*")), point
+    finished = run([sys.executable, "-m", "dtrain.cli", "train", *args], env)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert not list(killed.glob("*.pending*"))
+    assert_same_weights(straight, killed)
+    logged = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in logged if r["kind"] == "step"]
+    assert steps == list(range(2, 2 * STEPS_PER_EPOCH + 1, 2))  # each step once, in order
+    assert [r["epoch"] for r in logged if r["kind"] == "epoch"] == [1, 2]
+    assert json.loads((killed / "summary.json").read_text())["epochs"] == 2
