@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -109,9 +110,11 @@ def naming_lost_ranks(advice: str) -> Iterator[None]:
         lost = lost_ranks()
         if not lost:
             raise
+        # gloo's "[.../pair.cc:545] Read error [addr]: Connection reset by peer. This is ..."
+        detail = re.sub(r"^\[[^\]]*\]\s*", "", str(err).splitlines()[0]).split(". This is")[0]
         raise DistributedError(
             f"rank {world()[0]} lost {', '.join(lost)}: its process stopped answering in the "
-            f"middle of the run ({str(err).splitlines()[0][:200]}); {advice}"
+            f"middle of the run ({detail[:160]}); {advice}"
         ) from err
 
 

@@ -185,3 +185,9 @@ def catches(pid: int, sig: int) -> bool:
         return False
     mask = next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:"))
     return bool(int(mask, 16) & (1 << (sig - 1)))
+
+
+@pytest.fixture(scope="session")
+def torch_extensions(tmp_path_factory) -> Path:
+    """One folder for DeepSpeed's JIT-compiled CPU op: compiled once per test session."""
+    return tmp_path_factory.mktemp("torch_extensions")

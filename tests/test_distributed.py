@@ -28,12 +28,11 @@ def tiny(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict:
-    extensions = tmp_path_factory.mktemp("torch_extensions")
+def env(torch_extensions) -> dict:
     return {
         **os.environ,
         "DS_ACCELERATOR": "cpu",
-        "TORCH_EXTENSIONS_DIR": str(extensions),
+        "TORCH_EXTENSIONS_DIR": str(torch_extensions),
         "OMP_NUM_THREADS": "1",
     }
 

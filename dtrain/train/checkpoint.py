@@ -87,6 +87,24 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def _nbytes(value: object) -> int:
+    """The bytes of the tensors in a checkpoint: about what its file takes."""
+    if torch.is_tensor(value):
+        return value.nbytes
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    return 0
+
+
+def _out_of_space(err: Exception, folder: Path, needed: int) -> bool:
+    """Whether a failed write failed for want of room (the half-written file is gone by now)."""
+    return getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (
+        shutil.disk_usage(folder).free < needed
+    )
+
+
 class CheckpointSaver:
     """Collective saves of a run: every rank calls `save`; rank 0 writes the files, each rank
     its own DeepSpeed shards under `run_dir/deepspeed/<tag>`."""
@@ -150,8 +168,8 @@ class CheckpointSaver:
                 pending = write_atomic(
                     self.run_dir / f".{LAST}.pending", lambda f: torch.save(content, f)
                 )
-            except OSError as err:
-                if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            except (OSError, RuntimeError) as err:  # torch.save reports a short write as either
+                if not _out_of_space(err, self.run_dir, _nbytes(content)):
                     raise
                 raise RunFolderError(
                     f"no space left on the device of {self.run_dir} to write a checkpoint "

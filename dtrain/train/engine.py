@@ -120,6 +120,15 @@ class Engine(ABC):
             for buffer in self.unwrap().net.buffers():
                 torch.distributed.broadcast(buffer, src=0)
 
+    def to_device(self, batch: dict | None) -> dict | None:
+        """A loader's batch on this rank's device (its lists, e.g. keys, as they are)."""
+        if batch is None:
+            return None
+        return {
+            k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
+            for k, v in batch.items()
+        }
+
     def barrier(self) -> None:
         if self.num_processes > 1:
             torch.distributed.barrier()

@@ -200,15 +200,6 @@ class Trainer:
             parts += [torch.tensor(flags, dtype=torch.float64, device=device), sums.vector()]
         return distributed.sum_over_ranks(torch.cat(parts))
 
-    def _to_device(self, batch: dict | None) -> dict | None:
-        if batch is None:
-            return None
-        device = self.engine.device
-        return {
-            k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-            for k, v in batch.items()
-        }
-
     def _train_epoch(self) -> dict[str, float]:
         cfg, state, engine = self.config, self.state, self.engine
         loader = self.train_loader
@@ -226,7 +217,7 @@ class Trainer:
             initial=state.batch,
         )
         batches = iter(loader)
-        batch = self._to_device(next(batches, None))
+        batch = self.engine.to_device(next(batches, None))
         header = self._header(batch, None)
         while batch is not None:
             index = state.batch
@@ -261,7 +252,7 @@ class Trainer:
                 )
             state.batch = index + 1
             log_now = boundary and state.step % cfg.train.log_every == 0
-            batch = self._to_device(next(batches, None))
+            batch = self.engine.to_device(next(batches, None))
             header = self._header(batch, window if log_now else None)
             bar.update(1)
             metrics = None
@@ -340,7 +331,8 @@ class Trainer:
     def fit(self) -> dict:
         """Train (or continue), then write the report; returns the summary dict. A rank whose
         process dies ends the run on every other rank at once, with an error naming it."""
-        with distributed.naming_lost_ranks(f"restart the whole run with --resume from {LAST}"):
+        advice = f"restart the whole run with --resume (from {self.run_dir / LAST})"
+        with distributed.naming_lost_ranks(advice):
             return self._fit()
 
     def _fit(self) -> dict:

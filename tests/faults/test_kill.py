@@ -16,7 +16,7 @@ import torch
 from conftest import small_overrides, stripes_dataset
 
 ROOT = Path(__file__).parents[2]
-CRASH = Path(__file__).parent / "crash.py"
+HURT = Path(__file__).parent / "hurt.py"
 STEPS_PER_EPOCH = 14  # 224 train samples, batches of 16
 
 
@@ -26,12 +26,12 @@ def tiny(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict:
+def env(torch_extensions) -> dict:
     return {
         **os.environ,
         "OMP_NUM_THREADS": "1",
         "DS_ACCELERATOR": "cpu",
-        "TORCH_EXTENSIONS_DIR": str(tmp_path_factory.mktemp("torch_extensions")),
+        "TORCH_EXTENSIONS_DIR": str(torch_extensions),
     }
 
 
@@ -47,7 +47,7 @@ def run(command: list[str], env: dict) -> subprocess.CompletedProcess:
 
 
 def crash(env: dict, point: str, step: int, args: list[str]) -> subprocess.CompletedProcess:
-    result = run([sys.executable, str(CRASH), point, str(step), "--", *args], env)
+    result = run([sys.executable, str(HURT), point, str(step), "--", *args], env)
     assert result.returncode == -signal.SIGKILL, result.stdout[-2000:] + result.stderr[-3000:]
     return result
 
@@ -94,3 +94,28 @@ def test_killed_at_six_points_resumes_each_time_to_the_uninterrupted_weights(tin
     assert steps == list(range(2, 2 * STEPS_PER_EPOCH + 1, 2))  # each step once, in order
     assert [r["epoch"] for r in logged if r["kind"] == "epoch"] == [1, 2]
     assert json.loads((killed / "summary.json").read_text())["epochs"] == 2
+
+
+def torchrun(nproc: int, *args: str) -> list[str]:
+    return [
+        str(Path(sys.executable).parent / "torchrun"),
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        *args,
+    ]
+
+
+def test_killed_under_deepspeed_zero2_resumes_to_the_uninterrupted_weights(tiny, tmp_path, env):
+    zero2 = f"train.deepspeed={ROOT / 'configs' / 'deepspeed' / 'zero2.json'}"
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    done = run(torchrun(1, "-m", "dtrain.cli", "train", *train_args(tiny, straight, zero2)), env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    args = ["--resume", *train_args(tiny, killed, zero2)]
+    # killed right after step 6, the mid-epoch checkpoint at 4 behind it
+    died = run(torchrun(1, str(HURT), "step", "6", "--", *args[1:]), env)
+    assert died.returncode != 0 and "Signal 9 (SIGKILL)" in died.stderr, died.stderr[-3000:]
+    assert resumed_from(killed) == 4
+    assert (killed / "deepspeed" / "step4").is_dir()
+    finished = run(torchrun(1, "-m", "dtrain.cli", "train", *args), env)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert_same_weights(straight, killed)

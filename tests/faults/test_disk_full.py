@@ -1,0 +1,63 @@
+"""The disk fills up while a checkpoint is written (a small tmpfs of its own): a clear error, the
+previous `last.pt` and `best.pt` intact and loadable, and the run resumable once there is room."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import small_overrides, stripes_dataset
+
+ROOT = Path(__file__).parents[2]
+HURT = Path(__file__).parent / "hurt.py"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 MiB tmpfs; skipped, with the reason, where this machine cannot mount one."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    yield disk
+    subprocess.run(["umount", "--lazy", str(disk)], check=True)
+
+
+def test_a_full_disk_fails_the_save_clearly_and_keeps_both_checkpoints(tmp_path, small_disk):
+    data = stripes_dataset(tmp_path, 160, shard_size=16)
+    run_dir = small_disk / "run"
+    args = small_overrides(data, run_dir, 16, "train.log_every=2", "train.checkpoint_every_steps=4")
+    # the disk fills right after epoch 1's checkpoint (step 14, last.pt = best.pt);
+    # the mid-epoch checkpoint at step 18 finds no room
+    full = subprocess.run(
+        [sys.executable, str(HURT), "fill", "14", "--", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert full.returncode == 2, full.stdout[-2000:] + full.stderr[-3000:]
+    error = full.stderr.strip().splitlines()
+    assert len(error) == 1 and "no space left on the device of" in error[0], full.stderr[-3000:]
+    assert str(run_dir) in error[0] and "--resume" in error[0]
+    for name in ("last.pt", "best.pt"):
+        assert torch.load(run_dir / name, weights_only=True)["state"]["step"] == 14, name
+    assert not list(run_dir.glob("*.pending*"))  # no half-written file left to take space
+    (small_disk / "filler").unlink()
+    resumed = subprocess.run(
+        [sys.executable, "-m", "dtrain.cli", "train", "--resume", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert torch.load(run_dir / "last.pt", weights_only=True)["state"]["epoch"] == 2
