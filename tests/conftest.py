@@ -139,8 +139,14 @@ def copy_dataset(source: Path, target: Path) -> Path:
 
 
 def rewrite_shard(path: Path, change) -> None:
-    """Rewrite a shard in place with `change(sample) -> sample` applied to each sample."""
+    """Rewrite a shard in place with `change(sample) -> sample` applied to each sample, and
+    refresh its checksum (only that) in the `dataset.json` beside it, if any: the shard stays
+    one the loader takes as intact, holding whatever `change` put in it."""
+    import json
+
     import webdataset as wds
+
+    from dtrain.prepare.shards import sha256
 
     samples = list(wds.WebDataset(str(path), shardshuffle=False))
     with wds.TarWriter(str(path)) as writer:
@@ -150,6 +156,11 @@ def rewrite_shard(path: Path, change) -> None:
                     {k: v for k, v in sample.items() if k != "__url__" and k != "__local_path__"}
                 )
             )
+    meta_path = path.parent / "dataset.json"
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        meta["shards"][path.name]["sha256"] = sha256(path)
+        meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
 def processes_with_env(entry: str, title: str = "") -> list[int]:
