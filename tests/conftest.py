@@ -139,14 +139,9 @@ def copy_dataset(source: Path, target: Path) -> Path:
 
 
 def rewrite_shard(path: Path, change) -> None:
-    """Rewrite a shard in place with `change(sample) -> sample` applied to each sample, and
-    refresh its checksum (only that) in the `dataset.json` beside it, if any: the shard stays
-    one the loader takes as intact, holding whatever `change` put in it."""
-    import json
-
+    """Rewrite a shard in place with `change(sample) -> sample` applied to each sample, keeping
+    it one the loader takes as intact (`refresh_checksum`), whatever `change` put in it."""
     import webdataset as wds
-
-    from dtrain.prepare.shards import sha256
 
     samples = list(wds.WebDataset(str(path), shardshuffle=False))
     with wds.TarWriter(str(path)) as writer:
@@ -156,6 +151,15 @@ def rewrite_shard(path: Path, change) -> None:
                     {k: v for k, v in sample.items() if k != "__url__" and k != "__local_path__"}
                 )
             )
+    refresh_checksum(path)
+
+
+def refresh_checksum(path: Path) -> None:
+    """Record a shard's current sha256 (and nothing else) in the `dataset.json` beside it."""
+    import json
+
+    from dtrain.prepare.shards import sha256
+
     meta_path = path.parent / "dataset.json"
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
