@@ -160,10 +160,10 @@ class ShardStream(IterableDataset):
         self, slot: int, plan: EpochPlan | None, total: int, skip: int = 0
     ) -> Iterator[dict]:
         """Exactly `total` decoded samples, the slot's own then padding, less the first `skip`.
-        A skipped (corrupt or missing) sample is replaced by padding right away, so every count in
-        the plan holds; resampled, a skip uses up one of the epoch's samples. Skipped batches'
-        samples are read (the shuffle buffer stays in step) but not decoded; the last
-        `batch_size` of them are kept raw in case the padding copies them."""
+        A corrupt or missing sample is replaced by padding right away, so every count in the plan
+        holds (resampled, it uses up one of the epoch's samples). The first `skip` samples are read
+        (the shuffle buffer stays in step) but not decoded; the last `batch_size` of them are kept
+        raw in case the padding copies them."""
         recent: deque[dict] = deque(maxlen=self.batch_size)
         skipped: deque[RawSample] = deque(maxlen=self.batch_size)
         owed: list[str] = []  # why each sample not yet replaced by padding was skipped
@@ -315,7 +315,8 @@ def make_loader(
     pin_memory: bool = False,
 ) -> ShardLoader:
     """A loader for one rank. Rank and world size default to torch.distributed or RANK and
-    WORLD_SIZE. Channels and classes default to the `dataset.json` beside the shards."""
+    WORLD_SIZE. Channels and classes default to the `dataset.json` beside the shards, whose
+    checksums each shard read to its end must match."""
     shard_urls = expand_urls(urls)
     if not shard_urls:
         raise DataError(f"no shards match {urls!r}")

@@ -53,7 +53,8 @@ IMAGE_EXTS = ("png", "jpg", "jpeg", "bmp", "tif", "tiff")
 
 
 class CorruptSampleError(DataError):
-    """A sample whose image or label cannot be decoded, or that no dtrain shard would hold."""
+    """A sample that cannot be used: its image, label or record does not decode, its damaged
+    shard lost it, or its member names are ones no dtrain shard holds."""
 
 
 def decode_sample(sample: RawSample, num_classes: int | None, channels: int, min_side: int) -> dict:
