@@ -1,9 +1,28 @@
-"""Pixel conversions that both stages need (prepare's thumbnails, the loader's decode)."""
+"""Image opening and pixel conversions that both stages need (prepare's thumbnails, the loader's
+decode)."""
 
 from __future__ import annotations
 
+import io
+import warnings
+
 import numpy as np
 from PIL import Image
+
+
+def open_image(data: bytes) -> Image.Image:
+    """PIL's lazy open (header only), refusing an image of more than `Image.MAX_IMAGE_PIXELS`
+    pixels: a few bytes of PNG can declare gigapixels (a decompression bomb). PIL only warns
+    between 1x and 2x its limit; here both are errors, without touching the process's filters."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            return Image.open(io.BytesIO(data))
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+            raise ValueError(
+                f"more pixels than PIL's Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS}, "
+                f"refused as a possible decompression bomb ({err})"
+            ) from None
 
 
 def to_8bit(image: Image.Image) -> Image.Image:

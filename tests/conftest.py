@@ -139,7 +139,8 @@ def copy_dataset(source: Path, target: Path) -> Path:
 
 
 def rewrite_shard(path: Path, change) -> None:
-    """Rewrite a shard in place with `change(sample) -> sample` applied to each sample."""
+    """Rewrite a shard in place with `change(sample) -> sample` applied to each sample, keeping
+    it one the loader takes as intact (`refresh_checksum`), whatever `change` put in it."""
     import webdataset as wds
 
     samples = list(wds.WebDataset(str(path), shardshuffle=False))
@@ -150,6 +151,20 @@ def rewrite_shard(path: Path, change) -> None:
                     {k: v for k, v in sample.items() if k != "__url__" and k != "__local_path__"}
                 )
             )
+    refresh_checksum(path)
+
+
+def refresh_checksum(path: Path) -> None:
+    """Record a shard's current sha256 (and nothing else) in the `dataset.json` beside it."""
+    import json
+
+    from dtrain.prepare.shards import sha256
+
+    meta_path = path.parent / "dataset.json"
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        meta["shards"][path.name]["sha256"] = sha256(path)
+        meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
 def processes_with_env(entry: str, title: str = "") -> list[int]:

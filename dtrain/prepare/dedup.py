@@ -3,12 +3,10 @@ group, so that a split by group keeps copies of one scan out of both train and t
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 from PIL import Image
 
-from dtrain.images import to_8bit
+from dtrain.images import open_image, to_8bit
 
 THUMB_SIDE = 16
 
@@ -20,14 +18,15 @@ class BadImageError(ValueError):
 def decode_thumbnail(data: bytes, side: int = THUMB_SIDE) -> tuple[np.ndarray, bool, tuple]:
     """Grayscale `side x side` float32 pixels, whether the image is grayscale, and its size.
 
-    The JPEG decoder's draft mode downsamples while decoding, which makes this cheap.
+    The JPEG decoder's draft mode downsamples while decoding, which makes this cheap. Truncated
+    files and decompression bombs (`open_image`) are bad images.
     """
     try:
-        image = Image.open(io.BytesIO(data))
+        image = open_image(data)
         size = image.size
         image.draft(None, (side * 4, side * 4))
         image = to_8bit(image).convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
+    except Exception as err:  # PIL raises OSError, ValueError, SyntaxError... on bad bytes
         raise BadImageError(str(err)) from err
     rgb = np.asarray(image.resize((side, side), Image.Resampling.BOX), dtype=np.float32)
     is_gray = bool(np.abs(rgb - rgb.mean(axis=2, keepdims=True)).max() < 8.0)

@@ -12,6 +12,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from dtrain.images import open_image
 from dtrain.prepare.sources import Source
 
 TAR_BLOCK = 512
@@ -21,7 +22,7 @@ def resize_image(data: bytes, ext: str, side: int) -> tuple[bytes, str]:
     """Shorter side to `side` pixels; JPEG stays JPEG (quality 95), anything else becomes PNG."""
     from PIL import Image
 
-    image = Image.open(io.BytesIO(data))
+    image = open_image(data)
     scale = side / min(image.size)
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     image.draft(None, size)

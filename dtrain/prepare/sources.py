@@ -230,7 +230,7 @@ def from_npz(path: Path, classes: list[str] | None = None) -> Source:
         key = f"{part}_labels"
         if key not in archive.files:
             raise DataError(f"{path} has {part}_images but no {key}")
-        x, y = archive[f"{part}_images"], archive[key]
+        x, y = _array(archive, path, f"{part}_images"), _array(archive, path, key)
         if y.ndim == 2 and y.shape[1] == 1:
             y = y[:, 0]
         if y.ndim != 1:
@@ -259,6 +259,14 @@ def from_npz(path: Path, classes: list[str] | None = None) -> Source:
         kind="npz",
         description={"npz": str(path), "parts": parts},
     )
+
+
+def _array(archive: np.lib.npyio.NpzFile, path: Path, key: str) -> np.ndarray:
+    """One array of an `.npz`, read without pickle: an object array is refused, never loaded."""
+    try:
+        return archive[key]
+    except (ValueError, OSError) as err:
+        raise DataError(f"cannot read {path}:{key} without pickle: {err}") from err
 
 
 def open_source(spec: str | None, classes: list[str] | None = None) -> Source:

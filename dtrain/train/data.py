@@ -9,14 +9,15 @@ the same number of batches (no DDP hang on uneven shards). A resampled mode inst
 with replacement for a fixed number of samples per epoch.
 
 Only image members, `.cls` and `.json` are decoded; nothing is ever unpickled, whatever members a
-shard holds. A sample that cannot be decoded is replaced by padding, counted (`corrupt=True`) and
-logged, or raises with `strict=True`.
+shard holds. A sample that cannot be decoded, or that a damaged shard no longer holds (`shards.py`
+checks each shard's end, count and checksum as it streams), is replaced by padding, counted
+(`corrupt=True`), logged and named in its batch's `skipped`; or raises with `strict=True`.
 
 `set_epoch(epoch, start_batch)` starts an epoch part-way (a resumed run): the skipped batches' raw
 samples are read, keeping the shuffle in step, but not decoded; augmentations are seeded per batch,
 so the batches that follow are exactly those of a full pass. Planning is in `plan.py`; dataset
-folders, `dataset.json` and sample decoding in `dataset.py`; transforms and collation in
-`transforms.py`.
+folders, `dataset.json` and sample decoding in `dataset.py`; reading a shard in `shards.py`;
+transforms and collation in `transforms.py`.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from dtrain.train.dataset import (
     split_urls,
 )
 from dtrain.train.plan import EpochPlan, plan_epoch, worker_skips
+from dtrain.train.shards import RawSample, read_shard
 from dtrain.train.transforms import collate, decode_side
 
 __all__ = [
@@ -64,6 +66,7 @@ class ShardStream(IterableDataset):
         self,
         urls: list[str],
         counts: dict[str, int] | None,
+        digests: dict[str, str],
         *,
         train: bool,
         batch_size: int,
@@ -78,7 +81,7 @@ class ShardStream(IterableDataset):
         samples_per_epoch: int | None,
         strict: bool,
     ) -> None:
-        self.urls, self.counts, self.train = urls, counts, train
+        self.urls, self.counts, self.digests, self.train = urls, counts, digests, train
         self.batch_size, self.channels, self.num_classes = batch_size, channels, num_classes
         self.rank, self.world_size, self.workers = rank, world_size, workers
         self.seed, self.shuffle_buffer, self.strict = seed, shuffle_buffer, strict
@@ -113,21 +116,28 @@ class ShardStream(IterableDataset):
             return self.resampled_batches_per_slot() * self.workers
         return self.plan().rank_batches(self.rank, self.workers)
 
-    def _raw_samples(self, slot: int, plan: EpochPlan | None) -> Iterator[dict]:
+    def _raw_samples(self, slot: int, plan: EpochPlan | None) -> Iterator[RawSample]:
+        """The slot's samples in reading order: exactly `plan.samples[slot]` of them (a shard
+        short of its count makes up the difference with skips), or endless when resampled."""
         rng = random.Random(hash((self.seed, self.epoch, slot)))
         if plan is None:  # resampled: shards drawn with replacement, forever
 
             def urls():
                 while True:
-                    yield {"url": rng.choice(self.urls)}
+                    yield rng.choice(self.urls)
 
             source = urls()
         else:
-            shards = list(plan.shards[slot])
+            source = list(plan.shards[slot])
             if self.train:
-                rng.shuffle(shards)
-            source = [{"url": u} for u in shards]
-        samples = wds.tarfile_to_samples(handler=_reraise_with_shard)(source)
+                rng.shuffle(source)
+        samples = (
+            sample
+            for url in source
+            for sample in read_shard(
+                url, None if plan is None else self.counts[url], self.digests.get(url), self.strict
+            )
+        )
         if self.split_samples:
             slots = self.world_size * self.workers
             samples = (x for n, x in enumerate(samples) if n % slots == slot)
@@ -137,58 +147,54 @@ class ShardStream(IterableDataset):
             )
         return samples
 
-    def _decode(self, raw: dict) -> dict | None:
-        """The decoded sample, or None (logged) if it is corrupt and not `strict`."""
+    def _decode(self, raw: RawSample) -> dict | str:
+        """The decoded sample, or why it is skipped if it is corrupt and not `strict`."""
         try:
             return decode_sample(raw, self.num_classes, self.channels, self.min_side)
         except CorruptSampleError as err:
             if self.strict:
                 raise
-            log.warning("skipping corrupt %s", err)
-            return None
+            return str(err)
 
     def _samples(
         self, slot: int, plan: EpochPlan | None, total: int, skip: int = 0
     ) -> Iterator[dict]:
         """Exactly `total` decoded samples, the slot's own then padding, less the first `skip`.
-        A corrupt sample is replaced by padding right away, so every count in the plan holds.
-        Skipped samples are read (the shuffle buffer stays in step) but not decoded; the last
-        `batch_size` of them are kept raw in case the padding copies them."""
+        A corrupt or missing sample is replaced by padding right away, so every count in the plan
+        holds (resampled, it uses up one of the epoch's samples). The first `skip` samples are read
+        (the shuffle buffer stays in step) but not decoded; the last `batch_size` of them are kept
+        raw in case the padding copies them."""
         recent: deque[dict] = deque(maxlen=self.batch_size)
-        skipped: deque[dict] = deque(maxlen=self.batch_size)
-        owed_corrupt = emitted = read = 0
+        skipped: deque[RawSample] = deque(maxlen=self.batch_size)
+        owed: list[str] = []  # why each sample not yet replaced by padding was skipped
+        logged: set[str] = set()  # a damaged shard's missing samples share one reason
+        emitted = 0
         for raw in self._raw_samples(slot, plan):
-            if plan is None and emitted >= total:
+            if plan is None and emitted + len(owed) >= total:
                 break
-            read += 1
-            if plan is not None and read > plan.samples[slot]:
-                break  # more than dataset.json says: fail now, before the ranks drift apart
             if emitted < skip:
                 skipped.append(raw)
                 emitted += 1
                 continue
             sample = self._decode(raw)
-            if sample is None:
-                owed_corrupt += 1
+            if isinstance(sample, str):
+                if sample not in logged:
+                    log.warning("skipping %s", sample)
+                    logged.add(sample)
+                owed.append(sample)
                 continue
             recent.append(sample)
-            yield {**sample, "valid": True, "corrupt": False}
-            for _ in range(owed_corrupt):
-                yield {**sample, "valid": False, "corrupt": True}
-            emitted += 1 + owed_corrupt
-            owed_corrupt = 0
-        if plan is not None and read != plan.samples[slot]:
-            read = read if read <= plan.samples[slot] else f"more than {plan.samples[slot]}"
-            raise DataError(
-                f"shards {plan.shards[slot]} hold {read} samples but their dataset.json says "
-                f"{plan.samples[slot]}; re-create them with dtrain prepare"
-            )
+            yield {**sample, "valid": True, "corrupt": False, "skipped": None}
+            for reason in owed:
+                yield {**sample, "valid": False, "corrupt": True, "skipped": reason}
+            emitted += 1 + len(owed)
+            owed = []
         pads = range(max(skip - emitted, 0), total - emitted)
         if not pads:
             return
         while skipped and len(recent) < self.batch_size:  # what a full pass would hold
             sample = self._decode(skipped.pop())
-            if sample is not None:
+            if not isinstance(sample, str):
                 recent.appendleft(sample)
         if not recent:
             raise DataError(
@@ -196,8 +202,9 @@ class ShardStream(IterableDataset):
                 f"{plan.shards[slot] if plan else self.urls}"
             )
         for pad in pads:
-            corrupt = pad < owed_corrupt
-            yield {**recent[pad % len(recent)], "valid": False, "corrupt": corrupt}
+            reason = owed[pad] if pad < len(owed) else None
+            sample = recent[pad % len(recent)]
+            yield {**sample, "valid": False, "corrupt": reason is not None, "skipped": reason}
 
     def __iter__(self) -> Iterator[dict]:
         plan = self.plan() if self.samples_per_epoch is None else None
@@ -231,10 +238,6 @@ class ShardStream(IterableDataset):
             yield batch
             first += 1
             chunk = []
-
-
-def _reraise_with_shard(exn: Exception) -> bool:
-    raise DataError(f"cannot read shard: {exn}; re-create it with dtrain prepare") from exn
 
 
 class ShardLoader:
@@ -312,7 +315,8 @@ def make_loader(
     pin_memory: bool = False,
 ) -> ShardLoader:
     """A loader for one rank. Rank and world size default to torch.distributed or RANK and
-    WORLD_SIZE. Channels and classes default to the `dataset.json` beside the shards."""
+    WORLD_SIZE. Channels and classes default to the `dataset.json` beside the shards, whose
+    checksums each shard read to its end must match."""
     shard_urls = expand_urls(urls)
     if not shard_urls:
         raise DataError(f"no shards match {urls!r}")
@@ -336,13 +340,20 @@ def make_loader(
         if missing:
             raise DataError(f"shard {missing[0]} is not listed in its dataset.json")
         shard_counts = {u: by_name[u.rsplit("/", 1)[-1]] for u in shard_urls}
+    digests = {}
     if meta is not None:
         channels = channels or meta["images"]["channels"]
         num_classes = num_classes or len(meta["classes"])
+        listed = meta.get("shards", {})
+        for url in shard_urls:
+            info = listed.get(url.rsplit("/", 1)[-1], {})
+            if "sha256" in info:
+                digests[url] = info["sha256"]
     workers = max(1, num_workers)
     stream = ShardStream(
         shard_urls,
         None if resampled else shard_counts,
+        digests,
         train=train,
         batch_size=batch_size,
         image_size=image_size,

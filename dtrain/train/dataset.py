@@ -12,6 +12,7 @@ import torch
 import webdataset as wds
 
 from dtrain.errors import DataError
+from dtrain.train.shards import RawSample
 from dtrain.train.transforms import decode_image
 
 
@@ -52,34 +53,43 @@ IMAGE_EXTS = ("png", "jpg", "jpeg", "bmp", "tif", "tiff")
 
 
 class CorruptSampleError(DataError):
-    """A sample whose image or label cannot be decoded."""
+    """A sample that cannot be used: its image, label or record does not decode, its damaged
+    shard lost it, or its member names are ones no dtrain shard holds."""
 
 
-def decode_sample(sample: dict, num_classes: int | None, channels: int, min_side: int) -> dict:
-    """A raw sample's image (PIL, decoded at `min_side`), label, clean label and key."""
-    where = f"sample {sample.get('__key__')!r} in {sample.get('__url__')}"
-    image_keys = [k for k in IMAGE_EXTS if k in sample]
+def decode_sample(sample: RawSample, num_classes: int | None, channels: int, min_side: int) -> dict:
+    """A raw sample's image (PIL, decoded at `min_side`), label, clean label and key; a
+    CorruptSampleError naming the shard and the member otherwise."""
+    if sample.problem:
+        raise CorruptSampleError(sample.problem)
+    members, member = sample.members, f"{sample.url} member {sample.key}"
+    image_keys = [k for k in IMAGE_EXTS if k in members]
     if not image_keys:
-        raise CorruptSampleError(f"{where} has no image member ({', '.join(IMAGE_EXTS)})")
-    if "cls" not in sample:
-        raise CorruptSampleError(f"{where} has no .cls label")
+        raise CorruptSampleError(
+            f"{sample.url} sample {sample.key}: no image member ({', '.join(IMAGE_EXTS)})"
+        )
+    if "cls" not in members:
+        raise CorruptSampleError(f"{sample.url} sample {sample.key}: no .cls label")
     try:
-        label = int(sample["cls"].decode().strip())
+        label = int(members["cls"].decode().strip())
     except (UnicodeDecodeError, ValueError) as err:
-        raise CorruptSampleError(f"{where}: .cls is not an integer label") from err
+        raise CorruptSampleError(f"{member}.cls: not an integer label") from err
     if label < 0 or (num_classes is not None and label >= num_classes):
-        raise CorruptSampleError(f"{where}: label {label} is outside [0, {num_classes})")
+        raise CorruptSampleError(f"{member}.cls: label {label} is outside [0, {num_classes})")
     try:
-        meta = json.loads(sample["json"]) if "json" in sample else {}
-        image = decode_image(sample[image_keys[0]], channels, min_side)
+        record = json.loads(members["json"]) if "json" in members else {}
+        clean_label = int(record.get("clean_label", label))
+    except (ValueError, TypeError, AttributeError, RecursionError) as err:
+        raise CorruptSampleError(f"{member}.json: not a dtrain sample record ({err})") from err
+    if clean_label < 0 or (num_classes is not None and clean_label >= num_classes):
+        raise CorruptSampleError(
+            f"{member}.json: clean_label {clean_label} is outside [0, {num_classes})"
+        )
+    try:
+        image = decode_image(members[image_keys[0]], channels, min_side)
     except Exception as err:  # PIL raises OSError, ValueError, SyntaxError... on bad bytes
-        raise CorruptSampleError(f"{where}: cannot decode ({err})") from err
-    return {
-        "image": image,
-        "label": label,
-        "clean_label": int(meta.get("clean_label", label)),
-        "key": sample["__key__"],
-    }
+        raise CorruptSampleError(f"{member}.{image_keys[0]}: cannot decode ({err})") from err
+    return {"image": image, "label": label, "clean_label": clean_label, "key": sample.key}
 
 
 def resolve_data_dir(path: str, progress: bool) -> Path:

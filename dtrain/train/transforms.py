@@ -8,7 +8,6 @@ augmenting, and the jitter touches only brightness and contrast, which mean some
 
 from __future__ import annotations
 
-import io
 import math
 
 import numpy as np
@@ -16,7 +15,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import RandomResizedCrop
 
-from dtrain.images import to_8bit
+from dtrain.images import open_image, to_8bit
 
 CROP_SCALE = (0.35, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
@@ -75,8 +74,9 @@ def jitter_and_normalise(batch: torch.Tensor) -> torch.Tensor:
 
 def decode_image(data: bytes, channels: int, min_side: int) -> Image.Image:
     """Decode, letting the JPEG decoder downscale while decoding as far as keeps `min_side`
-    pixels on the shorter side (a 4-8x saving for large scans trained at 64 px)."""
-    image = Image.open(io.BytesIO(data))
+    pixels on the shorter side (a 4-8x saving for large scans trained at 64 px). Refuses
+    decompression bombs (`open_image`) and truncated files (PIL's default)."""
+    image = open_image(data)
     scale = max(min_side / min(image.size), 1 / 8)
     image.draft(None, (math.ceil(image.width * scale), math.ceil(image.height * scale)))
     return to_8bit(image).convert("L" if channels == 1 else "RGB")
@@ -89,13 +89,15 @@ def decode_side(image_size: int, train: bool) -> int:
 
 def collate(samples: list[dict], size: int, train: bool) -> dict:
     """Decoded samples -> a batch: two augmented views (`view1`, `view2`) for training, the
-    centre square (`image`) for evaluation, plus labels, clean labels, flags and keys."""
+    centre square (`image`) for evaluation, plus labels, clean labels, flags and keys, and
+    `skipped`: why each corrupt padding sample's original was skipped (one line each)."""
     batch = {
         "label": torch.tensor([s["label"] for s in samples]),
         "clean_label": torch.tensor([s["clean_label"] for s in samples]),
         "valid": torch.tensor([s["valid"] for s in samples]),
         "corrupt": torch.tensor([s["corrupt"] for s in samples]),
         "key": [s["key"] for s in samples],
+        "skipped": [s["skipped"] for s in samples if s["corrupt"]],
     }
     if train:
         for view in ("view1", "view2"):
