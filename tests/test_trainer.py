@@ -281,3 +281,6 @@ def test_a_corrupt_training_sample_is_counted_in_the_run(tiny, tmp_path):
     Trainer(config(data, run, "method.name=ce", "train.epochs=1")).fit()
     history = json.loads(torch.load(run / "last.pt", weights_only=True)["state"]["history"])
     assert history[0]["corrupt_samples"] == 1
+    skipped = json.loads((run / "summary.json").read_text())["skipped_samples"]
+    assert skipped["count"] == 1 and len(skipped["which"]) == 1
+    assert shard.name in skipped["which"][0] and victim[0] in skipped["which"][0]
