@@ -206,3 +206,35 @@ def catches(pid: int, sig: int) -> bool:
 def torch_extensions(tmp_path_factory) -> Path:
     """One folder for DeepSpeed's JIT-compiled CPU op: compiled once per test session."""
     return tmp_path_factory.mktemp("torch_extensions")
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    """One real two-node SLURM cluster for the session (tests/slurm_cluster.py)."""
+    from slurm_cluster import SlurmCluster, missing_commands
+
+    missing = missing_commands()
+    if missing:
+        pytest.skip(
+            f"SLURM is not installed here ({', '.join(missing)} missing); .ci/run installs "
+            "slurm-wlm and munge with apt-get"
+        )
+    if os.geteuid() != 0:
+        pytest.skip("bringing up munge and slurmd needs root")
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def submit_env(cluster, torch_extensions) -> dict:
+    """A login shell's environment: no venv on PATH, the test cluster's config."""
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    return {
+        **env,
+        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "SLURM_CONF": str(cluster.conf),
+        "OMP_NUM_THREADS": "1",
+        "DS_ACCELERATOR": "cpu",
+        "TORCH_EXTENSIONS_DIR": str(torch_extensions),
+    }

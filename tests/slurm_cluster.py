@@ -3,14 +3,17 @@ two `slurmd -N n1|n2`, everything under one temporary folder, stopped by PID at 
 
 The nodes' names (n1, n2) do not resolve; their `NodeAddr` is 127.0.0.1, as on clusters whose
 node names are not the address to use. Each node advertises 8 fake "a100" GPUs (terminal devices
-stand in for /dev/nvidia*), so that GPU requests are granted and SLURM sets its GPU variables."""
+stand in for /dev/nvidia*), so that GPU requests are granted and SLURM sets its GPU variables.
+Below it, what the tests do with it: launch a job, wait for it, read its log."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -160,3 +163,41 @@ PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
             except subprocess.TimeoutExpired:
                 d.kill()
                 d.wait()
+
+
+ROOT = Path(__file__).resolve().parent.parent
+DTRAIN = Path(sys.executable).parent / "dtrain"
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}
+
+
+def launch(env: dict, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`dtrain launch slurm ARGS` as a user would type it."""
+    result = subprocess.run(
+        [str(DTRAIN), "launch", "slurm", *args], env=env, capture_output=True, text=True, cwd=ROOT
+    )
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def job_id(result: subprocess.CompletedProcess) -> str:
+    return re.search(r"submitted job (\d+)", result.stdout).group(1)
+
+
+def finished(cluster: SlurmCluster, job: str, log: Path, seconds: float = 300) -> dict:
+    info = cluster.wait_job(job, ENDED, seconds)
+    text = log.read_text() if log.exists() else "(no log)"
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), text[-4000:]
+    return info
+
+
+def wait_for(predicate, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, f"no {what} after {seconds} s"
+        time.sleep(0.1)
+
+
+def logged_a_step(run_dir: Path) -> bool:
+    metrics = run_dir / "metrics.jsonl"
+    return metrics.exists() and '"kind": "step"' in metrics.read_text()

@@ -1,8 +1,8 @@
 """`dtrain launch slurm` on a real two-node SLURM cluster (tests/slurm_cluster.py): every
 launcher trains across both nodes and exits 0; GPU requests of both forms are granted; requests
 that cannot fit are refused before submitting; a warning signal during start-up is not fatal; a
-warned job checkpoints, requeues itself and finishes with the weights of an uninterrupted run;
-the Ray template runs a search on a head and a worker.
+TERM through torchrun requeues; a cancelled job stays cancelled; the Ray template runs a search
+on a head and a worker. (Three warnings and the weights after them: tests/faults.)
 
 Jobs are submitted from a shell without the venv (PATH holds only the system's folders): the job
 script sets its own environment."""
@@ -10,18 +10,14 @@ script sets its own environment."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from conftest import (
     catches,
@@ -30,26 +26,7 @@ from conftest import (
     small_overrides,
     stripes_dataset,
 )
-from slurm_cluster import NODES, SlurmCluster, missing_commands
-
-ROOT = Path(__file__).resolve().parent.parent
-DTRAIN = Path(sys.executable).parent / "dtrain"
-ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    missing = missing_commands()
-    if missing:
-        pytest.skip(
-            f"SLURM is not installed here ({', '.join(missing)} missing); .ci/run installs "
-            "slurm-wlm and munge with apt-get"
-        )
-    if os.geteuid() != 0:
-        pytest.skip("bringing up munge and slurmd needs root")
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
-    yield cluster
-    cluster.stop()
+from slurm_cluster import ENDED, NODES, ROOT, finished, job_id, launch, logged_a_step, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -58,42 +35,8 @@ def tiny(tmp_path_factory) -> Path:
     return stripes_dataset(tmp_path_factory.mktemp("slurm_data"), 64, shard_size=8)
 
 
-@pytest.fixture
-def submit_env(cluster, tmp_path) -> dict:
-    """A login shell's environment: no venv on PATH, the test cluster's config."""
-    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
-    return {
-        **env,
-        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        "SLURM_CONF": str(cluster.conf),
-        "OMP_NUM_THREADS": "1",
-        "DS_ACCELERATOR": "cpu",
-        "TORCH_EXTENSIONS_DIR": str(tmp_path.parent / "torch_extensions"),
-    }
-
-
-def launch(env: dict, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [str(DTRAIN), "launch", "slurm", *args], env=env, capture_output=True, text=True, cwd=ROOT
-    )
-    if check:
-        assert result.returncode == 0, result.stdout + result.stderr
-    return result
-
-
-def job_id(result: subprocess.CompletedProcess) -> str:
-    return re.search(r"submitted job (\d+)", result.stdout).group(1)
-
-
 def train_args(data: Path, run_dir: Path, *extra: str) -> list[str]:
     return small_overrides(data, run_dir, 8, "train.epochs=1", *extra)
-
-
-def finished(cluster: SlurmCluster, job: str, log: Path, seconds: float = 300) -> dict:
-    info = cluster.wait_job(job, ENDED, seconds)
-    text = log.read_text() if log.exists() else "(no log)"
-    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), text[-4000:]
-    return info
 
 
 def ranks_by_node(log_text: str) -> dict[str, set[int]]:
@@ -192,18 +135,6 @@ def test_a_request_that_cannot_fit_is_refused_before_submitting(
     assert not (tmp_path / "run").exists()
 
 
-def wait_for(predicate, seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        assert time.monotonic() < deadline, f"no {what} after {seconds} s"
-        time.sleep(0.1)
-
-
-def logged_a_step(run_dir: Path) -> bool:
-    metrics = run_dir / "metrics.jsonl"
-    return metrics.exists() and '"kind": "step"' in metrics.read_text()
-
-
 def test_a_warning_during_start_up_is_not_fatal(cluster, tiny, submit_env, tmp_path):
     """USR1 to the batch shell while the ranks are still starting (importing torch): the job
     checkpoints at the first log step, requeues, resumes and completes."""
@@ -286,30 +217,6 @@ def test_a_cancelled_job_stays_cancelled(cluster, tiny, submit_env, tmp_path):
     info = cluster.job(job)
     assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0")
     assert not (run_dir / "summary.json").exists()
-
-
-def test_a_warned_job_requeues_and_ends_with_the_uninterrupted_weights(
-    cluster, tiny, submit_env, tmp_path
-):
-    args = ["data.batch_size=4", "train.epochs=3", "train.log_every=2", "method.name=iam"]
-    runs = {}
-    for name in ("straight", "warned"):
-        run_dir = tmp_path / name
-        job = job_id(launch(submit_env, "--nodes", "2", *train_args(tiny, run_dir, *args)))
-        log = run_dir / f"slurm-{job}.out"
-        if name == "warned":  # mid-epoch: after the first step was logged
-            wait_for(lambda d=run_dir: logged_a_step(d), 180, "logged step")
-            cluster.run("scancel", "--batch", "--signal=USR1", job)
-        runs[name] = (finished(cluster, job, log), log.read_text())
-    info, text = runs["warned"]
-    assert runs["straight"][0]["Restarts"] == "0" and info["Restarts"] == "1", text[-3000:]
-    stopped = re.search(r"stopped at epoch (\d+) batch (\d+)", text)
-    assert stopped and int(stopped.group(2)) > 0, text[-3000:]  # mid-epoch
-    assert "requeueing the job" in text and "--resume auto: resuming" in text
-    a, b = (torch.load(tmp_path / n / "last.pt", weights_only=True) for n in runs)
-    assert a["state"]["step"] == b["state"]["step"] == 3 * 12  # 45 images per rank, 4 a batch
-    for key, tensor in a["model"].items():
-        assert torch.equal(tensor, b["model"][key]), key
 
 
 def test_the_ray_template_runs_a_search_on_a_head_and_a_worker(cluster, tiny, submit_env, tmp_path):
