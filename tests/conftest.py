@@ -238,3 +238,21 @@ def submit_env(cluster, torch_extensions) -> dict:
         "DS_ACCELERATOR": "cpu",
         "TORCH_EXTENSIONS_DIR": str(torch_extensions),
     }
+
+
+@pytest.fixture
+def ray_env():
+    """A private Ray temp dir (short: Ray's socket paths must stay under 108 bytes); every
+    process started with it is killed afterwards (never `ray stop`: it ends every Ray here)."""
+    import shutil
+    import tempfile
+
+    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    yield {
+        **os.environ,
+        "RAY_TMPDIR": ray_tmp,
+        "OMP_NUM_THREADS": "1",
+        "DS_ACCELERATOR": "cpu",
+    }
+    kill_processes_with_env(f"RAY_TMPDIR={ray_tmp}")
+    shutil.rmtree(ray_tmp, ignore_errors=True)

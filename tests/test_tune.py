@@ -1,18 +1,15 @@
 """`dtrain tune`: the search file checked before Ray starts, then real searches on a local Ray
 cluster (each trial a real dtrain run): outputs, `--resume` after the driver is killed, a trial
-retried after its process is killed, a trial that fails past its retries, and a 2-worker trial
-under Ray Train equal to the same run under torchrun."""
+that fails past its retries, and a 2-worker trial under Ray Train equal to the same run under
+torchrun. (A trial killed -9 and retried: tests/faults.)"""
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,12 +19,11 @@ import torch
 import yaml
 from conftest import (
     copy_dataset,
-    kill_processes_with_env,
-    processes_with_env,
     rewrite_shard,
     small_overrides,
     stripes_dataset,
 )
+from ray_search import epoch_records, run, tune_command, write_search
 
 from dtrain.config import load_config
 from dtrain.errors import ConfigError
@@ -39,11 +35,6 @@ pytest.importorskip("ray.tune", reason="the tune extra (pip install -e .[tune]) 
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-
-
-def write_search(path: Path, space: dict, **search) -> Path:
-    path.write_text(yaml.safe_dump({"space": space, "search": search}))
-    return path
 
 
 # -- the search file, before any work -------------------------------------------------------------
@@ -194,57 +185,8 @@ def tiny(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def env():
-    """A private Ray temp dir (short: Ray's socket paths must stay under 108 bytes); every
-    process started with it is killed afterwards."""
-    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
-    yield {
-        **os.environ,
-        "RAY_TMPDIR": ray_tmp,
-        "OMP_NUM_THREADS": "1",
-        "DS_ACCELERATOR": "cpu",
-    }
-    kill_processes_with_env(f"RAY_TMPDIR={ray_tmp}")
-    shutil.rmtree(ray_tmp, ignore_errors=True)
-
-
-def tune_command(search_file: Path, data: Path, storage: Path, *extra: str) -> list[str]:
-    """`dtrain tune` on the small test config; `extra` holds overrides and `--flags`."""
-    overrides = [o for o in small_overrides(data, Path("unused"), 16) if "run_dir" not in o]
-    overrides += [e for e in extra if not e.startswith("--")]
-    flags = [e for e in extra if e.startswith("--")]
-    return [
-        str(BIN / "dtrain"),
-        "tune",
-        str(search_file),
-        *overrides,
-        f"--storage-path={storage}",
-        *flags,
-    ]
-
-
-def run(command: list[str], env: dict, timeout: int = 400) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        command, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
-def reported(folder: Path) -> bool:
-    """Whether Tune has taken in a trial's first report (it writes result.json as it does; a
-    checkpoint folder alone may still be being copied)."""
-    results = list(folder.glob("run_trial_*/result.json"))
-    return bool(results) and bool(results[0].read_text().strip())
-
-
-def epoch_lines(run_dir: Path) -> list[str]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [line for line in lines if '"kind": "epoch"' in line]
-
-
-def epoch_records(run_dir: Path) -> list[int]:
-    return [json.loads(line)["epoch"] for line in epoch_lines(run_dir)]
+def env(ray_env) -> dict:
+    return ray_env
 
 
 def test_asha_search_writes_tables_plots_and_a_best_config(tiny, tmp_path, env):
@@ -332,34 +274,6 @@ def test_resume_after_the_driver_is_killed_skips_the_finished_trial(tiny, tmp_pa
     assert list(trials["status"]) == ["done", "done"]
     for run_dir in (folder / "trials").iterdir():
         assert epoch_records(run_dir) == [1, 2]
-
-
-def test_a_killed_trial_is_retried_from_its_checkpoint(tiny, tmp_path, env):
-    search = write_search(
-        tmp_path / "search.yaml",
-        {"method.temperature": {"choice": [0.3]}},
-        scheduler="none",
-        num_samples=1,
-        max_failures=1,
-    )
-    command = tune_command(search, tiny, tmp_path / "results", "train.epochs=3")
-    with open(tmp_path / "search.log", "w") as log:
-        driver = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    folder = tmp_path / "results" / "search"
-    deadline = time.monotonic() + 300
-    while not reported(folder):  # epoch 1 and its checkpoint registered by Tune
-        assert driver.poll() is None and time.monotonic() < deadline
-        time.sleep(0.2)
-    (trial,) = processes_with_env(f"RAY_TMPDIR={env['RAY_TMPDIR']}", "ray::ImplicitFunc")
-    os.kill(trial, signal.SIGKILL)
-    (run_dir,) = (folder / "trials").iterdir()
-    first_epoch = epoch_lines(run_dir)[0]  # its numbers (e.g. img/s) differ in any rerun
-    assert driver.wait(timeout=300) == 0, (tmp_path / "search.log").read_text()[-3000:]
-    assert list(folder.glob("run_trial_*/error.txt"))  # it did fail once
-    epochs = epoch_records(run_dir)  # an epoch past the last report may have been done twice
-    assert sorted(set(epochs)) == [1, 2, 3] and epochs[-1] == 3, epochs
-    assert epoch_lines(run_dir)[0] == first_epoch  # went on from it: epoch 1 was not rerun
-    assert pd.read_parquet(folder / "trials.parquet")["status"].tolist() == ["done"]
 
 
 def test_a_trial_failing_past_its_retries_is_recorded_and_the_search_goes_on(tiny, tmp_path, env):
