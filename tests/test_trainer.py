@@ -92,6 +92,38 @@ def test_resume_after_a_stop_gives_the_same_weights(tiny, tmp_path):
     assert history_a[-1]["val_accuracy"] == history_b[-1]["val_accuracy"]
 
 
+def test_mid_epoch_checkpoints_by_time_hold_the_loader_position(tiny, tmp_path):
+    run = tmp_path / "run"
+    seen = {}
+
+    def on_step(info):
+        if info.step == 5:  # the log step at 4 found its minute (here: 6 ms) passed
+            seen.update(torch.load(run / "last.pt", weights_only=True)["state"])
+
+    cfg = config(tiny, run, "train.epochs=1", "train.log_every=2")
+    cfg.train.checkpoint_every_minutes = 1e-4
+    Trainer(cfg, on_step=on_step).fit()
+    assert (seen["epoch"], seen["batch"], seen["step"]) == (0, 4, 4)
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_over_under_resume(tiny, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"kind": "step", "step": 2}\n{"kind": "st')
+    cfg = config(tiny, run, "train.epochs=1")
+    with pytest.raises(RunFolderError, match="holds no run to resume"):
+        Trainer(cfg, resume=True).fit()
+    from dtrain.config import save_config
+
+    save_config(config(tiny, run, "train.epochs=1", "method.name=ce"), run / "config.yaml")
+    with pytest.raises(RunFolderError, match="config.yaml was written with a different config"):
+        Trainer(cfg, resume=True).fit()
+    save_config(cfg, run / "config.yaml")
+    Trainer(cfg, resume=True).fit()  # what a killed first attempt left: its config, a log
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps if r["kind"] == "step"] == [10]  # the old lines are gone
+
+
 def test_an_existing_run_is_never_overwritten(tiny, tmp_path):
     run = tmp_path / "run"
     Trainer(config(tiny, run, "train.epochs=1")).fit()
