@@ -1,12 +1,21 @@
-"""The `dtrain` command line. Errors the user can fix (dtrain.errors.DtrainError) print one
-line and exit 2; anything else is a bug and shows its traceback."""
+"""The `dtrain` command line. Errors the user can fix (dtrain.errors.DtrainError, and usage
+errors) print one line and exit 2; anything else is a bug and shows its traceback."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import NoReturn
 
 from dtrain import stop_signal
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line, as dtrain's other errors (argparse prints the
+    whole usage first); the line points to --help instead."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -24,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     from dtrain.tune.cli import add_tune_parser, run_tune
 
-    parser = argparse.ArgumentParser(prog="dtrain", description=__doc__)
+    parser = OneLineParser(prog="dtrain", description=__doc__)
     # the deepspeed launcher passes --local_rank=N first; LOCAL_RANK in the environment says
     # the same, so it is accepted and not needed
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
@@ -39,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     args, extra = parser.parse_known_args(argv)
     stray = [e for e in extra if e.startswith("-") or "=" not in e]
     if stray or (extra and not hasattr(args, "overrides")):
-        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:
         args.overrides += extra
     if args.command != "train":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -125,13 +126,25 @@ class Config:
     explicit_keys: set[str] = field(default_factory=set, repr=False, compare=False)
 
     def validate(self) -> None:
-        """Every value checked before any work; the error names the key and what is valid."""
-        d, m, o, t = self.data, self.method, self.optim, self.train
+        """Every value checked before any work; the error names the key, the value and what is
+        valid. Coercion (`_coerce`) has already enforced each key's type and choices."""
+        d, mo, m, o, t = self.data, self.model, self.method, self.optim, self.train
+        _check(d.image_size >= 16, "data.image_size", d.image_size, ">= 16")
+        _check(d.batch_size >= 2, "data.batch_size", d.batch_size, ">= 2")
+        _check(d.num_workers >= 0, "data.num_workers", d.num_workers, ">= 0")
+        _check(d.shuffle_buffer >= 0, "data.shuffle_buffer", d.shuffle_buffer, ">= 0 (0: none)")
+        _check(d.samples_per_epoch >= 0, "data.samples_per_epoch", d.samples_per_epoch, ">= 0")
+        _check(
+            not d.resampled or d.samples_per_epoch > 0,
+            "data.samples_per_epoch",
+            d.samples_per_epoch,
+            "> 0 in resampled mode (data.resampled=true)",
+        )
+        for key in ("projection_hidden", "projection_dim", "attention_hidden"):
+            _check(getattr(mo, key) >= 1, f"model.{key}", getattr(mo, key), ">= 1")
+        _check(2 <= m.group_size <= 32, "method.group_size", m.group_size, "in 2..32")
         spec = METHODS[m.name]
-        _check(m.temperature > 0, "method.temperature", m.temperature, "> 0")
-        _check(m.mixup_alpha >= 0, "method.mixup_alpha", m.mixup_alpha, ">= 0")
         if spec.groups:
-            _check(2 <= m.group_size <= 32, "method.group_size", m.group_size, "in 2..32")
             _check(
                 d.batch_size % m.group_size == 0,
                 "method.group_size",
@@ -140,47 +153,51 @@ class Config:
             )
         if spec.pairs_halves:
             _check(d.batch_size % 2 == 0, "data.batch_size", d.batch_size, f"even for {m.name}")
-        _check(d.batch_size >= 2, "data.batch_size", d.batch_size, ">= 2")
-        _check(d.image_size >= 16, "data.image_size", d.image_size, ">= 16")
-        _check(d.num_workers >= 0, "data.num_workers", d.num_workers, ">= 0")
-        _check(
-            not d.resampled or d.samples_per_epoch > 0,
-            "data.samples_per_epoch",
-            d.samples_per_epoch,
-            "> 0 in resampled mode",
-        )
-        _check(t.epochs >= 1, "train.epochs", t.epochs, ">= 1")
-        _check(t.grad_accum_steps >= 1, "train.grad_accum_steps", t.grad_accum_steps, ">= 1")
-        _check(t.log_every >= 1, "train.log_every", t.log_every, ">= 1")
-        _check(o.lr > 0, "optim.lr", o.lr, "> 0")
-        _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, ">= 0 (0: off)")
-        _check(0 <= m.gce_q <= 1, "method.gce_q", m.gce_q, "in [0, 1]")
-        _check(m.score_epochs >= 1, "method.score_epochs", m.score_epochs, ">= 1")
+        _check(m.temperature > 0, "method.temperature", m.temperature, "> 0")
+        _check(0 < m.gce_q <= 1, "method.gce_q", m.gce_q, "in (0, 1]")
         rate = m.coteaching_forget_rate
         _check(rate is None or 0 <= rate < 1, "method.coteaching_forget_rate", rate, "in [0, 1)")
-        for key in ("lambda_iam", "lambda_con", "warmup_epochs"):
+        _check(m.score_epochs >= 1, "method.score_epochs", m.score_epochs, ">= 1")
+        for key in (
+            "mixup_alpha",
+            "lambda_iam",
+            "lambda_con",
+            "warmup_epochs",
+            "sce_alpha",
+            "sce_beta",
+            "coteaching_ramp_epochs",
+        ):
             _check(getattr(m, key) >= 0, f"method.{key}", getattr(m, key), ">= 0")
+        _check(o.lr > 0, "optim.lr", o.lr, "> 0")
+        # SGD runs with Nesterov momentum, which torch refuses without momentum
+        _check(0 < o.momentum < 1, "optim.momentum", o.momentum, "in (0, 1)")
+        _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
+        _check(o.warmup_epochs >= 0, "optim.warmup_epochs", o.warmup_epochs, ">= 0")
+        _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, ">= 0 (0: off)")
+        _check(t.epochs >= 1, "train.epochs", t.epochs, ">= 1")
+        # NumPy takes seeds below 2**32, and each rank seeds with seed + its rank
+        _check(0 <= t.seed < 2**31, "train.seed", t.seed, f"in 0..{2**31 - 1}")
+        _check(t.grad_accum_steps >= 1, "train.grad_accum_steps", t.grad_accum_steps, ">= 1")
+        _check(t.log_every >= 1, "train.log_every", t.log_every, ">= 1")
+        _check(
+            t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", t.max_nonfinite_steps, ">= 1"
+        )
+        for key in ("stop_after_steps", "checkpoint_every_steps", "checkpoint_every_minutes"):
+            _check(getattr(t, key) >= 0, f"train.{key}", getattr(t, key), ">= 0 (0: off)")
+        _check(t.dist_timeout_s >= 1, "train.dist_timeout_s", t.dist_timeout_s, ">= 1")
+        _check(
+            not self.run_path.exists() or self.run_path.is_dir(),
+            "train.run_dir",
+            str(self.run_path),
+            "a folder (this is a file)",
+        )
         _check(
             not t.deepspeed or Path(t.deepspeed).is_file(),
             "train.deepspeed",
             t.deepspeed,
             "an existing DeepSpeed JSON file",
         )
-        _check(
-            t.checkpoint_every_steps >= 0,
-            "train.checkpoint_every_steps",
-            t.checkpoint_every_steps,
-            ">= 0 (0: off)",
-        )
-        _check(
-            t.checkpoint_every_minutes >= 0,
-            "train.checkpoint_every_minutes",
-            t.checkpoint_every_minutes,
-            ">= 0 (0: off)",
-        )
-        _check(
-            t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", t.max_nonfinite_steps, ">= 1"
-        )
+        _check_backbone(mo.backbone)  # last: it imports timm (and torch)
 
     @property
     def run_path(self) -> Path:
@@ -206,6 +223,20 @@ def _check(ok: bool, key: str, value: Any, expected: str) -> None:
         raise ConfigError(f"{key}={value!r} is invalid: must be {expected}")
 
 
+def _check_backbone(name: str) -> None:
+    """A timm model name (`resnet18`, `resnet18.a1_in1k`), or a hub / local one (`hf-hub:...`,
+    which timm resolves when it builds it)."""
+    import timm
+
+    if ":" in name or timm.is_model(name):
+        return
+    close = difflib.get_close_matches(name, timm.list_models(), n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    raise ConfigError(
+        f"model.backbone={name!r} is invalid: must be a timm model name (timm.list_models()){hint}"
+    )
+
+
 def _sections() -> dict[str, type]:
     return {f.name: typing.get_type_hints(Config)[f.name] for f in _fields(Config)}
 
@@ -228,22 +259,36 @@ def operational_keys() -> list[str]:
     ]
 
 
-def _unknown(key: str, valid: list[str]) -> ConfigError:
+def _unknown(key: str, valid: list[str], what: str = "key") -> ConfigError:
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     if not close:  # a bare leaf name: `lr` -> `optim.lr`
         close = [k for k in valid if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]][:1]
     hint = f"; did you mean {close[0]}?" if close else ""
-    return ConfigError(f"unknown config key {key!r}{hint}")
+    return ConfigError(f"unknown config {what} {key!r}{hint}")
+
+
+# what each scalar type accepts, as the errors say it
+_EXPECTED = {
+    int: "an int (a whole number)",
+    float: "a float (a finite number)",
+    bool: "a bool (true or false)",
+    str: "a string (not a list or mapping)",
+}
+_BOOLS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+_NONES = ("none", "null", "~")  # an Optional key's None, on the command line
 
 
 def _coerce(value: Any, kind: Any, key: str) -> Any:
     """A YAML or command-line value as the field's type; a Literal accepts only its choices."""
     origin = typing.get_origin(kind)
     if origin in (typing.Union, types.UnionType):
-        options = [k for k in typing.get_args(kind) if k is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        if value is None or (isinstance(value, str) and value.strip().lower() in _NONES):
             return None
-        return _coerce(value, options[0], key)
+        (option,) = [k for k in typing.get_args(kind) if k is not type(None)]
+        try:
+            return _coerce(value, option, key)
+        except ConfigError as err:
+            raise ConfigError(f"{err} or null") from None
     if origin is Literal:
         choices = typing.get_args(kind)
         if value not in choices:
@@ -251,17 +296,40 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
             hint = f"; did you mean {close[0]}?" if close else ""
             raise ConfigError(f"{key}={value!r} is invalid: must be one of {choices}{hint}")
         return value
-    if isinstance(value, str) and kind is not str:
-        value = yaml.safe_load(value) if value != "" else value
-    if kind is bool and isinstance(value, bool):
-        return value
-    if kind is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+    try:
+        return _scalar(value, kind)
+    except (TypeError, ValueError, KeyError, OverflowError):
+        raise ConfigError(f"{key}={value!r} is invalid: must be {_EXPECTED[kind]}") from None
+
+
+def _scalar(value: Any, kind: type) -> Any:
+    """`value` as int, float, bool or str, or an exception. A string (from the command line, or
+    quoted in YAML) reads as Python reads a number, so `1e-3` is a float (YAML 1.1 leaves it a
+    string), and as YAML reads a bool (`true`, `no`); an empty YAML value is the empty string."""
     if kind is str:
-        return "" if value is None else str(value)
-    raise ConfigError(f"{key}={value!r} is not a valid {kind.__name__}")
+        if value is None:
+            return ""
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise TypeError(value)
+        return str(value)
+    if isinstance(value, str):
+        value = _BOOLS[value.strip().lower()] if kind is bool else kind(value.strip())
+    if isinstance(value, bool) != (kind is bool):
+        raise TypeError(value)
+    if kind is float and isinstance(value, (int, float)):
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(value)
+    if not isinstance(value, kind):
+        raise TypeError(value)
+    return value
+
+
+def _not_a_section(section: str, value: Any) -> ConfigError:
+    keys = ", ".join(f"{section}.{f.name}" for f in _fields(_sections()[section])[:3])
+    return ConfigError(
+        f"{section}={value!r} is invalid: {section} is a section of keys ({keys}, ...), not a value"
+    )
 
 
 def _apply(config: Config, values: dict, valid: list[str]) -> set[str]:
@@ -270,9 +338,11 @@ def _apply(config: Config, values: dict, valid: list[str]) -> set[str]:
     done = set()
     for section, entries in values.items():
         if section not in sections:
-            raise _unknown(section, valid)
+            raise _unknown(section, list(sections), "section")
+        if entries is None:  # a YAML section whose keys are all commented out
+            continue
         if not isinstance(entries, dict):
-            raise ConfigError(f"{section} is a section; give {section}.<key>=value")
+            raise _not_a_section(section, entries)
         node = getattr(config, section)
         hints = typing.get_type_hints(sections[section])
         for name, value in entries.items():
@@ -293,15 +363,27 @@ def set_key(config: Config, key: str, value: Any) -> None:
 def read_yaml_mapping(path: str | Path, what: str) -> dict:
     """A YAML file that must hold a mapping; a clear error naming the file otherwise."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"{what} {path} does not exist")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{what} {path} cannot be read: {err}") from err
+    try:
+        values = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{what} {path} is not valid YAML: {err}") from err
+        raise ConfigError(f"{what} {path} is not valid YAML: {_yaml_problem(err)}") from err
     if not isinstance(values, dict):
         raise ConfigError(f"{what} {path} must hold a mapping of sections")
     return values
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's several-line message as one line: the problem and where."""
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = getattr(err, "problem", None) or str(err)
+    return " ".join(f"{problem}{where}".split())
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
@@ -317,7 +399,9 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         key = key.strip()
         if not sep:
             raise ConfigError(f"override {item!r} must look like section.key=value")
-        if key.count(".") != 1:
+        if key in _sections():
+            raise _not_a_section(key, value)
+        if key not in valid:
             raise _unknown(key, valid)
         section, name = key.split(".")
         config.explicit_keys |= _apply(config, {section: {name: value}}, valid)

@@ -38,6 +38,22 @@ def env_from_slurm() -> bool:
     return True
 
 
+def env_for_one_process() -> bool:
+    """Started with no launcher (a plain `dtrain train`): the variables of a one-process group on
+    this host, for DeepSpeed, which needs a process group even alone (and without them looks for
+    MPI). A free port, so that two such runs on one host do not collide. Returns whether it did."""
+    env = os.environ
+    if "RANK" in env or "WORLD_SIZE" in env:
+        return False
+    env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in env:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            env["MASTER_PORT"] = str(s.getsockname()[1])
+    return True
+
+
 def rendezvous() -> str:
     return f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
 

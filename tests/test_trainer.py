@@ -212,7 +212,7 @@ def test_every_preset_loads_and_validates(preset):
         (["optim.lrr=0.1"], r"unknown config key 'optim.lrr'; did you mean optim.lr\?"),
         (["temperature=0.1"], r"did you mean method.temperature\?"),
         (["method.name=mixupp"], r"method.name='mixupp' .*one of"),
-        (["train.epochs=many"], r"train.epochs='many' is not a valid int"),
+        (["train.epochs=many"], r"train.epochs='many' is invalid: must be an int"),
         (["data.batch_size"], r"must look like section.key=value"),
     ],
 )

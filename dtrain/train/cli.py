@@ -43,24 +43,31 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def resume_flag_alone(argv: list[str]) -> list[str]:
-    """`train --resume` takes an optional value (`auto`); a `key=value` after a bare `--resume`
-    is an override, not that value. `argv` starts at the subcommand or before it."""
+    """`train --resume` takes an optional value (`auto`); a `key=value` or a flag after a bare
+    `--resume` is not that value (any other word is, and argparse names it if it is no choice).
+    `argv` starts at the subcommand or before it."""
     commands = [a for a in argv if not a.startswith("-")]
     if not commands or commands[0] != "train":
         return argv
     return [
-        "--resume=yes" if a == "--resume" and argv[i + 1 : i + 2] not in (["yes"], ["auto"]) else a
+        "--resume=yes" if a == "--resume" and _not_a_value(argv[i + 1 : i + 2]) else a
         for i, a in enumerate(argv)
     ]
 
 
+def _not_a_value(after: list[str]) -> bool:
+    return not after or after[0].startswith("-") or "=" in after[0]
+
+
 def run_train(args: argparse.Namespace) -> None:
     from dtrain.config import load_config
-    from dtrain.train.checkpoint import LAST
-    from dtrain.train.trainer import Trainer
 
     config = load_config(args.config, args.overrides)
     config.validate()
+    # torch and the trainer only once the config is known to be good
+    from dtrain.train.checkpoint import LAST
+    from dtrain.train.trainer import Trainer
+
     # SIGTERM / SIGUSR1 (the CLI's first act installed the handlers) or the job's stop file:
     # checkpoint at the next log step and exit 0; `--resume` continues.
     stop_file = stop_signal.stop_file()

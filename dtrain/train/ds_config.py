@@ -66,7 +66,10 @@ def _reconcile(
             f"DeepSpeed {name}={theirs!r} contradicts {ours!r} from {source}; "
             f'set {name} to "auto" in the DeepSpeed file or change {source}'
         )
-    set_key(config, dtrain_key, theirs)
+    try:
+        set_key(config, dtrain_key, theirs)
+    except ConfigError as err:
+        raise ConfigError(f"DeepSpeed {name}={theirs!r} cannot be used: {err}") from None
     notes.append(f"{dtrain_key}={theirs!r} from the DeepSpeed config ({name})")
 
 
@@ -82,6 +85,15 @@ def resolve_deepspeed_config(
         raise ConfigError(f"cannot read DeepSpeed config {path}: {err}") from err
     if not isinstance(ds, dict):
         raise ConfigError(f"DeepSpeed config {path} must hold a JSON object")
+    for name in ("fp16", "bf16", "zero_optimization", "optimizer", "scheduler"):
+        if not isinstance(ds.get(name, {}), dict):
+            raise ConfigError(f"DeepSpeed config {path}: {name}={ds[name]!r} must be an object")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if type(stage) is not int or not 0 <= stage <= 3:
+        raise ConfigError(
+            f"DeepSpeed config {path}: zero_optimization.stage={stage!r} is invalid: "
+            "must be 0, 1, 2 or 3"
+        )
     if ds.get("fp16", {}).get("enabled") not in (None, False, "auto"):
         raise ConfigError(f"{path}: fp16 is not supported; use bf16 (train.precision=bf16)")
     notes: list[str] = []

@@ -219,15 +219,16 @@ class DeepSpeedEngine(Engine):
 
     def __init__(self, config: Config, precision: str) -> None:
         super().__init__(config, precision)
-        import deepspeed
-
         from dtrain.train.ds_config import resolve_deepspeed_config
 
         world = int(os.environ.get("WORLD_SIZE", "1"))
         self.resolved = resolve_deepspeed_config(config.train.deepspeed, config, precision, world)
+        import deepspeed  # after the file is accepted: a refused one costs no DeepSpeed import
+
         self.notes = self.resolved.notes
         self.precision = "bf16" if self.resolved.config["bf16"]["enabled"] else "fp32"
         cuda = torch.cuda.is_available()
+        distributed.env_for_one_process()  # ZeRO (any stage) runs in one process too
         try:
             deepspeed.init_distributed(
                 dist_backend="nccl" if cuda else "gloo",
