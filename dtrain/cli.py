@@ -4,6 +4,7 @@ errors) print one line and exit 2; anything else is a bug and shows its tracebac
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from typing import NoReturn
 
@@ -64,6 +65,11 @@ def main(argv: list[str] | None = None) -> None:
         commands[args.command](args)
     except DtrainError as err:
         print(f"dtrain {args.command}: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:  # a full disk is the user's to fix too (checkpoints say more)
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"dtrain {args.command}: error: {err}; free space, then rerun", file=sys.stderr)
         sys.exit(2)
 
 

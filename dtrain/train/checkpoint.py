@@ -105,6 +105,16 @@ def _out_of_space(err: Exception, folder: Path, needed: int) -> bool:
     )
 
 
+def _differences(saved: dict, now: dict) -> str:
+    """`section.key=now (the run has saved)` for each key that differs."""
+    return ", ".join(
+        f"{section}.{key}={value!r} (the run has {saved[section].get(key)!r})"
+        for section, values in now.items()
+        for key, value in values.items()
+        if saved[section].get(key) != value
+    )
+
+
 class CheckpointSaver:
     """Collective saves of a run: every rank calls `save`; rank 0 writes the files, each rank
     its own DeepSpeed shards under `run_dir/deepspeed/<tag>`."""
@@ -149,8 +159,9 @@ class CheckpointSaver:
             )
         if written_with.identity() != identity:
             raise RunFolderError(
-                f"{last if checkpoint else saved} was written with a different config; resume "
-                "with the saved config.yaml or start a new train.run_dir"
+                f"{last if checkpoint else saved} was written with a different config "
+                f"({_differences(written_with.identity(), identity)}); resume with the saved "
+                "config.yaml or start a new train.run_dir"
             )
         if checkpoint is None and self.engine.is_main:
             print(f"{self.run_dir} has no checkpoint yet: starting it from the beginning")

@@ -3,13 +3,14 @@ previous `last.pt` and `best.pt` intact and loadable, and the run resumable once
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import small_overrides, stripes_dataset
+from conftest import small_overrides, stripes_dataset, write_stripes
 
 ROOT = Path(__file__).parents[2]
 HURT = Path(__file__).parent / "hurt.py"
@@ -61,3 +62,29 @@ def test_a_full_disk_fails_the_save_clearly_and_keeps_both_checkpoints(tmp_path,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert torch.load(run_dir / "last.pt", weights_only=True)["state"]["epoch"] == 2
+
+
+def test_prepare_on_a_full_disk_says_so_in_one_line(tmp_path, small_disk):
+    images = write_stripes(tmp_path / "img", 40)
+    with open(small_disk / "filler", "wb") as handle:  # all but 64 KiB of the 16 MiB
+        handle.write(b"\0" * (shutil.disk_usage(small_disk).free - 2**16))
+    full = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dtrain.cli",
+            "prepare",
+            str(images),
+            "--out",
+            str(small_disk / "ds"),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    error = full.stderr.strip().splitlines()
+    assert full.returncode == 2 and len(error) == 1, full.stderr[-3000:]
+    assert "No space left on device" in error[0] and "free space, then rerun" in error[0]
+    assert not (small_disk / "ds" / "dataset.json").exists()

@@ -1,0 +1,99 @@
+"""How a value from a YAML file or a `key=value` override becomes a typed config value: the
+field's scalar type, an Optional's null, or one of a Literal's choices; and how a YAML file is
+read. Each error names the key or file and says what would be valid."""
+
+from __future__ import annotations
+
+import difflib
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from dtrain.errors import ConfigError
+
+# what each scalar type accepts, as the errors say it
+_EXPECTED = {
+    int: "an int (a whole number)",
+    float: "a float (a finite number)",
+    bool: "a bool (true or false)",
+    str: "a string (not a list or mapping)",
+}
+_BOOLS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+_NONES = ("none", "null", "~")  # an Optional key's None, on the command line
+
+
+def coerce(value: Any, kind: Any, key: str) -> Any:
+    """A YAML or command-line value as the field's type; a Literal accepts only its choices."""
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.strip().lower() in _NONES):
+            return None
+        (option,) = [k for k in typing.get_args(kind) if k is not type(None)]
+        try:
+            return coerce(value, option, key)
+        except ConfigError as err:
+            raise ConfigError(f"{err} or null") from None
+    if origin is Literal:
+        choices = typing.get_args(kind)
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), choices, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"{key}={value!r} is invalid: must be one of {choices}{hint}")
+        return value
+    try:
+        return _scalar(value, kind)
+    except (TypeError, ValueError, KeyError, OverflowError):
+        raise ConfigError(f"{key}={value!r} is invalid: must be {_EXPECTED[kind]}") from None
+
+
+def _scalar(value: Any, kind: type) -> Any:
+    """`value` as int, float, bool or str, or an exception. A string (from the command line, or
+    quoted in YAML) reads as Python reads a number, so `1e-3` is a float (YAML 1.1 leaves it a
+    string), and as YAML reads a bool (`true`, `no`); an empty YAML value is the empty string."""
+    if kind is str:
+        if value is None:
+            return ""
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise TypeError(value)
+        return str(value)
+    if isinstance(value, str):
+        value = _BOOLS[value.strip().lower()] if kind is bool else kind(value.strip())
+    if isinstance(value, bool) != (kind is bool):
+        raise TypeError(value)
+    if kind is float and isinstance(value, (int, float)):
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(value)
+    if not isinstance(value, kind):
+        raise TypeError(value)
+    return value
+
+
+def read_yaml_mapping(path: str | Path, what: str) -> dict:
+    """A YAML file that must hold a mapping; a clear error naming the file otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{what} {path} does not exist")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{what} {path} cannot be read: {err}") from err
+    try:
+        values = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{what} {path} is not valid YAML: {_yaml_problem(err)}") from err
+    if not isinstance(values, dict):
+        raise ConfigError(f"{what} {path} must hold a mapping of sections")
+    return values
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's several-line message as one line: the problem and where."""
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = getattr(err, "problem", None) or str(err)
+    return " ".join(f"{problem}{where}".split())
