@@ -1,8 +1,9 @@
 """`dtrain launch slurm` on a real two-node SLURM cluster (tests/slurm_cluster.py): every
 launcher trains across both nodes and exits 0; GPU requests of both forms are granted; requests
-that cannot fit are refused before submitting; a warning signal during start-up is not fatal; a
+that cannot fit are refused before submitting; a warning to the ranks themselves is kept; a
 TERM through torchrun requeues; a cancelled job stays cancelled; the Ray template runs a search
-on a head and a worker. (Three warnings and the weights after them: tests/faults.)
+on a head and a worker. (Three warnings, one during start-up, and the weights after them:
+tests/faults.)
 
 Jobs are submitted from a shell without the venv (PATH holds only the system's folders): the job
 script sets its own environment."""
@@ -133,24 +134,6 @@ def test_a_request_that_cannot_fit_is_refused_before_submitting(
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert cluster.run("squeue", "-h", "-o", "%i").stdout == before
     assert not (tmp_path / "run").exists()
-
-
-def test_a_warning_during_start_up_is_not_fatal(cluster, tiny, submit_env, tmp_path):
-    """USR1 to the batch shell while the ranks are still starting (importing torch): the job
-    checkpoints at the first log step, requeues, resumes and completes."""
-    run_dir = tmp_path / "run"
-    args = train_args(tiny, run_dir, "train.log_every=1")
-    job = job_id(launch(submit_env, "--nodes", "2", *args))
-    log = run_dir / f"slurm-{job}.out"
-    wait_for(lambda: log.exists() and f"job {job} start 1" in log.read_text(), 120, "start")
-    cluster.run("scancel", "--batch", "--signal=USR1", job)
-    info = finished(cluster, job, log)
-    text = log.read_text()
-    assert info["Restarts"] == "1", text[-3000:]
-    assert "SIGUSR1: asking the ranks to checkpoint and stop" in text
-    assert "stopped at epoch 0 batch 1;" in text  # the first log step
-    assert "--resume auto: resuming" in text
-    assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 1
 
 
 def ranks_catch_usr1(job: str, ranks: int) -> bool:

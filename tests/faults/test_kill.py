@@ -63,6 +63,7 @@ def assert_same_weights(a: Path, b: Path) -> None:
         assert torch.equal(tensor, second["model"][name]), name
 
 
+@pytest.mark.slow
 def test_killed_at_six_points_resumes_each_time_to_the_uninterrupted_weights(tiny, tmp_path, env):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     done = run([sys.executable, "-m", "dtrain.cli", "train", *train_args(tiny, straight)], env)
@@ -105,17 +106,22 @@ def torchrun(nproc: int, *args: str) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_killed_under_deepspeed_zero2_resumes_to_the_uninterrupted_weights(tiny, tmp_path, env):
+    """Two ranks, 7 steps each per epoch; both killed right after step 6 (a node lost), the
+    mid-epoch checkpoint at step 4 and its DeepSpeed shards behind them."""
     zero2 = f"train.deepspeed={ROOT / 'configs' / 'deepspeed' / 'zero2.json'}"
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    done = run(torchrun(1, "-m", "dtrain.cli", "train", *train_args(tiny, straight, zero2)), env)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run(torchrun(2, "-m", "dtrain.cli", "train", *train_args(tiny, straight, zero2)), env)
+    assert done.returncode == 0 and "2 process(es)" in done.stdout, done.stderr[-3000:]
     args = ["--resume", *train_args(tiny, killed, zero2)]
-    # killed right after step 6, the mid-epoch checkpoint at 4 behind it
-    died = run(torchrun(1, str(HURT), "step", "6", "--", *args[1:]), env)
+    died = run(torchrun(2, str(HURT), "step", "6", "--", *args[1:]), env)
     assert died.returncode != 0 and "Signal 9 (SIGKILL)" in died.stderr, died.stderr[-3000:]
     assert resumed_from(killed) == 4
     assert (killed / "deepspeed" / "step4").is_dir()
-    finished = run(torchrun(1, "-m", "dtrain.cli", "train", *args), env)
+    finished = run(torchrun(2, "-m", "dtrain.cli", "train", *args), env)
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert_same_weights(straight, killed)
+    last = torch.load(killed / "last.pt", weights_only=True)
+    tags = [p.name for p in (killed / "deepspeed").iterdir() if p.is_dir()]
+    assert tags == [last["deepspeed_tag"]]  # older shards removed once last.pt moved on
