@@ -183,7 +183,11 @@ def test_deepspeed_config_in_the_usual_style_runs_its_own_optimizer(tiny, tmp_pa
             {
                 "train_micro_batch_size_per_gpu": "auto",
                 "gradient_clipping": 1.0,
-                "optimizer": {"type": "AdamW", "params": {"lr": 0.001, "weight_decay": 0.01}},
+                # torch_adam: torch's AdamW inside DeepSpeed, no fused op to compile on a CPU
+                "optimizer": {
+                    "type": "AdamW",
+                    "params": {"lr": 0.001, "weight_decay": 0.01, "torch_adam": True},
+                },
                 "zero_optimization": {"stage": 2},
             }
         )
