@@ -209,6 +209,18 @@ def torch_extensions(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def cpu_env(torch_extensions) -> dict:
+    """The environment of a launched training on this CPU machine: one thread per process,
+    DeepSpeed on its CPU accelerator, its op compiled once per session."""
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "DS_ACCELERATOR": "cpu",
+        "TORCH_EXTENSIONS_DIR": str(torch_extensions),
+    }
+
+
+@pytest.fixture(scope="session")
 def cluster(tmp_path_factory):
     """One real two-node SLURM cluster for the session (tests/slurm_cluster.py)."""
     from slurm_cluster import SlurmCluster, missing_commands

@@ -28,13 +28,8 @@ def tiny(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def env(torch_extensions) -> dict:
-    return {
-        **os.environ,
-        "DS_ACCELERATOR": "cpu",
-        "TORCH_EXTENSIONS_DIR": str(torch_extensions),
-        "OMP_NUM_THREADS": "1",
-    }
+def env(cpu_env) -> dict:
+    return cpu_env
 
 
 def train_args(data: Path, run_dir: Path, *extra: str) -> list[str]:

@@ -5,7 +5,6 @@ checkpoint and the run ends with the weights of a run never interrupted (CPU, de
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -26,13 +25,8 @@ def tiny(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def env(torch_extensions) -> dict:
-    return {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "DS_ACCELERATOR": "cpu",
-        "TORCH_EXTENSIONS_DIR": str(torch_extensions),
-    }
+def env(cpu_env) -> dict:
+    return cpu_env
 
 
 def train_args(data: Path, run_dir: Path, *extra: str) -> list[str]:
