@@ -60,7 +60,11 @@ def test_three_warnings_requeue_three_times_and_end_with_the_uninterrupted_weigh
     # the warning during start-up was kept, not fatal: it stopped at the first log step
     assert stops[1] == (stops[0][0], str(int(stops[0][1]) + 2)), stops
     assert text.count("--resume auto: resuming") == 3
-    assert text.count("SIGUSR1: asking the ranks to checkpoint and stop") == 3
+    # each warning was caught once: by the supervisor, or by the batch shell before the
+    # supervisor started (the second one races the restart, so either may catch it)
+    caught = text.count("SIGUSR1: asking the ranks to checkpoint and stop")
+    early = text.count("warned during start-up")
+    assert caught + early == 3 and caught >= 2, (caught, early)
     a, b = (torch.load(tmp_path / n / "last.pt", weights_only=True) for n in runs)
     assert a["state"]["step"] == b["state"]["step"] == 3 * 12  # 45 images per rank, 4 a batch
     for key, tensor in a["model"].items():
