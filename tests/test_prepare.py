@@ -325,6 +325,7 @@ CLI_ARGS = {
     "noise_val": (["--clean-val"], False),
     "seed": (["--seed", "7"], 7),
     "split": (["--split", "0.8,0,0.2"], (0.8, 0.0, 0.2)),
+    "group_column": (["--group-column", "patient_id"], "patient_id"),
     "dedup_threshold": (["--dedup-threshold", "0.9"], 0.9),
     "shard_size": (["--shard-size", "50"], 50),
     "shard_bytes": (["--shard-bytes", "500MB"], 500_000_000),

@@ -11,9 +11,10 @@ from typing import Any
 
 from dtrain.errors import ConfigError
 from dtrain.prepare.noise import NoiseModel
-from dtrain.prepare.sources import EMBEDDED_NAME, Source
+from dtrain.prepare.sources import DEFAULT_GROUP_COLUMNS, EMBEDDED_NAME, SPLIT_COLUMN, Source
 
 FORMAT_VERSION = 1
+DEFAULT_SPLIT = (0.7, 0.1, 0.2)
 EMBEDDED_DEFAULT_NOISE: tuple[NoiseModel, float] = ("symmetric", 0.4)
 DEFAULT_NOISE_RATE = 0.4
 
@@ -94,8 +95,18 @@ class PrepareConfig:
         default_help="val as noisy as train, as a real user's labels are",
     )
     seed: int = option(0, "seed of the split, the noise and the shard order")
-    split: tuple[float, float, float] = option(
-        (0.7, 0.1, 0.2), "train,val,test fractions", parse=fractions
+    split: tuple[float, float, float] | None = option(
+        None,
+        "train,val,test fractions, each >= 0 (0 leaves that split empty, e.g. 0,0,1 for a "
+        f"test-only set); a manifest's {SPLIT_COLUMN} column (train/val/test) is used instead",
+        parse=fractions,
+        default_help=",".join(f"{f:g}" for f in DEFAULT_SPLIT),
+    )
+    group_column: str | None = option(
+        None,
+        "manifest column naming each image's patient or study: images of one value, like "
+        "near-duplicates, always land in one split",
+        default_help=" or ".join(DEFAULT_GROUP_COLUMNS) + " where the manifest has it",
     )
     dedup_threshold: float = option(
         0.95, "thumbnail correlation above which images share a near-duplicate group"
@@ -131,10 +142,13 @@ class PrepareConfig:
     def validate(self) -> None:
         """Refuse values no dataset can be built from (the noise is checked against the
         source's classes in `prepare`)."""
-        if len(self.split) != 3 or any(f < 0 for f in self.split) or self.split[0] <= 0:
-            raise ConfigError(f"split {self.split} must be three fractions >= 0 with train > 0")
-        if abs(sum(self.split) - 1) > 1e-6:
-            raise ConfigError(f"split fractions {self.split} must sum to 1")
+        if self.split is not None:
+            if len(self.split) != 3 or not all(0 <= f <= 1 for f in self.split):
+                raise ConfigError(
+                    f"split {self.split} must be three fractions >= 0 (train,val,test)"
+                )
+            if abs(sum(self.split) - 1) > 1e-6:
+                raise ConfigError(f"split fractions {self.split} must sum to 1")
         if not 0 < self.dedup_threshold <= 1:
             raise ConfigError(f"dedup threshold {self.dedup_threshold} must lie in (0, 1]")
         if self.shard_size < 1:
@@ -144,17 +158,33 @@ class PrepareConfig:
         if self.resize is not None and self.resize < 8:
             raise ConfigError(f"resize {self.resize} must be at least 8 pixels")
 
+    def split_fractions(self, source: Source) -> tuple[float, float, float] | None:
+        """The fractions to split by, or None where the manifest's split column says."""
+        if source.split_of is None:
+            return self.split or DEFAULT_SPLIT
+        if self.split is not None:
+            raise ConfigError(
+                f"--split {','.join(f'{f:g}' for f in self.split)} and the {SPLIT_COLUMN} "
+                f"column of {source.description['manifest']} both say how to split; drop "
+                "--split to keep the column's splits, or the column to split by fractions"
+            )
+        return None
+
     def request(self, source: Source) -> dict:
-        """What determines the output bytes; two runs with equal requests write equal shards."""
+        """What determines the output bytes; two runs with equal requests write equal shards.
+        The manifest's split, group and other columns enter as checksums (a source without
+        them asks what it asked before they existed, so its dataset is still found intact)."""
         model, rate = self.resolved_noise()
         keep = {
             k: v
             for k, v in asdict(self).items()
-            if k not in ("out", "overwrite", "progress", "noise", "noise_rate")
+            if k not in ("out", "overwrite", "progress", "noise", "noise_rate", "group_column")
         }
-        keep["split"] = list(self.split)
+        fractions = self.split_fractions(source)
+        keep["split"] = f"{SPLIT_COLUMN} column" if fractions is None else list(fractions)
         return {
             **keep,
+            **source.request_columns,
             "noise": model,
             "noise_rate": rate,
             "source_kind": source.kind,

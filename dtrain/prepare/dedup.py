@@ -7,6 +7,7 @@ import numpy as np
 from PIL import Image
 
 from dtrain.images import open_image, to_8bit
+from dtrain.prepare.split import number_by_first_appearance
 
 THUMB_SIDE = 16
 
@@ -74,7 +75,4 @@ def near_duplicate_groups(thumbs: np.ndarray, threshold: float, block: int = 204
     c = np.concatenate(cols) if cols else np.zeros(0, np.int64)
     graph = coo_matrix((np.ones(len(r), np.int8), (r, c)), shape=(n, n))
     _, labels = connected_components(graph, directed=False)
-    # number groups by first appearance, so ids do not depend on scipy's traversal order
-    _, first_seen = np.unique(labels, return_index=True)
-    order = np.argsort(np.argsort(first_seen))
-    return order[labels].astype(np.int64)
+    return number_by_first_appearance(labels)

@@ -1,6 +1,7 @@
-"""`prepare`: read the source, group near-duplicates, split by group, add label noise to train
-(and val), write the shards and their records. Every random choice is seeded from the request,
-so a rerun writes byte-identical shards."""
+"""`prepare`: read the source, group near-duplicates (joined with the source's patients or
+studies), split by group or as the source's split column says, add label noise to train (and
+val), write the shards and their records. Every random choice is seeded from the request, so a
+rerun writes byte-identical shards."""
 
 from __future__ import annotations
 
@@ -15,10 +16,21 @@ from dtrain.prepare.config import PrepareConfig, default_out
 from dtrain.prepare.dedup import BadImageError, decode_thumbnail, near_duplicate_groups
 from dtrain.prepare.folder import holds_request, new_staging, publish
 from dtrain.prepare.noise import apply_noise, check_noise
-from dtrain.prepare.records import describe, print_summary, write_description, write_manifest
+from dtrain.prepare.records import (
+    describe,
+    kept_columns,
+    print_summary,
+    write_description,
+    write_manifest,
+)
 from dtrain.prepare.shards import sha256, write_shards
-from dtrain.prepare.sources import Source, open_source
-from dtrain.prepare.split import SPLITS, stratified_group_split
+from dtrain.prepare.sources import SPLIT_COLUMN, Source, open_source
+from dtrain.prepare.split import (
+    SPLITS,
+    join_groups,
+    pairs_across_splits,
+    stratified_group_split,
+)
 
 T = TypeVar("T")
 
@@ -62,10 +74,44 @@ def _scan(source: Source, config: PrepareConfig) -> tuple[np.ndarray, np.ndarray
     return np.stack(thumbs), np.asarray(kept), stats
 
 
+def _split(
+    source: Source, config: PrepareConfig, kept: np.ndarray, clean: np.ndarray, thumbs: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """The unit-of-splitting group and the split index of each kept item, and the number of
+    near-duplicate groups. With a split column the user's splits stand; near-duplicates across
+    them are only reported (a patient across them was refused when the manifest was read)."""
+    duplicates = near_duplicate_groups(thumbs, config.dedup_threshold)
+    num_duplicates = int(duplicates.max() + 1)
+    print(
+        f"{source.name}: {len(kept)} images, {num_duplicates} near-duplicate groups "
+        f"(correlation > {config.dedup_threshold} on {thumbs.shape[1]}px thumbnails)"
+    )
+    groups = duplicates
+    if source.group_of is not None:
+        groups = join_groups(duplicates, source.group_of[kept])
+        print(
+            f"  {len(np.unique(source.group_of[kept]))} {source.group_column} values; joined "
+            f"with the near-duplicates, {groups.max() + 1} groups"
+        )
+    fractions = config.split_fractions(source)
+    if fractions is not None:
+        return groups, stratified_group_split(clean, groups, fractions, config.seed), num_duplicates
+    split_of = source.split_of[kept]
+    crossing = pairs_across_splits(duplicates, split_of)
+    if crossing:
+        print(
+            f"warning: {crossing} near-duplicate image pairs lie in different splits of the "
+            f"{SPLIT_COLUMN} column; they stay there, but copies of one scan in train and test "
+            "make the test score optimistic"
+        )
+    return groups, split_of, num_duplicates
+
+
 def prepare(config: PrepareConfig) -> Path:
     """Build the dataset `config` asks for and return its folder."""
     config.validate()
-    source = open_source(config.source, config.classes)
+    source = open_source(config.source, config.classes, config.group_column)
+    columns = kept_columns(source)
     noise_model, noise_rate = config.resolved_noise()
     check_noise(noise_model, noise_rate, len(source.classes), config.noise_map, source.classes)
     out = Path(config.out) if config.out else default_out(config, source)
@@ -76,8 +122,7 @@ def prepare(config: PrepareConfig) -> Path:
 
     thumbs, kept, image_stats = _scan(source, config)
     clean = source.labels[kept]
-    groups = near_duplicate_groups(thumbs, config.dedup_threshold)
-    split_of = stratified_group_split(clean, groups, config.split, config.seed)
+    groups, split_of, num_duplicates = _split(source, config, kept, clean, thumbs)
     noisy = clean.copy()
     for s, name in enumerate(SPLITS):
         if name in config.noised_splits():
@@ -91,10 +136,6 @@ def prepare(config: PrepareConfig) -> Path:
                 mapping=config.noise_map,
                 features=thumbs[members],
             )
-    print(
-        f"{source.name}: {len(kept)} images, {groups.max() + 1} near-duplicate groups "
-        f"(correlation > {config.dedup_threshold} on {thumbs.shape[1]}px thumbnails)"
-    )
 
     rng = np.random.default_rng(config.seed)
     staging = new_staging(out)
@@ -132,8 +173,20 @@ def prepare(config: PrepareConfig) -> Path:
         info["bytes"] = (staging / name).stat().st_size
         info["sha256"] = sha256(staging / name)
 
-    write_manifest(staging, rows_all)
-    meta = describe(source, config, request, clean, noisy, groups, split_of, image_stats, shards)
+    write_manifest(staging, rows_all, columns)
+    meta = describe(
+        source,
+        config,
+        request,
+        clean,
+        noisy,
+        groups,
+        split_of,
+        image_stats,
+        shards,
+        near_duplicate_groups=num_duplicates,
+        kept=[] if columns is None else columns.column_names,
+    )
     write_description(staging, meta)
     publish(staging, out)
     print_summary(out, meta)

@@ -1,18 +1,25 @@
 """What a dataset says about itself besides the shards: `manifest.parquet` (one row per sample),
-`dataset.json` (classes, counts, the noise as requested and as realised, shard checksums, the
-request) and the summary printed at the end, so that every robustness claim can be checked."""
+`dataset.json` (classes, counts, how it was split, the noise as requested and as realised, shard
+checksums, the request) and the summary printed at the end, so that every robustness claim can be
+checked. A manifest's own columns (patient, age, scanner...) stay beside dtrain's, for the user's
+own analyses."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from dtrain.errors import DataError
 from dtrain.prepare.config import FORMAT_VERSION, PrepareConfig
 from dtrain.prepare.noise import transition_matrix
-from dtrain.prepare.sources import Source
+from dtrain.prepare.sources import SPLIT_COLUMN, Source
 from dtrain.prepare.split import SPLITS
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 DATASET_JSON = "dataset.json"
 MANIFEST = "manifest.parquet"
@@ -27,13 +34,36 @@ MANIFEST_COLUMNS = (
     "group",
     "source",
 )
+RENAMED_PREFIX = "source_"
 
 
-def write_manifest(folder: Path, rows: list[dict]) -> None:
+def kept_columns(source: Source) -> pa.Table | None:
+    """The source manifest's own columns as `manifest.parquet` keeps them: under their names, or
+    as `source_<name>` where the name is one of dtrain's columns."""
+    if source.columns is None:
+        return None
+    names = source.columns.column_names
+    kept = [f"{RENAMED_PREFIX}{c}" if c in MANIFEST_COLUMNS else c for c in names]
+    clash = sorted({c for c in kept if kept.count(c) > 1})
+    if clash:
+        original = clash[0].removeprefix(RENAMED_PREFIX)
+        raise DataError(
+            f"manifest {source.description['manifest']} has columns {original} and {clash[0]}; "
+            f"dtrain keeps its {original} column as {clash[0]}, so rename one of them"
+        )
+    return source.columns.rename_columns(kept)
+
+
+def write_manifest(folder: Path, rows: list[dict], columns: pa.Table | None = None) -> None:
+    """dtrain's columns, then the source manifest's own (`kept_columns`), one row per sample."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     table = pa.table({c: [r[c] for r in rows] for c in MANIFEST_COLUMNS})
+    if columns is not None:
+        own = columns.take(pa.array([r["index"] for r in rows], pa.int64()))
+        for name, column in zip(own.column_names, own.columns, strict=True):
+            table = table.append_column(name, column)
     pq.write_table(table, folder / MANIFEST)
 
 
@@ -58,9 +88,13 @@ def describe(
     split_of: np.ndarray,
     image_stats: dict,
     shards: dict[str, dict],
+    near_duplicate_groups: int,
+    kept: list[str],
 ) -> dict:
-    """The contents of `dataset.json`."""
+    """The contents of `dataset.json`. `groups` are the units of splitting (near-duplicates
+    joined with the source's patients or studies); `kept` the source's own manifest columns."""
     noise_model, noise_rate = config.resolved_noise()
+    fractions = config.split_fractions(source)
     per_split = {}
     for s, split in enumerate(SPLITS):
         members = split_of == s
@@ -73,7 +107,14 @@ def describe(
         "classes": source.classes,
         "source": {"kind": source.kind, **source.description},
         "images": image_stats,
-        "dedup": {"threshold": config.dedup_threshold, "groups": int(groups.max() + 1)},
+        "dedup": {"threshold": config.dedup_threshold, "groups": near_duplicate_groups},
+        "split_by": {
+            "fractions": None if fractions is None else list(fractions),
+            "column": None if fractions is not None else SPLIT_COLUMN,
+            "group_column": source.group_column,
+            "groups": int(groups.max() + 1),
+        },
+        "manifest_columns": kept,
         "noise": {
             "model": noise_model,
             "rate": noise_rate,
@@ -97,20 +138,28 @@ def write_description(folder: Path, meta: dict) -> None:
 
 
 def print_summary(out: Path, meta: dict) -> None:
-    """Counts per split and, with noise, train's realised transition matrix."""
+    """Counts per split, the manifest columns kept and, with noise, the realised transition
+    matrix of the first noised split that holds images."""
     classes = meta["classes"]
     print(f"wrote {out}: {len(meta['shards'])} shards")
     for split, info in meta["splits"].items():
         if not info["count"]:
+            print(f"  {split:5s}      0 images")
             continue
         print(
             f"  {split:5s} {info['count']:6d} images in {info['groups']:5d} groups, "
             f"noise rate {info['noise_rate']:.3f}"
         )
-    train = meta["splits"]["train"]
-    if meta["noise"]["model"] != "none":
-        print("  train transition matrix P(noisy | clean), rows clean, columns noisy:")
-        width = max(7, max(len(c) for c in classes) + 2)
-        print(" " * (width + 2) + "".join(f"{c:>{width}s}" for c in classes))
-        for c, row in zip(classes, train["transition_matrix"], strict=False):
-            print(f"  {c:>{width}s}" + "".join(f"{v:>{width}.3f}" for v in row))
+    if meta["manifest_columns"]:
+        print(f"  {MANIFEST} also keeps the manifest's {', '.join(meta['manifest_columns'])}")
+    noised = [s for s in meta["noise"]["splits"] if meta["splits"][s]["count"]]
+    if meta["noise"]["model"] == "none":
+        return
+    if not noised:
+        print(f"  no noise added: {' and '.join(meta['noise']['splits'])} hold no images")
+        return
+    print(f"  {noised[0]} transition matrix P(noisy | clean), rows clean, columns noisy:")
+    width = max(7, max(len(c) for c in classes) + 2)
+    print(" " * (width + 2) + "".join(f"{c:>{width}s}" for c in classes))
+    for c, row in zip(classes, meta["splits"][noised[0]]["transition_matrix"], strict=False):
+        print(f"  {c:>{width}s}" + "".join(f"{v:>{width}.3f}" for v in row))

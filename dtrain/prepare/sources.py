@@ -1,25 +1,37 @@
 """Readers that turn a user's images into one list of (file, label) items for `dtrain prepare`.
 
 Four kinds of source: the embedded Br35H brain-MRI set, an image folder `root/<class>/*`, a CSV or
-Parquet manifest with `path,label` columns, and a MedMNIST-style `.npz`. Every reader checks its
-input up front and names the file, row or key that is wrong.
+Parquet manifest with `path,label` columns, and a MedMNIST-style `.npz`. A manifest may also say
+each image's split (a `split` column) and patient or study (a group column), and its other
+columns are carried into the dataset's records. Every reader checks its input up front and names
+the file, row or key that is wrong.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import io
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from dtrain.errors import DataError
+from dtrain.errors import ConfigError, DataError
+from dtrain.prepare.split import SPLITS
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 EMBEDDED_NAME = "br35h"
 SourceKind = Literal["embedded", "folder", "manifest", "npz"]
+MANIFEST_SUFFIXES = (".csv", ".parquet")
+SPLIT_COLUMN = "split"
+# the columns taken as the group column when --group-column is not given, first found first
+DEFAULT_GROUP_COLUMNS = ("group", "patient_id")
 
 
 @dataclass
@@ -39,6 +51,11 @@ class Source:
     arrays: np.ndarray | None = None
     kind: SourceKind = "folder"
     description: dict = field(default_factory=dict)
+    split_of: np.ndarray | None = None
+    group_column: str | None = None
+    group_of: np.ndarray | None = None
+    columns: pa.Table | None = None
+    request_columns: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -146,8 +163,79 @@ def _label_index(value: object, classes: list[str] | None, where: str) -> int | 
     return text
 
 
-def from_manifest(path: Path, classes: list[str] | None = None) -> Source:
-    """CSV or Parquet with `path,label`; relative paths are taken from the manifest's folder."""
+def _row(path: Path, row: int) -> str:
+    """A manifest row as the user finds it: the CSV line (after the header), the Parquet row."""
+    return f"{path} row {row + 2 if path.suffix.lower() != '.parquet' else row}"
+
+
+def _digest(values: list) -> str:
+    return hashlib.sha256(json.dumps(values, default=str).encode()).hexdigest()
+
+
+def _split_column(path: Path, values: list) -> np.ndarray:
+    """The split index of each row; `Train`, ` val ` and `TEST` are fine, anything else is not."""
+    split_of = np.empty(len(values), dtype=np.int64)
+    for row, value in enumerate(values):
+        name = str(value).strip().lower() if value is not None else ""
+        if name not in SPLITS:
+            raise DataError(
+                f"{_row(path, row)}: split {value!r} is not one of {', '.join(SPLITS)}; fix the "
+                f"{SPLIT_COLUMN} column, or remove it to let dtrain split"
+            )
+        split_of[row] = SPLITS.index(name)
+    return split_of
+
+
+def _group_column(path: Path, table: pa.Table, requested: str | None) -> str | None:
+    """The column naming each row's patient or study: the one asked for, else the first of
+    DEFAULT_GROUP_COLUMNS the manifest has, else none."""
+    if requested is None:
+        return next((c for c in DEFAULT_GROUP_COLUMNS if c in table.column_names), None)
+    if requested not in table.column_names:
+        raise DataError(
+            f"manifest {path} has no column {requested!r} for --group-column; it has "
+            f"{table.column_names}"
+        )
+    return requested
+
+
+def _group_values(path: Path, column: str, values: list) -> np.ndarray:
+    groups = []
+    for row, value in enumerate(values):
+        text = "" if value is None else str(value).strip()
+        if not text:
+            raise DataError(
+                f"{_row(path, row)}: empty {column}; every image needs one (an image of its own "
+                "patient gets an id of its own)"
+            )
+        groups.append(text)
+    return np.asarray(groups, dtype=str)
+
+
+def _check_groups_in_one_split(
+    path: Path, column: str, groups: np.ndarray, split_of: np.ndarray
+) -> None:
+    """A patient in two of the user's splits would leak into the test score: refused."""
+    first_row: dict[str, int] = {}
+    for row, group in enumerate(groups.tolist()):
+        first = first_row.setdefault(group, row)
+        if split_of[first] != split_of[row]:
+            raise DataError(
+                f"manifest {path}: {column} {group!r} is in {SPLITS[split_of[first]]} "
+                f"({_row(path, first)}) and in {SPLITS[split_of[row]]} ({_row(path, row)}); all "
+                f"of a {column}'s images must be in one split: fix the {SPLIT_COLUMN} column, or "
+                f"remove it to let dtrain split by {column}"
+            )
+
+
+def from_manifest(
+    path: Path, classes: list[str] | None = None, group_column: str | None = None
+) -> Source:
+    """CSV or Parquet with `path,label`; relative paths are taken from the manifest's folder.
+
+    Optional: a `split` column (train/val/test, any case), used as it is; a group column
+    (`group_column`, else `group` or `patient_id`) whose rows of one value stay in one split;
+    any other columns, carried into `manifest.parquet`."""
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
@@ -169,7 +257,7 @@ def from_manifest(path: Path, classes: list[str] | None = None) -> Source:
     raw_labels = table.column("label").to_pylist()
     parsed: list[int | str] = []
     for row, value in enumerate(raw_labels):
-        where = f"{path} row {row + 2 if path.suffix.lower() != '.parquet' else row}"
+        where = _row(path, row)
         if value is None or str(value).strip() == "":
             raise DataError(f"{where}: missing label")
         parsed.append(_label_index(value, classes, where))
@@ -199,7 +287,7 @@ def from_manifest(path: Path, classes: list[str] | None = None) -> Source:
         if not image.is_file():
             raise DataError(f"{path} row {row}: image {image} does not exist")
         paths.append(str(item))
-    return Source(
+    source = Source(
         name=path.stem,
         classes=class_names,
         paths=paths,
@@ -208,6 +296,24 @@ def from_manifest(path: Path, classes: list[str] | None = None) -> Source:
         kind="manifest",
         description={"manifest": str(path)},
     )
+    if SPLIT_COLUMN in table.column_names:
+        source.split_of = _split_column(path, table.column(SPLIT_COLUMN).to_pylist())
+        source.request_columns["split_column_sha256"] = _digest(source.split_of.tolist())
+    source.group_column = _group_column(path, table, group_column)
+    if source.group_column is not None:
+        column = source.group_column
+        source.group_of = _group_values(path, column, table.column(column).to_pylist())
+        source.request_columns["group_column"] = column
+        source.request_columns["group_column_sha256"] = _digest(source.group_of.tolist())
+        if source.split_of is not None:
+            _check_groups_in_one_split(path, column, source.group_of, source.split_of)
+    others = [c for c in table.column_names if c not in ("path", "label")]
+    if others:
+        source.columns = table.select(others)
+        source.request_columns["manifest_columns_sha256"] = _digest(
+            {c: source.columns.column(c).to_pylist() for c in others}
+        )
+    return source
 
 
 def from_npz(path: Path, classes: list[str] | None = None) -> Source:
@@ -269,18 +375,26 @@ def _array(archive: np.lib.npyio.NpzFile, path: Path, key: str) -> np.ndarray:
         raise DataError(f"cannot read {path}:{key} without pickle: {err}") from err
 
 
-def open_source(spec: str | None, classes: list[str] | None = None) -> Source:
+def open_source(
+    spec: str | None, classes: list[str] | None = None, group_column: str | None = None
+) -> Source:
     """The source a `dtrain prepare` argument names: nothing for the embedded set, a folder,
-    a `.csv`/`.parquet` manifest, or an `.npz`."""
-    if spec is None or spec == EMBEDDED_NAME:
+    a `.csv`/`.parquet` manifest, or an `.npz`. Only a manifest has a group column."""
+    path = None if spec is None or spec == EMBEDDED_NAME else Path(spec)
+    is_manifest = path is not None and path.suffix.lower() in MANIFEST_SUFFIXES
+    if group_column is not None and not is_manifest:
+        raise ConfigError(
+            f"--group-column {group_column} names a manifest column, but source "
+            f"{spec or EMBEDDED_NAME} is no .csv/.parquet manifest; write one with "
+            f"path,label,{group_column} columns"
+        )
+    if path is None:
         return from_embedded()
-    path = Path(spec)
     if path.is_dir():
         return from_folder(path, classes)
-    suffix = path.suffix.lower()
-    if suffix in (".csv", ".parquet"):
-        return from_manifest(path, classes)
-    if suffix == ".npz":
+    if is_manifest:
+        return from_manifest(path, classes, group_column)
+    if path.suffix.lower() == ".npz":
         return from_npz(path, classes)
     if not path.exists():
         raise DataError(f"source {spec} does not exist")
