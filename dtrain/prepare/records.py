@@ -152,11 +152,11 @@ def print_summary(out: Path, meta: dict) -> None:
         )
     if meta["manifest_columns"]:
         print(f"  {MANIFEST} also keeps the manifest's {', '.join(meta['manifest_columns'])}")
-    noised = [s for s in meta["noise"]["splits"] if meta["splits"][s]["count"]]
     if meta["noise"]["model"] == "none":
         return
+    noised = [s for s in meta["noise"]["splits"] if meta["splits"][s]["count"]]
     if not noised:
-        print(f"  no noise added: {' and '.join(meta['noise']['splits'])} hold no images")
+        print(f"  no noise added: no images in {' or '.join(meta['noise']['splits'])}")
         return
     print(f"  {noised[0]} transition matrix P(noisy | clean), rows clean, columns noisy:")
     width = max(7, max(len(c) for c in classes) + 2)
