@@ -53,7 +53,9 @@ def weights_file(value: str) -> Path:
         f"true, false, a weights file ({', '.join(SUFFIXES)}) or a folder holding "
         f"{' or '.join(FOLDER_FILES)}"
     )
-    if not value.strip() or not path.exists():
+    if not value.strip():
+        raise ConfigError(f"{KEY}={value!r} is invalid: must be {expected}")
+    if not path.exists():
         raise ConfigError(f"{KEY}={value!r} is invalid: {path} does not exist; must be {expected}")
     if path.is_file():
         if path.suffix not in SUFFIXES:
