@@ -45,7 +45,9 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     backbone: str = "resnet18"  # any timm model name
-    pretrained: bool = False  # needs the hub; off because nothing can be downloaded offline
+    # false; true: the hub's weights (needs the network); or a local weights file / hub download
+    # folder (dtrain.train.pretrained), a state dict of the backbone as timm saves it
+    pretrained: bool | str = False
     # imagenet: the backbone's own stem; small: 3x3 stride-1 stem, no max-pool (<= 32 px)
     stem: Literal["imagenet", "small"] = "imagenet"
     projection_hidden: int = 512
@@ -197,6 +199,10 @@ class Config:
             "an existing DeepSpeed JSON file",
         )
         _check_backbone(mo.backbone)  # last: it imports timm (and torch)
+        if isinstance(mo.pretrained, str):
+            from dtrain.train.pretrained import checked_weights_file
+
+            checked_weights_file(mo.pretrained, mo.backbone)
 
     @property
     def run_path(self) -> Path:

@@ -30,13 +30,7 @@ def coerce(value: Any, kind: Any, key: str) -> Any:
     """A YAML or command-line value as the field's type; a Literal accepts only its choices."""
     origin = typing.get_origin(kind)
     if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.strip().lower() in _NONES):
-            return None
-        (option,) = [k for k in typing.get_args(kind) if k is not type(None)]
-        try:
-            return coerce(value, option, key)
-        except ConfigError as err:
-            raise ConfigError(f"{err} or null") from None
+        return _coerce_union(value, typing.get_args(kind), key)
     if origin is Literal:
         choices = typing.get_args(kind)
         if value not in choices:
@@ -48,6 +42,22 @@ def coerce(value: Any, kind: Any, key: str) -> Any:
         return _scalar(value, kind)
     except (TypeError, ValueError, KeyError, OverflowError):
         raise ConfigError(f"{key}={value!r} is invalid: must be {_EXPECTED[kind]}") from None
+
+
+def _coerce_union(value: Any, options: tuple, key: str) -> Any:
+    """An Optional's null, else the first scalar option that takes the value, in the order the
+    type names them: `bool | str` reads `true` as a bool and `/x.pth` as a string."""
+    optional = type(None) in options
+    if optional and (value is None or (isinstance(value, str) and value.strip().lower() in _NONES)):
+        return None
+    scalars = [k for k in options if k is not type(None)]
+    for option in scalars:
+        try:
+            return _scalar(value, option)
+        except (TypeError, ValueError, KeyError, OverflowError):
+            continue
+    expected = [_EXPECTED[k] for k in scalars] + (["null"] if optional else [])
+    raise ConfigError(f"{key}={value!r} is invalid: must be {' or '.join(expected)}")
 
 
 def _scalar(value: Any, kind: type) -> Any:

@@ -13,6 +13,7 @@ from torch import nn
 from dtrain.config import ModelConfig
 from dtrain.errors import ConfigError
 from dtrain.registry import METHODS
+from dtrain.train.pretrained import timm_pretrained_args
 
 
 class GroupAttention(nn.Module):
@@ -56,9 +57,15 @@ class GroupAttention(nn.Module):
 
 
 def make_encoder(config: ModelConfig, in_chans: int) -> nn.Module:
-    """A timm backbone without its classifier (pooled features out)."""
+    """A timm backbone without its classifier (pooled features out). Pretrained weights (the hub,
+    or a local file: dtrain.train.pretrained) are loaded by timm, which adapts the first conv to
+    `in_chans` and drops the classifier. model.stem=small then replaces the stem, so the
+    pretrained stem (conv1) is dropped and trains from scratch."""
     encoder = timm.create_model(
-        config.backbone, pretrained=config.pretrained, num_classes=0, in_chans=in_chans
+        config.backbone,
+        num_classes=0,
+        in_chans=in_chans,
+        **timm_pretrained_args(config.pretrained, config.backbone),
     )
     if config.stem == "small":
         if not (hasattr(encoder, "conv1") and hasattr(encoder, "maxpool")):

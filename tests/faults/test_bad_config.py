@@ -42,7 +42,7 @@ BAD_VALUES: dict[str, tuple[str, ...] | None] = {
     "data.samples_per_epoch": ("-1",),
     "data.strict": None,  # a bool
     "model.backbone": ("resnet19", "not a model"),
-    "model.pretrained": None,  # a bool (true needs the hub: the environment's matter)
+    "model.pretrained": ("{tmp}/no-weights.pth", "{file}"),  # true needs the hub
     "model.stem": ("big",),
     "model.projection_hidden": ("0",),
     "model.projection_dim": ("0",),
@@ -99,7 +99,10 @@ def wrong_values(kind: typing.Any) -> list[tuple[str, typing.Any]]:
     command-line text, `yaml` values go into a --config file."""
     origin = typing.get_origin(kind)
     if origin in (typing.Union, types.UnionType):
-        (option,) = [k for k in typing.get_args(kind) if k is not type(None)]
+        options = [k for k in typing.get_args(kind) if k is not type(None)]
+        if str in options:  # `bool | str`: any text or bool is one of them
+            return [("yaml", [1, 2]), ("yaml", {"a": 1})]
+        (option,) = options
         return [("override", "abc"), *wrong_values(option)]
     if origin is typing.Literal:
         first = typing.get_args(kind)[0]
