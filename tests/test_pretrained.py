@@ -184,3 +184,14 @@ def test_pretrained_values_coerce_and_are_recorded(tmp_path):
     path.write_text(yaml.safe_dump({"model": {"pretrained": ["/x.pth"]}}))
     with pytest.raises(ConfigError, match="model.pretrained=.* must be a bool .* or a string"):
         load_config(path)
+
+
+def test_the_small_stem_replaces_a_deep_stem_too():
+    import torch
+
+    from dtrain.config import ModelConfig
+    from dtrain.train.model import make_encoder
+
+    encoder = make_encoder(ModelConfig(backbone="test_resnet", stem="small"), in_chans=1)
+    assert isinstance(encoder.conv1, torch.nn.Conv2d) and encoder.conv1.stride == (1, 1)
+    assert encoder(torch.zeros(2, 1, 16, 16)).shape[0] == 2

@@ -73,7 +73,8 @@ def make_encoder(config: ModelConfig, in_chans: int) -> nn.Module:
                 f"model.stem=small needs a ResNet-style backbone with conv1 and "
                 f"maxpool; {config.backbone} has neither; use model.stem=imagenet"
             )
-        out = encoder.conv1.out_channels
+        # a deep stem (resnet*d, test_resnet) is a Sequential: its last conv feeds bn1
+        out = [m for m in encoder.conv1.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
         encoder.conv1 = nn.Conv2d(in_chans, out, kernel_size=3, stride=1, padding=1, bias=False)
         encoder.maxpool = nn.Identity()
     return encoder
