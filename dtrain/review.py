@@ -125,7 +125,9 @@ def write_thumbnails(dataset: Path, names: dict[str, str], folder: Path, progres
         )
     folder.mkdir(parents=True, exist_ok=True)
     todo = set(names)
-    for name in tqdm(sorted({shard_of[k] for k in names}), desc="thumbnails", disable=not progress):
+    for name in tqdm(
+        sorted({shard_of[k] for k in names}), desc="thumbnails", disable=None if progress else True
+    ):
         info = meta["shards"][name]
         for sample in read_shard(str(dataset / name), info["count"], info["sha256"], strict=True):
             if sample.key not in todo:
@@ -256,10 +258,11 @@ def add_review_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("run_dir", help="a finished run folder (holds label_scores.parquet)")
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--top", type=int, help="review the N most suspicious labels")
+    size.add_argument("--top", type=int, metavar="N", help="review the N most suspicious labels")
     size.add_argument(
         "--fraction",
         type=float,
+        metavar="F",
         help=f"review this fraction of the train set (default: {DEFAULT_FRACTION:g}, "
         f"at most {DEFAULT_LIMIT} images)",
     )
@@ -267,7 +270,12 @@ def add_review_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--overwrite", action="store_true", help="replace a review whose CSV is already filled"
     )
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="no progress bar (none either where stderr is no terminal)",
+    )
 
 
 def run_review(args: argparse.Namespace) -> None:

@@ -23,7 +23,7 @@ from dtrain.prepare import PrepareConfig, prepare
 from dtrain.prepare.noise import transition_matrix
 from dtrain.prepare.relabel import relabel
 from dtrain.prepare.shards import sha256
-from dtrain.review import review_size
+from dtrain.review import review_size, thumbnail
 
 # a class name that HTML and CSV must both carry intact
 ODD_CLASS = 'vertical <b>&"co"'
@@ -104,6 +104,7 @@ def test_review_lists_the_most_suspicious_labels_first(trained, tmp_path, capsys
     classes = trained["classes"]["classes"]
     ranked = pq.read_table(trained["run"] / "label_scores.parquet").to_pylist()
     ranked.sort(key=lambda r: r["rank"])
+    samples = shard_samples(trained["data"])
     rows = read_csv(out / "review.csv")
     assert list(rows[0]) == [
         "rank",
@@ -127,6 +128,8 @@ def test_review_lists_the_most_suspicious_labels_first(trained, tmp_path, capsys
         assert row["corrected_label"] == ""
         with Image.open(out / row["thumbnail"]) as thumb:
             assert thumb.format == "PNG" and max(thumb.size) == 128
+        image = samples[row["key"]]["members"]["png"]  # the page shows this sample's image
+        assert (out / row["thumbnail"]).read_bytes() == thumbnail(image)
 
     page = (out / "index.html").read_text()
     assert "<script" not in page.lower() and "http" not in page
@@ -316,3 +319,11 @@ def test_relabel_names_a_missing_column_in_one_line(trained, tmp_path, capsys):
     )
     assert code == 2 and "no 'corrected_label' column (its columns: key, label)" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "new").exists()
+
+
+def test_relabel_reads_a_spreadsheet_export_with_bom_and_semicolons(trained, tmp_path):
+    keys = pq.read_table(trained["data"] / "manifest.parquet").column("key").to_pylist()
+    review = tmp_path / "review.csv"
+    review.write_bytes(f"\ufeffkey;rank;corrected_label\n{keys[0]};1;drop\n".encode())
+    new = relabel(trained["data"], review, tmp_path / "new", progress=False)
+    assert read_csv(new / "relabel.csv")[0]["key"] == keys[0]

@@ -18,6 +18,7 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -27,6 +28,9 @@ from dtrain.prepare.folder import holds_request, new_staging, publish
 from dtrain.prepare.records import DATASET_JSON, MANIFEST, split_stats, write_description
 from dtrain.prepare.shards import sha256
 from dtrain.prepare.split import SPLITS
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 KEY_COLUMN = "key"
 CORRECTION_COLUMN = "corrected_label"
@@ -65,7 +69,12 @@ def read_corrections(csv_path: Path, classes: list[str], known: set[str]) -> dic
     `known`: a review of another dataset is refused, not half applied)."""
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as handle:  # Excel adds a BOM
-            return _corrections(csv.DictReader(handle), csv_path, classes, known)
+            header = handle.readline()
+            handle.seek(0)
+            # a spreadsheet set to a comma-decimal locale saves with semicolons
+            delimiter = ";" if ";" in header and "," not in header else ","
+            reader = csv.DictReader(handle, delimiter=delimiter)
+            return _corrections(reader, csv_path, classes, known)
     except UnicodeDecodeError as err:
         raise DataError(f"{csv_path} is not UTF-8 text ({err}); save it as CSV UTF-8") from err
     except csv.Error as err:
@@ -173,7 +182,7 @@ def rewrite_shard(
     return count, seen
 
 
-def _new_manifest(table, changed: dict[str, int], dropped: set[str]):
+def _new_manifest(table: pa.Table, changed: dict[str, int], dropped: set[str]) -> pa.Table:
     """The manifest with the new noisy labels, `original_label` (the label before the first
     relabel), is_noisy against clean_label and the dropped rows removed; other columns kept."""
     import pyarrow as pa
@@ -194,40 +203,37 @@ def _new_manifest(table, changed: dict[str, int], dropped: set[str]):
     return table.filter(pa.array([k not in dropped for k in keys]))
 
 
-def _split_description(table, old: dict, num_classes: int) -> dict:
+def _split_description(table: pa.Table, old: dict, num_classes: int, review_csv: Path) -> dict:
     """dataset.json's per-split stats recomputed from the new manifest (other entries kept)."""
-    columns = table.select(["split", "clean_label", "noisy_label", "group"]).to_pydict()
-    split = np.asarray(columns["split"], dtype=object)
+    split = np.asarray(table.column("split").to_pylist(), dtype=object)
+    clean, noisy, group = (
+        np.asarray(table.column(c).to_pylist(), dtype=np.int64)
+        for c in ("clean_label", "noisy_label", "group")
+    )
     out = {}
     for name in old:
         members = split == name
-        arrays = [np.asarray(columns[c], dtype=np.int64)[members] for c in columns if c != "split"]
-        out[name] = {**old[name], **split_stats(*arrays, num_classes)}
+        stats = split_stats(clean[members], noisy[members], group[members], num_classes)
+        out[name] = {**old[name], **stats}
         if old[name]["count"] and not out[name]["count"]:
-            raise DataError(f"the review drops every {name} sample; keep some")
+            raise DataError(f"{review_csv} drops every {name} sample; keep some")
     return out
 
 
-def _write_audit(path: Path, rows: list[tuple[str, str, str, str]]) -> None:
+def _write_audit(
+    path: Path, rows: list[dict], changed: dict[str, int], dropped: set[str], classes: list[str]
+) -> None:
+    """relabel.csv: key, split, old and new class (or drop) of each change, in manifest order."""
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(["key", "split", "old", "new"])
-        writer.writerows(rows)
+        for r in rows:
+            if r["key"] in dropped or r["key"] in changed:
+                new = DROP if r["key"] in dropped else classes[changed[r["key"]]]
+                writer.writerow([r["key"], r["split"], classes[r["noisy_label"]], new])
 
 
-def _audit_rows(
-    rows: list[dict], changed: dict[str, int], dropped: set[str], classes: list[str]
-) -> list[tuple[str, str, str, str]]:
-    """relabel.csv: key, split, old and new class (or drop) of each change, in manifest order."""
-    audit = []
-    for r in rows:
-        if r["key"] in dropped or r["key"] in changed:
-            new = DROP if r["key"] in dropped else classes[changed[r["key"]]]
-            audit.append((r["key"], r["split"], classes[r["noisy_label"]], new))
-    return audit
-
-
-def _read_dataset(folder: Path) -> tuple[dict, object]:
+def _read_dataset(folder: Path) -> tuple[dict, pa.Table]:
     import pyarrow.parquet as pq
 
     if not (folder / DATASET_JSON).is_file() or not (folder / MANIFEST).is_file():
@@ -235,6 +241,42 @@ def _read_dataset(folder: Path) -> tuple[dict, object]:
             f"{folder} holds no {DATASET_JSON} and {MANIFEST}: not a folder `dtrain prepare` wrote"
         )
     return json.loads((folder / DATASET_JSON).read_text()), pq.read_table(folder / MANIFEST)
+
+
+def _write_shards(
+    dataset: Path,
+    staging: Path,
+    recorded: dict[str, dict],
+    edits_in: dict[str, set[str]],
+    changed: dict[str, int],
+    dropped: set[str],
+    progress: bool,
+) -> dict[str, dict]:
+    """Every shard of `dataset` into `staging`: rewritten where `edits_in` names it, else a hard
+    link; returns dataset.json's new `shards`."""
+    from tqdm.auto import tqdm
+
+    shards = {}
+    shown = None if progress else True  # tqdm: None hides the bar where stderr is no terminal
+    for name in tqdm(sorted(recorded), desc="relabel", unit="shard", disable=shown):
+        info = dict(recorded[name])
+        if name not in edits_in:
+            if (dataset / name).stat().st_size != info["bytes"]:
+                raise DataError(f"shard {dataset / name} changed since dtrain prepare wrote it")
+            link_atomic(dataset / name, staging / name)
+        else:
+            count, seen = rewrite_shard(
+                dataset / name, staging / name, changed, dropped, info["sha256"]
+            )
+            if missing := sorted(edits_in[name] - seen):
+                raise DataError(
+                    f"{dataset / MANIFEST} puts {missing[0]} in shard {name}, which does not hold "
+                    "it; re-create that dataset"
+                )
+            size, digest = (staging / name).stat().st_size, sha256(staging / name)
+            info.update(count=count, bytes=size, sha256=digest)
+        shards[name] = info
+    return shards
 
 
 def relabel(
@@ -247,7 +289,6 @@ def relabel(
     """Write the new version of `dataset` that the filled `review_csv` asks for to `out` (built
     in a hidden sibling folder and moved into place at the end) and return `out`."""
     import pyarrow.parquet as pq
-    from tqdm.auto import tqdm
 
     dataset, review_csv, out = Path(dataset), Path(review_csv), Path(out)
     meta, manifest = _read_dataset(dataset)
@@ -273,39 +314,18 @@ def relabel(
         print(f"{out} already holds this relabelled dataset; nothing to do")
         return out
     new_table = _new_manifest(manifest, changed, dropped)
-    splits = _split_description(new_table, meta["splits"], len(classes))
+    splits = _split_description(new_table, meta["splits"], len(classes), review_csv)
 
     edits_in: dict[str, set[str]] = {}  # shard -> the keys it holds that change or go
     for key in (*changed, *dropped):
         edits_in.setdefault(by_key[key]["shard"], set()).add(key)
     staging = new_staging(out)
     try:
-        shards = {}
-        for name in tqdm(
-            sorted(meta["shards"]), desc="relabel", unit="shard", disable=not progress
-        ):
-            info = dict(meta["shards"][name])
-            if name not in edits_in:
-                if (dataset / name).stat().st_size != info["bytes"]:
-                    raise DataError(f"shard {dataset / name} changed since dtrain prepare wrote it")
-                link_atomic(dataset / name, staging / name)
-            else:
-                count, seen = rewrite_shard(
-                    dataset / name, staging / name, changed, dropped, info["sha256"]
-                )
-                if missing := sorted(edits_in[name] - seen):
-                    raise DataError(
-                        f"{dataset / MANIFEST} puts {missing[0]} in shard {name}, "
-                        "which does not hold it; re-create that dataset"
-                    )
-                info.update(
-                    count=count,
-                    bytes=(staging / name).stat().st_size,
-                    sha256=sha256(staging / name),
-                )
-            shards[name] = info
+        shards = _write_shards(
+            dataset, staging, meta["shards"], edits_in, changed, dropped, progress
+        )
         pq.write_table(new_table, staging / MANIFEST)
-        _write_audit(staging / AUDIT_CSV, _audit_rows(rows, changed, dropped, classes))
+        _write_audit(staging / AUDIT_CSV, rows, changed, dropped, classes)
         meta = {
             **meta,
             "shards": shards,
@@ -351,7 +371,12 @@ def add_relabel_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("review", help="the filled review.csv")
     p.add_argument("--out", required=True, help="the new dataset folder")
     p.add_argument("--overwrite", action="store_true", help="replace another dataset at --out")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="no progress bar (none either where stderr is no terminal)",
+    )
 
 
 def run_relabel(args: argparse.Namespace) -> None:
