@@ -327,3 +327,12 @@ def test_relabel_reads_a_spreadsheet_export_with_bom_and_semicolons(trained, tmp
     review.write_bytes(f"\ufeffkey;rank;corrected_label\n{keys[0]};1;drop\n".encode())
     new = relabel(trained["data"], review, tmp_path / "new", progress=False)
     assert read_csv(new / "relabel.csv")[0]["key"] == keys[0]
+
+
+def test_relabel_refuses_to_empty_a_split(trained, tmp_path):
+    manifest = pq.read_table(trained["data"] / "manifest.parquet").to_pylist()
+    rows = [{"key": r["key"], "corrected_label": "drop"} for r in manifest if r["split"] == "val"]
+    review = write_csv(tmp_path / "review.csv", rows)
+    with pytest.raises(DataError, match=f"{review} drops every val sample"):
+        relabel(trained["data"], review, tmp_path / "new", progress=False)
+    assert not (tmp_path / "new").exists()
