@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> None:
     from dtrain.errors import DtrainError
     from dtrain.launch.cli import add_launch_parser, run_launch
     from dtrain.prepare.cli import add_prepare_parser, run_prepare
+    from dtrain.prepare.relabel import add_relabel_parser, run_relabel
+    from dtrain.review import add_review_parser, run_review
     from dtrain.train.cli import (
         add_eval_parser,
         add_train_parser,
@@ -44,6 +46,8 @@ def main(argv: list[str] | None = None) -> None:
     add_eval_parser(sub)
     add_tune_parser(sub)
     add_launch_parser(sub)
+    add_review_parser(sub)
+    add_relabel_parser(sub)
     # key=value overrides may stand anywhere, also after flags (`tune FILE --config X a=b`)
     argv = resume_flag_alone(sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)
@@ -60,6 +64,8 @@ def main(argv: list[str] | None = None) -> None:
         "eval": run_eval,
         "tune": run_tune,
         "launch": run_launch,
+        "review": run_review,
+        "relabel": run_relabel,
     }
     try:
         commands[args.command](args)

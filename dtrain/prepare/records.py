@@ -67,7 +67,7 @@ def write_manifest(folder: Path, rows: list[dict], columns: pa.Table | None = No
     pq.write_table(table, folder / MANIFEST)
 
 
-def _split_stats(clean: np.ndarray, noisy: np.ndarray, groups: np.ndarray, num_classes: int):
+def split_stats(clean: np.ndarray, noisy: np.ndarray, groups: np.ndarray, num_classes: int):
     return {
         "count": len(clean),
         "groups": int(len(np.unique(groups))),
@@ -98,7 +98,7 @@ def describe(
     per_split = {}
     for s, split in enumerate(SPLITS):
         members = split_of == s
-        per_split[split] = _split_stats(
+        per_split[split] = split_stats(
             clean[members], noisy[members], groups[members], len(source.classes)
         )
     return {

@@ -1,0 +1,289 @@
+"""`dtrain review RUN`: a finished run's most suspicious training labels as work a clinician can
+do: `index.html` (a static page of thumbnails with the given and the predicted class, most
+suspicious first) and `review.csv` with an empty `corrected_label` column to fill (a class name,
+`drop`, or nothing to keep the label), which `dtrain relabel` turns into a new dataset version.
+A review a person has started filling is never replaced without `--overwrite`."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import html
+import io
+import json
+import math
+import shutil
+from pathlib import Path
+
+from dtrain.errors import ConfigError, DataError, RunFolderError
+from dtrain.prepare.folder import new_staging, publish
+from dtrain.prepare.records import DATASET_JSON, MANIFEST
+from dtrain.prepare.relabel import CORRECTION_COLUMN, DROP
+
+REVIEW_CSV = "review.csv"
+PAGE = "index.html"
+THUMBS = "thumbs"
+COLUMNS = (
+    "rank",
+    "key",
+    "image",
+    "thumbnail",
+    "given_label",
+    "predicted_label",
+    "suspicion",
+    CORRECTION_COLUMN,
+)
+# by default a tenth of the train set, at most a sitting's worth of images
+DEFAULT_FRACTION = 0.1
+DEFAULT_LIMIT = 500
+THUMB_SIDE = 128
+
+
+def review_size(total: int, top: int | None = None, fraction: float | None = None) -> int:
+    """How many of `total` ranked samples to review: `top`, or `fraction` of them, or by default
+    DEFAULT_FRACTION of them but at most DEFAULT_LIMIT (at least one either way)."""
+    if top is not None:
+        if top < 1:
+            raise ConfigError(f"--top {top} must be at least 1")
+        return min(top, total)
+    if fraction is not None:
+        if not 0 < fraction <= 1:
+            raise ConfigError(f"--fraction {fraction} must lie in (0, 1]")
+        return min(total, max(1, round(fraction * total)))
+    return min(total, DEFAULT_LIMIT, max(1, round(DEFAULT_FRACTION * total)))
+
+
+def filled_corrections(csv_path: Path) -> int:
+    """How many rows of an existing review.csv a person has filled in; a file without the
+    column, or that cannot be read as CSV, counts as filled (someone made or changed it by hand)."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            if CORRECTION_COLUMN not in (reader.fieldnames or []):
+                return 1
+            return sum(1 for row in reader if (row[CORRECTION_COLUMN] or "").strip())
+    except (UnicodeDecodeError, csv.Error):
+        return 1
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse to replace a started review or a folder that is no review at all."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise DataError(f"--out {out} is a file; choose a folder")
+    existing = out / REVIEW_CSV
+    if existing.is_file():
+        filled = filled_corrections(existing)
+        if filled and not overwrite:
+            raise DataError(
+                f"{existing} already holds {filled} filled {CORRECTION_COLUMN} row(s): a review "
+                "in progress; apply it with dtrain relabel, choose another --out, or pass "
+                "--overwrite to discard it"
+            )
+    elif any(out.iterdir()):
+        raise DataError(
+            f"--out {out} is not empty and holds no {REVIEW_CSV}: not a review folder, so it is "
+            "left alone; choose another --out"
+        )
+
+
+def thumbnail(data: bytes) -> bytes:
+    """A PNG of the image fitted into THUMB_SIDE x THUMB_SIDE (small images are enlarged)."""
+    from PIL import Image, ImageOps
+
+    from dtrain.images import open_image, to_8bit
+
+    image = open_image(data)
+    image.draft(None, (THUMB_SIDE, THUMB_SIDE))  # JPEG: decode at the smallest scale that fits
+    image = to_8bit(image)
+    if image.mode not in ("L", "RGB"):
+        image = image.convert("RGB")
+    image = ImageOps.contain(image, (THUMB_SIDE, THUMB_SIDE), Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_thumbnails(dataset: Path, names: dict[str, str], folder: Path, progress: bool) -> None:
+    """`folder/<names[key]>` for each key, read from the dataset's shards: only those that hold
+    one of the keys, each checked against its recorded sha256."""
+    import pyarrow.parquet as pq
+    from tqdm.auto import tqdm
+
+    from dtrain.train.dataset import IMAGE_EXTS
+    from dtrain.train.shards import read_shard
+
+    meta = json.loads((dataset / DATASET_JSON).read_text())
+    manifest = pq.read_table(dataset / MANIFEST, columns=["key", "shard"]).to_pydict()
+    shard_of = dict(zip(manifest["key"], manifest["shard"], strict=True))
+    missing = [key for key in names if key not in shard_of]
+    if missing:
+        raise DataError(
+            f"the run scored sample {missing[0]}, which {dataset / MANIFEST} does not hold: the "
+            "dataset changed since the run; review a run of this dataset"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    todo = set(names)
+    for name in tqdm(
+        sorted({shard_of[k] for k in names}), desc="thumbnails", disable=None if progress else True
+    ):
+        info = meta["shards"][name]
+        for sample in read_shard(str(dataset / name), info["count"], info["sha256"], strict=True):
+            if sample.key not in todo:
+                continue
+            if sample.problem:
+                raise DataError(sample.problem)
+            image = next((sample.members[e] for e in IMAGE_EXTS if e in sample.members), None)
+            if image is None:
+                raise DataError(f"{dataset / name} sample {sample.key}: no image member")
+            try:
+                (folder / names[sample.key]).write_bytes(thumbnail(image))
+            except (OSError, ValueError, SyntaxError) as err:  # what PIL raises on bad bytes
+                raise DataError(f"{dataset / name} sample {sample.key}: {err}") from err
+            todo.discard(sample.key)
+    if todo:
+        raise DataError(f"{dataset} holds no sample {sorted(todo)[0]} where its manifest says")
+
+
+def _page(rows: list[dict], classes: list[str], run_dir: Path, dataset: Path) -> str:
+    """The static review page: no script, no network, every value HTML-escaped."""
+
+    def esc(value: object) -> str:
+        return html.escape(str(value), quote=True)
+
+    head = "".join(f"<th>{esc(c)}</th>" for c in COLUMNS)
+    body = []
+    for row in rows:
+        cells = []
+        for column in COLUMNS:
+            if column == "thumbnail":
+                cells.append(f'<td><img src="{esc(row[column])}" alt="{esc(row["key"])}"></td>')
+            else:
+                cells.append(f'<td class="{column}">{esc(row[column])}</td>')
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<title>Label review: {esc(run_dir)}</title>
+<style>
+body {{ font-family: sans-serif; margin: 1.5em; }}
+table {{ border-collapse: collapse; }}
+th, td {{ border: 1px solid #bbb; padding: 4px 8px; text-align: left; }}
+td.image {{ font-size: small; word-break: break-all; max-width: 24em; }}
+td.corrected_label {{ min-width: 8em; background: #ffd; }}
+</style></head><body>
+<h1>Label review: the {len(rows)} most suspicious training labels</h1>
+<p>Run {esc(run_dir)}, dataset {esc(dataset)}. Most suspicious first.</p>
+<p><b>To review:</b> fill <code>{CORRECTION_COLUMN}</code> in <code>{REVIEW_CSV}</code> (beside
+this page) with a class name, or <code>{DROP}</code> to remove the image; leave it empty to keep the
+given label. Classes: {", ".join(f"<code>{esc(c)}</code>" for c in classes)}.
+Then: <code>dtrain relabel {esc(dataset)} {REVIEW_CSV} --out NEW_DATASET</code>.</p>
+<table><thead><tr>{head}</tr></thead>
+<tbody>
+{chr(10).join(body)}
+</tbody></table>
+</body></html>
+"""
+
+
+def write_review(
+    run_dir: str | Path,
+    out: str | Path | None = None,
+    *,
+    top: int | None = None,
+    fraction: float | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Write the review of the run's most suspicious training labels to `out` (default
+    RUN/review; built in a hidden sibling folder, moved into place at the end); return `out`."""
+    import pyarrow.parquet as pq
+
+    from dtrain.train.run_folder import run_dataset
+
+    run_dir = Path(run_dir)
+    out = Path(out) if out else run_dir / "review"
+    scores_path = run_dir / "label_scores.parquet"
+    if not scores_path.is_file():
+        raise RunFolderError(
+            f"{run_dir} holds no label_scores.parquet: not a finished dtrain run (the report "
+            "at the end of training writes it)"
+        )
+    _check_out(out, overwrite)
+    dataset = run_dataset(run_dir)
+    classes = json.loads((dataset / DATASET_JSON).read_text())["classes"]
+    ranked = sorted(pq.read_table(scores_path).to_pylist(), key=lambda r: r["rank"])
+    chosen = ranked[: review_size(len(ranked), top, fraction)]
+    rows = [
+        {
+            "rank": r["rank"],
+            "key": r["key"],
+            "image": r["source"],
+            "thumbnail": f"{THUMBS}/{r['rank']:06d}.png",
+            "given_label": classes[r["noisy_label"]],
+            "predicted_label": classes[r["predicted_label"]],
+            "suspicion": "" if math.isnan(r["score"]) else f"{r['score']:.4f}",
+            CORRECTION_COLUMN: "",
+        }
+        for r in chosen
+    ]
+    staging = new_staging(out)
+    try:
+        names = {r["key"]: Path(r["thumbnail"]).name for r in rows}
+        write_thumbnails(dataset, names, staging / THUMBS, progress)
+        with open(staging / REVIEW_CSV, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=COLUMNS, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
+        (staging / PAGE).write_text(_page(rows, classes, run_dir, dataset), encoding="utf-8")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    publish(staging, out)
+    print(
+        f"wrote {out}: {PAGE} and {REVIEW_CSV}, the {len(rows)} most suspicious of "
+        f"{len(ranked)} training labels; fill {CORRECTION_COLUMN}, then\n"
+        f"  dtrain relabel {dataset} {out / REVIEW_CSV} --out {dataset}_reviewed"
+    )
+    return out
+
+
+def add_review_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "review",
+        help="a finished run's most suspicious labels as a page and a CSV to correct",
+        description="Write RUN/review/index.html (thumbnails, given and predicted class, "
+        "suspicion; most suspicious first) and review.csv, whose corrected_label column a "
+        "clinician fills for `dtrain relabel`.",
+    )
+    p.add_argument("run_dir", help="a finished run folder (holds label_scores.parquet)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--top", type=int, metavar="N", help="review the N most suspicious labels")
+    size.add_argument(
+        "--fraction",
+        type=float,
+        metavar="F",
+        help=f"review this fraction of the train set (default: {DEFAULT_FRACTION:g}, "
+        f"at most {DEFAULT_LIMIT} images)",
+    )
+    p.add_argument("--out", help="review folder (default: RUN/review)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a review whose CSV is already filled"
+    )
+    p.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="no progress bar (none either where stderr is no terminal)",
+    )
+
+
+def run_review(args: argparse.Namespace) -> None:
+    write_review(
+        args.run_dir,
+        args.out,
+        top=args.top,
+        fraction=args.fraction,
+        overwrite=args.overwrite,
+        progress=args.progress,
+    )

@@ -1,0 +1,338 @@
+"""From a run's mislabel ranking to a clinician's review and back: `dtrain review` writes the page
+and the CSV of the most suspicious labels, `dtrain relabel` turns the filled CSV into a new
+dataset version that the loader reads, leaving the original as it was."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import small_overrides, write_stripes
+from PIL import Image
+
+from dtrain.cli import main
+from dtrain.errors import DataError
+from dtrain.prepare import PrepareConfig, prepare
+from dtrain.prepare.noise import transition_matrix
+from dtrain.prepare.relabel import relabel
+from dtrain.prepare.shards import sha256
+from dtrain.review import review_size, thumbnail
+
+# a class name that HTML and CSV must both carry intact
+ODD_CLASS = 'vertical <b>&"co"'
+QUIET = "--no-progress"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    """A 48-image two-class dataset in 8-sample shards, with an extra manifest column (as other
+    tools add), and one epoch of training on it."""
+    from dtrain.config import load_config
+    from dtrain.train.trainer import Trainer
+
+    root = tmp_path_factory.mktemp("review")
+    images = write_stripes(root / "img", 24)
+    (images / "vertical").rename(images / ODD_CLASS)
+    data = prepare(
+        PrepareConfig(
+            source=str(images),
+            out=str(root / "ds"),
+            noise="symmetric",
+            noise_rate=0.2,
+            shard_size=8,
+            progress=False,
+        )
+    )
+    manifest = pq.read_table(data / "manifest.parquet")
+    patients = pa.array([f"p{i % 7}" for i in range(manifest.num_rows)])
+    pq.write_table(manifest.append_column("patient_id", patients), data / "manifest.parquet")
+    run = root / "run"
+    Trainer(load_config(None, small_overrides(data, run, 8, "train.epochs=1"))).fit()
+    return {"data": data, "run": run, "classes": json.loads((data / "dataset.json").read_text())}
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def shard_samples(folder: Path) -> dict[str, dict]:
+    """key -> {shard, members} of every sample in every shard of a dataset folder."""
+    found = {}
+    for shard in sorted(folder.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for info in tar:
+                key, ext = info.name.split(".", 1)
+                entry = found.setdefault(key, {"shard": shard.name, "members": {}})
+                entry["members"][ext] = tar.extractfile(info).read()
+    return found
+
+
+def file_digests(folder: Path) -> dict[str, str]:
+    return {p.name: sha256(p) for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str]:
+    """`dtrain ARGV` in this process: its exit status and what it wrote to stderr."""
+    try:
+        main(list(argv))
+        code = 0
+    except SystemExit as exit_info:
+        code = exit_info.code
+    return code, capsys.readouterr().err
+
+
+def test_review_lists_the_most_suspicious_labels_first(trained, tmp_path, capsys):
+    out = tmp_path / "review"
+    code, _ = run_cli(capsys, "review", str(trained["run"]), "--top=6", f"--out={out}", QUIET)
+    assert code == 0
+    classes = trained["classes"]["classes"]
+    ranked = pq.read_table(trained["run"] / "label_scores.parquet").to_pylist()
+    ranked.sort(key=lambda r: r["rank"])
+    samples = shard_samples(trained["data"])
+    rows = read_csv(out / "review.csv")
+    assert list(rows[0]) == [
+        "rank",
+        "key",
+        "image",
+        "thumbnail",
+        "given_label",
+        "predicted_label",
+        "suspicion",
+        "corrected_label",
+    ]
+    assert [r["key"] for r in rows] == [r["key"] for r in ranked[:6]]
+    scores = [float(r["suspicion"]) for r in rows]
+    assert scores == sorted(scores, reverse=True)
+    for row, scored in zip(rows, ranked, strict=False):
+        assert int(row["rank"]) == scored["rank"]
+        assert row["image"] == scored["source"] and row["image"]
+        assert row["given_label"] == classes[scored["noisy_label"]]
+        assert row["predicted_label"] == classes[scored["predicted_label"]]
+        assert float(row["suspicion"]) == pytest.approx(scored["score"], abs=1e-4)
+        assert row["corrected_label"] == ""
+        with Image.open(out / row["thumbnail"]) as thumb:
+            assert thumb.format == "PNG" and max(thumb.size) == 128
+        image = samples[row["key"]]["members"]["png"]  # the page shows this sample's image
+        assert (out / row["thumbnail"]).read_bytes() == thumbnail(image)
+
+    page = (out / "index.html").read_text()
+    assert "<script" not in page.lower() and "http" not in page
+    assert "fill <code>corrected_label</code>" in page and "leave it empty" in page
+    at = [page.index(f'<img src="{r["thumbnail"]}"') for r in rows]
+    assert at == sorted(at)  # the page's order is the CSV's
+    assert ODD_CLASS not in page and "vertical &lt;b&gt;&amp;&quot;co&quot;" in page
+    assert not list(tmp_path.glob(".*"))  # the staging folder was renamed into place
+
+
+def test_a_started_review_is_never_replaced(trained, capsys):
+    run = trained["run"]
+    assert run_cli(capsys, "review", str(run), QUIET)[0] == 0
+    csv_path = run / "review" / "review.csv"
+    rows = read_csv(csv_path)
+    assert len(rows) == review_size(34) == 3  # the default: a tenth of the train set
+    assert review_size(20_000) == 500 and review_size(50, fraction=0.5) == 25
+    assert run_cli(capsys, "review", str(run), "--top", "4", QUIET)[0] == 0  # unstarted
+    rows = read_csv(csv_path)
+    rows[2]["corrected_label"] = "drop"
+    before = write_csv(csv_path, rows).read_bytes()
+
+    code, err = run_cli(capsys, "review", str(run), "--top", "5", QUIET)
+    assert code == 2 and str(csv_path) in err and "--overwrite" in err
+    assert len(err.strip().splitlines()) == 1
+    assert csv_path.read_bytes() == before
+
+    assert run_cli(capsys, "review", str(run), "--top=5", "--overwrite", QUIET)[0] == 0
+    assert [r["corrected_label"] for r in read_csv(csv_path)] == [""] * 5
+
+    (run / "notes").mkdir()
+    (run / "notes" / "mine.txt").write_text("not a review")
+    code, err = run_cli(capsys, "review", str(run), "--out", str(run / "notes"), "--overwrite")
+    assert code == 2 and "not a review folder" in err
+    assert (run / "notes" / "mine.txt").read_text() == "not a review"
+
+
+@pytest.fixture(scope="module")
+def filled(trained, tmp_path_factory) -> dict:
+    """A review of the top 8 with one label changed (by name), one dropped, one confirmed (the
+    given class written back) and the rest empty, plus a val sample changed by class index."""
+    folder = tmp_path_factory.mktemp("filled")
+    main(["review", str(trained["run"]), "--top", "8", "--out", str(folder), QUIET])
+    classes = trained["classes"]["classes"]
+    rows = read_csv(folder / "review.csv")
+    other = {classes[0]: classes[1], classes[1]: classes[0]}
+    rows[0]["corrected_label"] = other[rows[0]["given_label"]]
+    rows[1]["corrected_label"] = "drop"
+    rows[2]["corrected_label"] = rows[2]["given_label"]
+    manifest = pq.read_table(trained["data"] / "manifest.parquet").to_pylist()
+    val = next(r for r in manifest if r["split"] == "val")
+    rows.append(
+        {
+            **dict.fromkeys(rows[0], ""),
+            "key": val["key"],
+            "corrected_label": str(1 - val["noisy_label"]),
+        }
+    )
+    changes = {
+        rows[0]["key"]: ("train", rows[0]["given_label"], rows[0]["corrected_label"]),
+        rows[1]["key"]: ("train", rows[1]["given_label"], "drop"),
+        val["key"]: ("val", classes[val["noisy_label"]], classes[1 - val["noisy_label"]]),
+    }
+    return {"csv": write_csv(folder / "review.csv", rows), "changes": changes}
+
+
+def test_relabel_writes_a_new_version_with_exactly_the_reviewed_changes(
+    trained, filled, tmp_path, capsys
+):
+    data, classes = trained["data"], trained["classes"]["classes"]
+    original_files = file_digests(data)
+    new = tmp_path / "new"
+    code, _ = run_cli(capsys, "relabel", str(data), str(filled["csv"]), f"--out={new}", QUIET)
+    assert code == 0
+    assert file_digests(data) == original_files
+
+    changes = filled["changes"]
+    dropped = {k for k, (_, _, new_label) in changes.items() if new_label == "drop"}
+    relabelled = {k: classes.index(v[2]) for k, v in changes.items() if k not in dropped}
+    old_samples, new_samples = shard_samples(data), shard_samples(new)
+    assert set(new_samples) == set(old_samples) - dropped
+    for key, sample in new_samples.items():
+        old = old_samples[key]
+        old_record, record = (
+            json.loads(old["members"]["json"]),
+            json.loads(sample["members"]["json"]),
+        )
+        label = relabelled.get(key, old_record["noisy_label"])
+        assert int(sample["members"]["cls"]) == record["noisy_label"] == label
+        assert record == {**old_record, "noisy_label": label}  # clean label and the rest kept
+        assert sample["members"]["png"] == old["members"]["png"]
+
+    old_manifest = pq.read_table(data / "manifest.parquet").to_pylist()
+    manifest = pq.read_table(new / "manifest.parquet").to_pylist()
+    expected = [
+        {
+            **row,
+            "noisy_label": relabelled.get(row["key"], row["noisy_label"]),
+            "is_noisy": row["clean_label"] != relabelled.get(row["key"], row["noisy_label"]),
+            "original_label": row["noisy_label"],
+        }
+        for row in old_manifest
+        if row["key"] not in dropped
+    ]
+    assert manifest == expected  # patient_id and every other column kept
+
+    meta, old_meta = (json.loads((d / "dataset.json").read_text()) for d in (new, data))
+    changed_shards = {old_samples[k]["shard"] for k in changes}
+    for name, info in meta["shards"].items():
+        with tarfile.open(new / name) as tar:
+            assert info["count"] == len(tar.getnames()) // 3
+        assert info["bytes"] == (new / name).stat().st_size and info["sha256"] == sha256(new / name)
+        linked = os.stat(new / name).st_ino == os.stat(data / name).st_ino
+        assert linked == (name not in changed_shards)
+    for split, stats in meta["splits"].items():
+        rows = [r for r in manifest if r["split"] == split]
+        clean = np.array([r["clean_label"] for r in rows])
+        noisy = np.array([r["noisy_label"] for r in rows])
+        in_shards = [i["count"] for i in meta["shards"].values() if i["split"] == split]
+        assert stats["count"] == len(rows) == sum(in_shards)
+        assert stats["per_class_noisy"] == np.bincount(noisy, minlength=2).tolist()
+        assert stats["noise_rate"] == pytest.approx((clean != noisy).mean())
+        assert np.allclose(
+            stats["transition_matrix"], transition_matrix(clean, noisy, 2), atol=1e-6
+        )
+    assert meta["relabel"]["changed"] == 2 and meta["relabel"]["dropped"] == 1
+    assert meta["relabel"]["review_sha256"] == sha256(filled["csv"])
+    assert meta["request"] != old_meta["request"] and meta["noise"] == old_meta["noise"]
+
+    audit = {r["key"]: (r["split"], r["old"], r["new"]) for r in read_csv(new / "relabel.csv")}
+    assert audit == changes
+
+    from dtrain.train.data import make_loader, split_urls
+
+    labels = {r["key"]: r["noisy_label"] for r in manifest}
+    for split in ("train", "val", "test"):
+        loader = make_loader(split_urls(new, split), train=False, batch_size=8, image_size=32)
+        seen = {}
+        for batch in loader:
+            for key, label, valid in zip(batch["key"], batch["label"], batch["valid"], strict=True):
+                if valid:
+                    seen[key] = int(label)
+        assert seen == {r["key"]: labels[r["key"]] for r in manifest if r["split"] == split}
+
+    # the same request again does nothing; `dtrain prepare` never takes NEW for the original
+    assert run_cli(capsys, "relabel", str(data), str(filled["csv"]), "--out", str(new))[0] == 0
+    request = ["--noise=symmetric", "--noise-rate=0.2", "--shard-size=8"]
+    code, err = run_cli(capsys, "prepare", str(data.parent / "img"), f"--out={new}", *request)
+    assert code == 2 and "relabel" in err
+
+    # relabelling the val sample back reproduces the original shard byte for byte
+    val_key = next(k for k, v in changes.items() if v[0] == "val")
+    back = write_csv(
+        tmp_path / "back.csv", [{"key": val_key, "corrected_label": changes[val_key][1]}]
+    )
+    relabel(new, back, tmp_path / "back", progress=False)
+    val_shard = old_samples[val_key]["shard"]
+    assert sha256(tmp_path / "back" / val_shard) == sha256(data / val_shard)
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        (
+            {"corrected_label": "diagonal"},
+            r"line 3 \(key KEY\): corrected_label 'diagonal' is not a class; write one of "
+            r"horizontal, vertical <b>&\"co\"",
+        ),
+        ({"key": "s9999999", "corrected_label": ""}, r"line 3: key 's9999999' is not in the"),
+        ({"corrected_label": "7"}, r"line 3 .*'7' is not a class"),
+    ],
+)
+def test_relabel_refuses_a_bad_row_naming_it(trained, tmp_path, row, message):
+    keys = pq.read_table(trained["data"] / "manifest.parquet").column("key").to_pylist()
+    rows = [{"key": keys[0], "corrected_label": "drop"}, {"key": keys[1], **row}]
+    review = write_csv(tmp_path / "review.csv", rows)
+    with pytest.raises(DataError, match=message.replace("KEY", keys[1])):
+        relabel(trained["data"], review, tmp_path / "new", progress=False)
+    assert not list(tmp_path.glob("*new*")) and not list(tmp_path.glob(".*"))
+
+
+def test_relabel_names_a_missing_column_in_one_line(trained, tmp_path, capsys):
+    review = tmp_path / "review.csv"
+    review.write_text("key,label\ns0000001,horizontal\n")
+    code, err = run_cli(
+        capsys, "relabel", str(trained["data"]), str(review), "--out", str(tmp_path / "new")
+    )
+    assert code == 2 and "no 'corrected_label' column (its columns: key, label)" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "new").exists()
+
+
+def test_relabel_reads_a_spreadsheet_export_with_bom_and_semicolons(trained, tmp_path):
+    keys = pq.read_table(trained["data"] / "manifest.parquet").column("key").to_pylist()
+    review = tmp_path / "review.csv"
+    review.write_bytes(f"\ufeffkey;rank;corrected_label\n{keys[0]};1;drop\n".encode())
+    new = relabel(trained["data"], review, tmp_path / "new", progress=False)
+    assert read_csv(new / "relabel.csv")[0]["key"] == keys[0]
+
+
+def test_relabel_refuses_to_empty_a_split(trained, tmp_path):
+    manifest = pq.read_table(trained["data"] / "manifest.parquet").to_pylist()
+    rows = [{"key": r["key"], "corrected_label": "drop"} for r in manifest if r["split"] == "val"]
+    review = write_csv(tmp_path / "review.csv", rows)
+    with pytest.raises(DataError, match=f"{review} drops every val sample"):
+        relabel(trained["data"], review, tmp_path / "new", progress=False)
+    assert not (tmp_path / "new").exists()
