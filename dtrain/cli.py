@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     from dtrain.errors import DtrainError
     from dtrain.launch.cli import add_launch_parser, run_launch
     from dtrain.prepare.cli import add_prepare_parser, run_prepare
+    from dtrain.prepare.index_cli import add_index_parser, run_index
     from dtrain.train.cli import (
         add_eval_parser,
         add_train_parser,
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     add_prepare_parser(sub)
+    add_index_parser(sub)
     add_train_parser(sub)
     add_eval_parser(sub)
     add_tune_parser(sub)
@@ -56,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         stop_signal.restore_defaults()  # only training checkpoints on a stop request
     commands = {
         "prepare": run_prepare,
+        "index": run_index,
         "train": run_train,
         "eval": run_eval,
         "tune": run_tune,

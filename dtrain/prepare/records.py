@@ -37,7 +37,8 @@ def write_manifest(folder: Path, rows: list[dict]) -> None:
     pq.write_table(table, folder / MANIFEST)
 
 
-def _split_stats(clean: np.ndarray, noisy: np.ndarray, groups: np.ndarray, num_classes: int):
+def split_stats(clean: np.ndarray, noisy: np.ndarray, groups: np.ndarray, num_classes: int) -> dict:
+    """One split's entry in `dataset.json`: counts per class and the realised label noise."""
     return {
         "count": len(clean),
         "groups": int(len(np.unique(groups))),
@@ -64,7 +65,7 @@ def describe(
     per_split = {}
     for s, split in enumerate(SPLITS):
         members = split_of == s
-        per_split[split] = _split_stats(
+        per_split[split] = split_stats(
             clean[members], noisy[members], groups[members], len(source.classes)
         )
     return {
