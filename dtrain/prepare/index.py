@@ -12,6 +12,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 
@@ -31,7 +32,6 @@ from dtrain.train.dataset import IMAGE_EXTS, expand_urls, label_index, raw_label
 from dtrain.train.shards import ShardScan
 
 CHANNEL_SAMPLES = 32  # images decoded to tell grayscale from colour, spread over the shards
-SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # pipe:, http:, s3:, file: (not C:)
 
 
 @dataclass
@@ -49,9 +49,9 @@ class ShardIndex:
 
 
 def shard_urls(pattern: str) -> list[str]:
-    """The shards a pattern names, expanded as webdataset does; local paths made absolute, so
-    that training may run from any folder."""
-    return [u if SCHEME.match(u) else str(Path(u).resolve()) for u in expand_urls(pattern)]
+    """The shards a pattern names, expanded as webdataset does; local paths (no URL scheme, as
+    `webdataset.gopen` tells them) made absolute, so that training may run from any folder."""
+    return [u if urlparse(u).scheme else str(Path(u).resolve()) for u in expand_urls(pattern)]
 
 
 def scan_shard(url: str, split: str, label_key: str, images_to_decode: int) -> ShardIndex:
@@ -161,7 +161,7 @@ def _check_out(out: Path, request: dict, overwrite: bool) -> None:
         )
 
 
-def check_label_key(label_key: str) -> None:
+def _check_label_key(label_key: str) -> None:
     member, colon, field_name = label_key.partition(":")
     if not re.fullmatch(r"[A-Za-z0-9_]+", member) or (colon and not field_name):
         raise ConfigError(
@@ -183,7 +183,7 @@ def index_shards(
 ) -> Path:
     """Index the shards each split's pattern names (`{"train": ..., "val": ...}`) into the
     dataset folder `out` and return it."""
-    check_label_key(label_key)
+    _check_label_key(label_key)
     if classes is not None and (not classes or len(set(classes)) < len(classes)):
         raise ConfigError(f"--classes {','.join(classes)} must name each class once")
     if jobs < 1:

@@ -69,6 +69,7 @@ def raw_label(members: dict[str, bytes], label_key: str) -> int | str:
     JSON member `EXT:FIELD` (e.g. `json:label`); an index or a class name. ValueError saying
     why when there is none."""
     member, _, field_name = label_key.partition(":")
+    member = member.lower()  # as `shards.py` stores member extensions
     if member not in members:
         raise ValueError(f"no .{member} member")
     try:
@@ -173,7 +174,8 @@ def resolve_data_dir(path: str, progress: bool) -> Path:
         folder = Path(path)
         if not (folder / "dataset.json").is_file():
             raise DataError(
-                f"data.path={folder} holds no dataset.json; create it with `dtrain prepare`"
+                f"data.path={folder} holds no dataset.json; create it with `dtrain prepare` "
+                "(or `dtrain index` for shards of your own)"
             )
         return folder
     from dtrain.distributed import world
