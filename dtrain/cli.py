@@ -23,9 +23,9 @@ def main(argv: list[str] | None = None) -> None:
     # first of all: a stop signal that arrives while dtrain imports torch must not kill it
     stop_signal.install_handlers()
     from dtrain.errors import DtrainError
+    from dtrain.index.cli import add_index_parser, run_index
     from dtrain.launch.cli import add_launch_parser, run_launch
     from dtrain.prepare.cli import add_prepare_parser, run_prepare
-    from dtrain.prepare.index_cli import add_index_parser, run_index
     from dtrain.train.cli import (
         add_eval_parser,
         add_train_parser,

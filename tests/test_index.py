@@ -20,7 +20,7 @@ from PIL import Image
 
 from dtrain.cli import main
 from dtrain.errors import DataError
-from dtrain.prepare.index import index_shards
+from dtrain.index.scan import index_shards
 from dtrain.train.data import make_loader, read_dataset_json, split_urls
 
 # split -> shards -> samples per shard; uneven on purpose

@@ -1,4 +1,4 @@
-"""`dtrain index` on the command line (kept apart from `index.py`, which imports torch, so that
+"""`dtrain index` on the command line (kept apart from `scan.py`, which imports torch, so that
 `dtrain --help` and the other commands start fast)."""
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def add_index_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
 
 
 def run_index(args: argparse.Namespace) -> None:
-    from dtrain.prepare.index import index_shards
+    from dtrain.index.scan import index_shards
 
     patterns = {s: getattr(args, s) for s in SPLITS if getattr(args, s)}
     index_shards(

@@ -1,9 +1,8 @@
-"""`dtrain index`: a dataset folder for WebDataset shards that your own pipeline wrote, without
-copying them. Each shard is read once to its end, as the loader will stream it: its exact sample
-count, its sha256 (the loader checks it as it streams, so a shard changed since is refused), each
-sample's key and label. A few images spread over the shards decide grayscale or colour. The
-folder gets the `dataset.json` (with each shard's URL) and `manifest.parquet` that `dtrain train`
-reads; the shards stay where they are."""
+"""Indexing shards written elsewhere. Each shard is read once to its end, as the loader will
+stream it: its exact sample count, its sha256 (the loader checks it as it streams, so a shard
+changed since is refused), each sample's key and label. A few images spread over the shards
+decide grayscale or colour. The folder gets the `dataset.json` (with each shard's URL) and
+`manifest.parquet` that `dtrain train` reads; the shards stay where they are."""
 
 from __future__ import annotations
 
