@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> None:
     # first of all: a stop signal that arrives while dtrain imports torch must not kill it
     stop_signal.install_handlers()
     from dtrain.errors import DtrainError
+    from dtrain.index.cli import add_index_parser, run_index
     from dtrain.launch.cli import add_launch_parser, run_launch
     from dtrain.prepare.cli import add_prepare_parser, run_prepare
     from dtrain.prepare.relabel import add_relabel_parser, run_relabel
@@ -42,6 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     add_prepare_parser(sub)
+    add_index_parser(sub)
     add_train_parser(sub)
     add_eval_parser(sub)
     add_tune_parser(sub)
@@ -60,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         stop_signal.restore_defaults()  # only training checkpoints on a stop request
     commands = {
         "prepare": run_prepare,
+        "index": run_index,
         "train": run_train,
         "eval": run_eval,
         "tune": run_tune,

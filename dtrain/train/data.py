@@ -1,7 +1,7 @@
 """Streaming loader over WebDataset shards for the trainer.
 
 Each (rank, worker) slot streams its own shards. Per-shard sample counts (from the `dataset.json`
-that `dtrain prepare` writes beside the shards) let every process compute the same plan: which
+that `dtrain prepare` or `dtrain index` writes) let every process compute the same plan: which
 shards each slot reads this epoch and how many batches each rank yields. Every batch is full; the
 slots that run short are topped up with *padding* (copies of their own samples, `valid=False`), so
 that each sample is seen exactly once per epoch over all ranks and workers while every rank yields
@@ -40,6 +40,7 @@ from dtrain.train.dataset import (
     expand_urls,
     read_dataset_json,
     shard_dir,
+    shard_entries,
     split_urls,
 )
 from dtrain.train.plan import EpochPlan, plan_epoch, worker_skips
@@ -80,8 +81,11 @@ class ShardStream(IterableDataset):
         shuffle_buffer: int,
         samples_per_epoch: int | None,
         strict: bool,
+        label_key: str | None = None,
+        classes: list[str] | None = None,
     ) -> None:
         self.urls, self.counts, self.digests, self.train = urls, counts, digests, train
+        self.label_key, self.classes = label_key, classes
         self.batch_size, self.channels, self.num_classes = batch_size, channels, num_classes
         self.rank, self.world_size, self.workers = rank, world_size, workers
         self.seed, self.shuffle_buffer, self.strict = seed, shuffle_buffer, strict
@@ -150,7 +154,9 @@ class ShardStream(IterableDataset):
     def _decode(self, raw: RawSample) -> dict | str:
         """The decoded sample, or why it is skipped if it is corrupt and not `strict`."""
         try:
-            return decode_sample(raw, self.num_classes, self.channels, self.min_side)
+            return decode_sample(
+                raw, self.num_classes, self.channels, self.min_side, self.label_key, self.classes
+            )
         except CorruptSampleError as err:
             if self.strict:
                 raise
@@ -313,10 +319,12 @@ def make_loader(
     shard_counts: dict[str, int] | None = None,
     strict: bool = False,
     pin_memory: bool = False,
+    meta: dict | None = None,
 ) -> ShardLoader:
     """A loader for one rank. Rank and world size default to torch.distributed or RANK and
-    WORLD_SIZE. Channels and classes default to the `dataset.json` beside the shards, whose
-    checksums each shard read to its end must match."""
+    WORLD_SIZE. Counts, channels and classes default to the shards' `dataset.json`, `meta` (the
+    dataset folder's) or else the one beside the first shard; each shard read to its end must
+    match the checksum it lists."""
     shard_urls = expand_urls(urls)
     if not shard_urls:
         raise DataError(f"no shards match {urls!r}")
@@ -327,28 +335,26 @@ def make_loader(
     dist_rank, dist_world = _dist_rank_world()
     rank = dist_rank if rank is None else rank
     world_size = dist_world if world_size is None else world_size
-    meta = None
-    if shard_counts is None or channels is None or num_classes is None:
+    if meta is None and (shard_counts is None or channels is None or num_classes is None):
         try:
             meta = read_dataset_json(shard_dir(shard_urls[0]))
         except DataError:
             if not resampled and shard_counts is None:
                 raise
+    listed = shard_entries(meta, shard_urls) if meta is not None else {}
     if not resampled and shard_counts is None:
-        by_name = {name: info["count"] for name, info in meta["shards"].items()}
-        missing = [u for u in shard_urls if u.rsplit("/", 1)[-1] not in by_name]
+        missing = [u for u in shard_urls if u not in listed]
         if missing:
             raise DataError(f"shard {missing[0]} is not listed in its dataset.json")
-        shard_counts = {u: by_name[u.rsplit("/", 1)[-1]] for u in shard_urls}
-    digests = {}
+        shard_counts = {u: listed[u]["count"] for u in shard_urls}
+    digests = {u: info["sha256"] for u, info in listed.items() if "sha256" in info}
+    label_key = classes = None
     if meta is not None:
         channels = channels or meta["images"]["channels"]
         num_classes = num_classes or len(meta["classes"])
-        listed = meta.get("shards", {})
-        for url in shard_urls:
-            info = listed.get(url.rsplit("/", 1)[-1], {})
-            if "sha256" in info:
-                digests[url] = info["sha256"]
+        # shards indexed with `dtrain index` say where their label is and what it names
+        label_key = meta.get("label_key")
+        classes = meta["classes"] if label_key else None
     workers = max(1, num_workers)
     stream = ShardStream(
         shard_urls,
@@ -366,6 +372,8 @@ def make_loader(
         shuffle_buffer=shuffle_buffer,
         samples_per_epoch=samples_per_epoch if resampled else None,
         strict=strict,
+        label_key=label_key,
+        classes=classes,
     )
     if not resampled:
         stream.plan()  # fail now, not inside a worker, if shards < ranks x workers

@@ -24,12 +24,23 @@ def expand_urls(urls: str | Sequence[str]) -> list[str]:
 
 
 def split_urls(dataset_dir: str | Path, split: str) -> list[str]:
-    """The shards of one split of a `dtrain prepare` folder, in order."""
+    """The shards of one split of a dataset folder, in order: beside its `dataset.json`
+    (`dtrain prepare`) or at the URL recorded for each (`dtrain index`)."""
     meta = read_dataset_json(str(dataset_dir))
     names = sorted(n for n, info in meta["shards"].items() if info["split"] == split)
     if not names:
         raise DataError(f"{dataset_dir} has no {split} shards")
-    return [str(Path(dataset_dir) / n) for n in names]
+    return [meta["shards"][n].get("url", str(Path(dataset_dir) / n)) for n in names]
+
+
+def shard_entries(meta: dict, urls: list[str]) -> dict[str, dict]:
+    """The entries of `meta["shards"]` that list the shards `urls`, by URL: the one recorded with
+    that URL (`dtrain index`), else the one named like its file (a shard beside its
+    `dataset.json`). Shards not listed are left out."""
+    by_url = {info["url"]: info for info in meta["shards"].values() if "url" in info}
+    by_name = {name: info for name, info in meta["shards"].items() if "url" not in info}
+    found = {url: by_url.get(url) or by_name.get(url.rsplit("/", 1)[-1]) for url in urls}
+    return {url: info for url, info in found.items() if info is not None}
 
 
 def shard_dir(shard_url: str) -> str:
@@ -49,7 +60,46 @@ def read_dataset_json(base: str) -> dict:
         ) from err
 
 
-IMAGE_EXTS = ("png", "jpg", "jpeg", "bmp", "tif", "tiff")
+# the image members a sample may hold (any format PIL decodes; the first one present is used)
+IMAGE_EXTS = ("png", "jpg", "jpeg", "bmp", "tif", "tiff", "webp", "ppm", "pgm", "pbm", "pnm", "gif")
+
+
+def raw_label(members: dict[str, bytes], label_key: str) -> int | str:
+    """The label a sample holds under `label_key`: member `EXT` (text, e.g. `cls`) or a field of
+    JSON member `EXT:FIELD` (e.g. `json:label`); an index or a class name. ValueError saying
+    why when there is none."""
+    member, _, field_name = label_key.partition(":")
+    member = member.lower()  # as `shards.py` stores member extensions
+    if member not in members:
+        raise ValueError(f"no .{member} member")
+    try:
+        text = members[member].decode()
+        value = json.loads(text) if field_name else text.strip()
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise ValueError(f".{member} is not {'JSON' if field_name else 'text'} ({err})") from None
+    if field_name:
+        if not isinstance(value, dict) or field_name not in value:
+            raise ValueError(f".{member} has no {field_name!r} field")
+        value = value[field_name]
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int | str) or value == "":
+        raise ValueError(f"{label_key} holds {value!r}, neither a class index nor a class name")
+    return value
+
+
+def label_index(value: int | str, classes: list[str] | None) -> int:
+    """A label as a class index: a name of `classes`, else an integer (digits) within them."""
+    if isinstance(value, str):
+        if classes is not None and value in classes:
+            return classes.index(value)
+        if not value.lstrip("-").isdigit():
+            raise ValueError(f"label {value!r} is not one of the classes {classes}")
+        value = int(value)
+    if value < 0 or (classes is not None and value >= len(classes)):
+        bound = "" if classes is None else f" of the {len(classes)} classes {classes}"
+        raise ValueError(f"label {value} is not a class index{bound}")
+    return value
 
 
 class CorruptSampleError(DataError):
@@ -57,9 +107,19 @@ class CorruptSampleError(DataError):
     shard lost it, or its member names are ones no dtrain shard holds."""
 
 
-def decode_sample(sample: RawSample, num_classes: int | None, channels: int, min_side: int) -> dict:
+def decode_sample(
+    sample: RawSample,
+    num_classes: int | None,
+    channels: int,
+    min_side: int,
+    label_key: str | None = None,
+    classes: list[str] | None = None,
+) -> dict:
     """A raw sample's image (PIL, decoded at `min_side`), label, clean label and key; a
-    CorruptSampleError naming the shard and the member otherwise."""
+    CorruptSampleError naming the shard and the member otherwise. Shards of `dtrain prepare`
+    hold `.cls` and a `.json` record with the clean label; shards indexed with `dtrain index`
+    hold their label under `label_key` (`raw_label`), an index or a name of `classes`, and
+    have no clean label but that one."""
     if sample.problem:
         raise CorruptSampleError(sample.problem)
     members, member = sample.members, f"{sample.url} member {sample.key}"
@@ -68,6 +128,17 @@ def decode_sample(sample: RawSample, num_classes: int | None, channels: int, min
         raise CorruptSampleError(
             f"{sample.url} sample {sample.key}: no image member ({', '.join(IMAGE_EXTS)})"
         )
+    if label_key is not None:
+        try:
+            label = clean_label = label_index(raw_label(members, label_key), classes)
+        except ValueError as err:
+            raise CorruptSampleError(f"{sample.url} sample {sample.key}: {err}") from err
+        return {
+            "image": _decode_member(members, image_keys[0], member, channels, min_side),
+            "label": label,
+            "clean_label": clean_label,
+            "key": sample.key,
+        }
     if "cls" not in members:
         raise CorruptSampleError(f"{sample.url} sample {sample.key}: no .cls label")
     try:
@@ -85,11 +156,15 @@ def decode_sample(sample: RawSample, num_classes: int | None, channels: int, min
         raise CorruptSampleError(
             f"{member}.json: clean_label {clean_label} is outside [0, {num_classes})"
         )
-    try:
-        image = decode_image(members[image_keys[0]], channels, min_side)
-    except Exception as err:  # PIL raises OSError, ValueError, SyntaxError... on bad bytes
-        raise CorruptSampleError(f"{member}.{image_keys[0]}: cannot decode ({err})") from err
+    image = _decode_member(members, image_keys[0], member, channels, min_side)
     return {"image": image, "label": label, "clean_label": clean_label, "key": sample.key}
+
+
+def _decode_member(members: dict, ext: str, member: str, channels: int, min_side: int):
+    try:
+        return decode_image(members[ext], channels, min_side)
+    except Exception as err:  # PIL raises OSError, ValueError, SyntaxError... on bad bytes
+        raise CorruptSampleError(f"{member}.{ext}: cannot decode ({err})") from err
 
 
 def resolve_data_dir(path: str, progress: bool) -> Path:
@@ -99,7 +174,8 @@ def resolve_data_dir(path: str, progress: bool) -> Path:
         folder = Path(path)
         if not (folder / "dataset.json").is_file():
             raise DataError(
-                f"data.path={folder} holds no dataset.json; create it with `dtrain prepare`"
+                f"data.path={folder} holds no dataset.json; create it with `dtrain prepare` "
+                "(or `dtrain index` for shards of your own)"
             )
         return folder
     from dtrain.distributed import world

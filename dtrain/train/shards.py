@@ -159,3 +159,26 @@ def read_shard(
             f"shard {url} has sha256 {actual} but its dataset.json says {sha256}: it changed "
             "since dtrain prepare wrote it; re-create it with dtrain prepare"
         )
+
+
+class ShardScan:
+    """Every sample of a shard someone else wrote, read to its end (`dtrain index`); once
+    iterated, `sha256` is the digest `read_shard` will compute on the same bytes."""
+
+    def __init__(self, url: str) -> None:
+        self.url, self.sha256 = url, None
+
+    def __iter__(self) -> Iterator[RawSample]:
+        try:
+            raw = wds.gopen(self.url)
+        except Exception as err:  # gopen raises OSError, ValueError or a pipe error by scheme
+            raise DataError(f"cannot open shard {self.url}: {err}") from err
+        reader = _HashingReader(raw)
+        try:
+            yield from _tar_samples(self.url, reader)
+        except _BrokenShard as err:
+            raise DataError(f"shard {self.url} {err}") from err
+        finally:
+            with contextlib.suppress(Exception):
+                raw.close()
+        self.sha256 = reader.digest.hexdigest()

@@ -122,6 +122,7 @@ class Trainer:
             samples_per_epoch=d.samples_per_epoch if train else None,
             strict=d.strict,
             pin_memory=self.engine.device.type == "cuda",
+            meta=self.meta,  # shards indexed elsewhere are listed only there
         )
 
     def build(self) -> None:
