@@ -67,9 +67,7 @@ def write_manifest(folder: Path, rows: list[dict], columns: pa.Table | None = No
     pq.write_table(table, folder / MANIFEST)
 
 
-def split_stats(
-    clean: np.ndarray, noisy: np.ndarray, groups: np.ndarray, num_classes: int
-) -> dict:
+def split_stats(clean: np.ndarray, noisy: np.ndarray, groups: np.ndarray, num_classes: int) -> dict:
     """One split's entry in `dataset.json`: counts per class and the realised label noise."""
     return {
         "count": len(clean),
