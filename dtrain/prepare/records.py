@@ -151,7 +151,7 @@ def print_summary(out: Path, meta: dict) -> None:
             f"  {split:5s} {info['count']:6d} images in {info['groups']:5d} groups, "
             f"noise rate {info['noise_rate']:.3f}"
         )
-    if meta["manifest_columns"]:
+    if meta.get("manifest_columns"):
         print(f"  {MANIFEST} also keeps the manifest's {', '.join(meta['manifest_columns'])}")
     if meta["noise"]["model"] == "none":
         return
