@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     stop_signal.install_handlers()
     from dtrain.errors import DtrainError
     from dtrain.launch.cli import add_launch_parser, run_launch
+    from dtrain.predict_cli import add_predict_parser, run_predict
     from dtrain.prepare.cli import add_prepare_parser, run_prepare
     from dtrain.train.cli import (
         add_eval_parser,
@@ -42,6 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     add_prepare_parser(sub)
     add_train_parser(sub)
     add_eval_parser(sub)
+    add_predict_parser(sub)
     add_tune_parser(sub)
     add_launch_parser(sub)
     # key=value overrides may stand anywhere, also after flags (`tune FILE --config X a=b`)
@@ -58,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         "prepare": run_prepare,
         "train": run_train,
         "eval": run_eval,
+        "predict": run_predict,
         "tune": run_tune,
         "launch": run_launch,
     }
