@@ -224,7 +224,7 @@ def predict_source(
         table = predictions_table({"path": paths}, probs, classes, labels)
     path = write_parquet(Path(out), table)
     note = f" ({len(skipped)} unreadable skipped)" if skipped else ""
-    print(f"wrote {path}: {table.num_rows} images{note}, classes {classes}")
+    print(f"wrote {path}: {table.num_rows} images{note} (weights from {trained.weights})")
     if "suspicion" in table.column_names and table.num_rows:
         agree = np.mean(np.asarray(table["label"]) == np.asarray(table["predicted"]))
         print(f"agreement with the given labels {agree:.3f}; sort by suspicion to review them")

@@ -60,7 +60,10 @@ def evaluate_run(
     folder = Path(out) if out else run_dir / "eval" / f"{data_dir.name}-{split}"
     title = f"{run_dir.name} ({which}) on {data_dir.name} {split}"
     write_eval_outputs(folder, metrics, p, trained.classes, with_clean, title)
-    print(f"wrote {folder}: metrics.json, confusion_matrix.csv and .png, predictions.parquet")
+    print(
+        f"wrote {folder}: metrics.json, confusion_matrix.csv and .png, predictions.parquet "
+        f"(weights from {trained.weights})"
+    )
     result = {"run": str(run_dir), "checkpoint": which, "data": str(data_dir), "split": split}
     print(json.dumps({**result, **metrics}, indent=2))
     return metrics
