@@ -1,3 +1,15 @@
 """dtrain: medical image classifiers that stay accurate under label noise, at cluster scale."""
 
+from __future__ import annotations
+
+import importlib
+
 __version__ = "0.1.0"
+
+
+def load(run_dir, checkpoint: str = "best", device="cpu"):
+    """`(model, preprocess)` of a trained run: `model(preprocess(pil_image))` gives logits over
+    `preprocess.classes` (dtrain.inference.load). torch is imported on the first call, not by
+    `import dtrain`; by name, because every module that imports `dtrain.distributed` goes
+    through this package and a plain import here would close a circle."""
+    return importlib.import_module("dtrain.inference").load(run_dir, checkpoint, device)

@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     from dtrain.errors import DtrainError
     from dtrain.index.cli import add_index_parser, run_index
     from dtrain.launch.cli import add_launch_parser, run_launch
+    from dtrain.predict_cli import add_predict_parser, run_predict
     from dtrain.prepare.cli import add_prepare_parser, run_prepare
     from dtrain.prepare.relabel import add_relabel_parser, run_relabel
     from dtrain.review import add_review_parser, run_review
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     add_index_parser(sub)
     add_train_parser(sub)
     add_eval_parser(sub)
+    add_predict_parser(sub)
     add_tune_parser(sub)
     add_launch_parser(sub)
     add_review_parser(sub)
@@ -65,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         "index": run_index,
         "train": run_train,
         "eval": run_eval,
+        "predict": run_predict,
         "tune": run_tune,
         "launch": run_launch,
         "review": run_review,

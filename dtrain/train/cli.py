@@ -36,10 +36,22 @@ def add_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
 
 
 def add_eval_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="evaluate a finished run on a split")
+    p = sub.add_parser(
+        "eval",
+        help="score a finished run on a split of its dataset or of another prepared one",
+        description="Metrics printed as JSON; metrics.json, confusion_matrix.csv/.png and "
+        "predictions.parquet (per image: probabilities, predicted class, suspicion of its label) "
+        "written to --out.",
+    )
     p.add_argument("run_dir")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    p.add_argument(
+        "--data",
+        help="a dataset folder from `dtrain prepare` with the run's classes (default: the "
+        "run's own dataset); its images are decoded to the run's channels",
+    )
+    p.add_argument("--out", help="output folder (default: RUN_DIR/eval/<dataset folder>-<split>)")
 
 
 def resume_flag_alone(argv: list[str]) -> list[str]:
@@ -84,4 +96,4 @@ def run_train(args: argparse.Namespace) -> None:
 def run_eval(args: argparse.Namespace) -> None:
     from dtrain.train.run_eval import evaluate_run
 
-    evaluate_run(args.run_dir, args.split, args.checkpoint)
+    evaluate_run(args.run_dir, args.split, args.checkpoint, args.data, args.out)

@@ -43,6 +43,23 @@ def shard_entries(meta: dict, urls: list[str]) -> dict[str, dict]:
     return {url: info for url, info in found.items() if info is not None}
 
 
+def dataset_splits(meta: dict) -> list[str]:
+    """The splits a prepared dataset has shards for, in train, val, test order."""
+    present = {info["split"] for info in meta["shards"].values()}
+    return [split for split in ("train", "val", "test") if split in present]
+
+
+def training_splits(dataset_dir: str | Path, meta: dict) -> list[str]:
+    """`dataset_splits` of a dataset to train on: a test-only one is refused."""
+    splits = dataset_splits(meta)
+    if "train" not in splits:
+        raise DataError(
+            f"{dataset_dir} has no train split: it is test-only; use it with "
+            f"`dtrain eval RUN --data {dataset_dir}`"
+        )
+    return splits
+
+
 def shard_dir(shard_url: str) -> str:
     return shard_url.rsplit("/", 1)[0] if "/" in shard_url else "."
 

@@ -34,11 +34,25 @@ def progress(total: int, desc: str, enabled: bool, initial: int = 0):
 
 
 def epoch_line(record: dict) -> str:
+    val = (
+        f"  val acc {record['val_accuracy']:.3f} (clean {record['val_clean_accuracy']:.3f})"
+        if "val_accuracy" in record
+        else ""
+    )
     return (
         f"epoch {record['epoch']:3d}  loss {record['train_loss']:.3f}  "
-        f"train acc {record['train_accuracy']:.3f}  val acc {record['val_accuracy']:.3f} "
-        f"(clean {record['val_clean_accuracy']:.3f})  {record['images_per_s']:.0f} img/s"
+        f"train acc {record['train_accuracy']:.3f}{val}  {record['images_per_s']:.0f} img/s"
     )
+
+
+def no_split_notes(data_dir: Path, run_dir: Path, splits: list[str]) -> dict[str, str]:
+    """What a run does without a val or a test split (said once at its start), by split."""
+    notes = {
+        "val": f"no val split in {data_dir}: best.pt follows the last epoch",
+        "test": f"no test split in {data_dir}: the final test is skipped; score a test set "
+        f"with `dtrain eval {run_dir} --data TEST_SET`",
+    }
+    return {split: note for split, note in notes.items() if split not in splits}
 
 
 class RunLog:
@@ -135,8 +149,9 @@ def plot_curves(history: list[dict], path: Path) -> None:
     left.set_title("training loss")
     left.legend()
     right.plot(epochs, [r["train_accuracy"] for r in history], label="train (noisy labels)")
-    right.plot(epochs, [r["val_accuracy"] for r in history], label="val (labels as shipped)")
-    right.plot(epochs, [r["val_clean_accuracy"] for r in history], label="val (clean labels)")
+    if "val_accuracy" in history[-1]:
+        right.plot(epochs, [r["val_accuracy"] for r in history], label="val (labels as shipped)")
+        right.plot(epochs, [r["val_clean_accuracy"] for r in history], label="val (clean labels)")
     right.set_xlabel("epoch")
     right.set_title("accuracy")
     right.set_ylim(0, 1)
@@ -169,7 +184,8 @@ def write_run_report(
     scores: dict[str, ScoreRow],
     *,
     test_best: dict | None,
-    test_last: dict,
+    test_last: dict | None,
+    test_skipped: str | None = None,
     manifest: Path,
     classes: list[str],
     skipped: tuple[int, list[str]] = (0, []),
@@ -184,13 +200,16 @@ def write_run_report(
         "epochs": len(history),
         "test_best": test_best,
         "test_last": test_last,
+        "test_skipped": test_skipped,  # why there is no test (no test split), else null
         "best_epoch": None,
         "mislabel_auroc": {},
         # samples the loader could not use (data.strict=false), and why (the first ones)
         "skipped_samples": {"count": skipped[0], "which": skipped[1]},
     }
     if history:
-        best = max(history, key=lambda r: r["val_accuracy"])
+        # without val, best.pt is the last epoch's
+        has_val = "val_accuracy" in history[-1]
+        best = max(history, key=lambda r: r["val_accuracy"]) if has_val else history[-1]
         summary["best_epoch"] = best["epoch"]
         plot_curves(history, run_dir / "curves.png")
     if scores:
@@ -216,7 +235,8 @@ def write_run_report(
             for r in rows[:SUSPECTS_SHOWN]
         ]
     write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    print(summary_table(summary))
+    if test_last is not None:
+        print(summary_table(summary))
     if skipped[0]:
         print(f"skipped {skipped[0]} sample(s) the loader could not use; summary.json says which")
     if scores:

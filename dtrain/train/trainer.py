@@ -34,8 +34,9 @@ from dtrain.train.checkpoint import (
     load_checkpoint,
 )
 from dtrain.train.data import ShardLoader, make_loader
-from dtrain.train.dataset import read_dataset_json, resolve_data_dir, split_urls
+from dtrain.train.dataset import read_dataset_json, resolve_data_dir, split_urls, training_splits
 from dtrain.train.engine import make_engine
+from dtrain.train.export import export_best
 from dtrain.train.losses import rank_weight
 from dtrain.train.model import build_model
 from dtrain.train.predict import evaluate
@@ -133,9 +134,12 @@ class Trainer:
         self.data_dir = resolve_data_dir(cfg.data.path, cfg.train.progress)
         self.meta = read_dataset_json(str(self.data_dir))
         self.classes = self.meta["classes"]
+        splits = training_splits(self.data_dir, self.meta)  # val and test may be missing
+        self.split_notes = report.no_split_notes(self.data_dir, self.run_dir, splits)
         self.train_loader = self.loader("train", train=True)
-        self.val_loader = self.loader("val", train=False)
-        self.test_loader = self.loader("test", train=False)
+        self.val_loader, self.test_loader = (
+            self.loader(s, train=False) if s in splits else None for s in ("val", "test")
+        )
         net = build_model(
             cfg.model, cfg.method.name, len(self.classes), self.meta["images"]["channels"]
         )
@@ -174,6 +178,7 @@ class Trainer:
             "scores": self.scores.state_dict(),
             "config": self.config.to_dict(),
             "classes": self.classes,
+            "channels": self.meta["images"]["channels"],
         }
 
     def _save(self, best: bool = False) -> Path:
@@ -349,7 +354,7 @@ class Trainer:
             )
             for note in self.engine.notes:
                 print(f"engine: {note}")
-            print(f"train: {self.train_loader.describe()}")
+            print("\n".join([f"train: {self.train_loader.describe()}", *self.split_notes.values()]))
         while state.epoch < cfg.train.epochs:
             train_metrics = self._train_epoch()
             if self._stopping and state.batch < len(self.train_loader):
@@ -360,7 +365,7 @@ class Trainer:
                         f"checkpoint {self.saver.last}"
                     )
                 return self._close({"stopped": True, "epoch": state.epoch, "batch": state.batch})
-            val = self.evaluate(self.val_loader)
+            val = self.evaluate(self.val_loader) if self.val_loader is not None else {}
             record = {
                 "kind": "epoch",
                 "epoch": state.epoch + 1,
@@ -372,9 +377,8 @@ class Trainer:
             state.history.append(record)
             state.epoch += 1
             state.batch = 0
-            improved = val["accuracy"] > state.best_val
-            if improved:
-                state.best_val = val["accuracy"]
+            improved = not val or val["accuracy"] > state.best_val  # no val: the last is best
+            state.best_val = max(state.best_val, val.get("accuracy", state.best_val))
             path = self._save(best=improved)
             if self.is_main:
                 self.log.write(record)
@@ -386,13 +390,14 @@ class Trainer:
         return self._finish()
 
     def _finish(self) -> dict:
-        test_last = self.evaluate(self.test_loader)
-        test_best = None
-        if self.engine.holds_full_weights:  # under ZeRO-3 `dtrain eval RUN_DIR` scores best.pt
+        test_last = self.evaluate(self.test_loader) if self.test_loader is not None else None
+        test_best = None  # under ZeRO-3 `dtrain eval RUN_DIR` scores best.pt
+        if self.test_loader is not None and self.engine.holds_full_weights:
             self.net.load_state_dict(load_checkpoint(self.run_dir / BEST)["model"])
             test_best = self.evaluate(self.test_loader)
         summary = {}
         if self.is_main:
+            export_best(self.run_dir, self.meta["images"]["channels"])  # model.safetensors
             summary = report.write_run_report(
                 self.run_dir,
                 self.config,
@@ -400,6 +405,7 @@ class Trainer:
                 self.scores.rows,
                 test_best=test_best,
                 test_last=test_last,
+                test_skipped=self.split_notes.get("test"),
                 manifest=self.data_dir / "manifest.parquet",
                 classes=self.classes,
                 skipped=(self.state.corrupt_samples, self.state.skipped),

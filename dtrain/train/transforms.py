@@ -79,7 +79,18 @@ def decode_image(data: bytes, channels: int, min_side: int) -> Image.Image:
     image = open_image(data)
     scale = max(min_side / min(image.size), 1 / 8)
     image.draft(None, (math.ceil(image.width * scale), math.ceil(image.height * scale)))
+    return to_channels(image, channels)
+
+
+def to_channels(image: Image.Image, channels: int) -> Image.Image:
+    """8-bit grayscale (`L`) for one channel, `RGB` otherwise."""
     return to_8bit(image).convert("L" if channels == 1 else "RGB")
+
+
+def eval_view(images: list[Image.Image], size: int) -> torch.Tensor:
+    """The evaluation input: each decoded image's centre square at `size` px, normalised. The one
+    definition that eval, `dtrain predict` and `dtrain.load`'s preprocess share."""
+    return normalise(stack([center_crop(image, size) for image in images]))
 
 
 def decode_side(image_size: int, train: bool) -> int:
@@ -104,5 +115,5 @@ def collate(samples: list[dict], size: int, train: bool) -> dict:
             crops = stack([random_resized_crop(s["image"], size) for s in samples])
             batch[view] = jitter_and_normalise(random_flip(crops))
     else:
-        batch["image"] = normalise(stack([center_crop(s["image"], size) for s in samples]))
+        batch["image"] = eval_view([s["image"] for s in samples], size)
     return batch
