@@ -111,10 +111,10 @@ def write_thumbnails(dataset: Path, names: dict[str, str], folder: Path, progres
     import pyarrow.parquet as pq
     from tqdm.auto import tqdm
 
-    from dtrain.train.dataset import IMAGE_EXTS
+    from dtrain.train.dataset import IMAGE_EXTS, check_command_url, read_dataset_json
     from dtrain.train.shards import read_shard
 
-    meta = json.loads((dataset / DATASET_JSON).read_text())
+    meta = read_dataset_json(str(dataset))
     manifest = pq.read_table(dataset / MANIFEST, columns=["key", "shard"]).to_pydict()
     shard_of = dict(zip(manifest["key"], manifest["shard"], strict=True))
     missing = [key for key in names if key not in shard_of]
@@ -129,18 +129,20 @@ def write_thumbnails(dataset: Path, names: dict[str, str], folder: Path, progres
         sorted({shard_of[k] for k in names}), desc="thumbnails", disable=None if progress else True
     ):
         info = meta["shards"][name]
-        for sample in read_shard(str(dataset / name), info["count"], info["sha256"], strict=True):
+        url = info.get("url", str(dataset / name))  # indexed shards lie where they were
+        check_command_url(url, f"{dataset / DATASET_JSON}")
+        for sample in read_shard(url, info["count"], info["sha256"], strict=True):
             if sample.key not in todo:
                 continue
             if sample.problem:
                 raise DataError(sample.problem)
             image = next((sample.members[e] for e in IMAGE_EXTS if e in sample.members), None)
             if image is None:
-                raise DataError(f"{dataset / name} sample {sample.key}: no image member")
+                raise DataError(f"{url} sample {sample.key}: no image member")
             try:
                 (folder / names[sample.key]).write_bytes(thumbnail(image))
             except (OSError, ValueError, SyntaxError) as err:  # what PIL raises on bad bytes
-                raise DataError(f"{dataset / name} sample {sample.key}: {err}") from err
+                raise DataError(f"{url} sample {sample.key}: {err}") from err
             todo.discard(sample.key)
     if todo:
         raise DataError(f"{dataset} holds no sample {sorted(todo)[0]} where its manifest says")

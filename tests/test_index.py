@@ -169,18 +169,40 @@ def test_the_loader_reads_every_format_and_label_where_the_shards_lie(foreign, i
         }
 
 
-def test_train_one_epoch_on_indexed_shards(foreign, indexed, tmp_path):
+def test_train_one_epoch_on_indexed_shards_then_eval_and_review_the_run(
+    foreign, indexed, tmp_path, capsys
+):
     _, labels = foreign
-    summary = train_one_epoch(indexed, tmp_path / "run")
-    assert summary["test_last"]["samples"] == len([k for k in labels if k.startswith("test/")])
-    scores = pq.read_table(tmp_path / "run" / "label_scores.parquet").to_pylist()
+    run = tmp_path / "run"
+    summary = train_one_epoch(indexed, run)
+    tests = len([k for k in labels if k.startswith("test/")])
+    assert summary["test_last"]["samples"] == tests
+    scores = pq.read_table(run / "label_scores.parquet").to_pylist()
     train = {k: v for k, v in labels.items() if k.startswith("train/")}
     assert {r["key"]: r["noisy_label"] for r in scores} == train
     assert all(r["source"].endswith(f".tar#{r['key']}") for r in scores)
+    # the commands that use a run read the shards where the index says they lie
+    main(["eval", str(run), "--data", str(indexed), "--out", str(tmp_path / "eval")])
+    predictions = pq.read_table(tmp_path / "eval" / "predictions.parquet").to_pylist()
+    names = read_dataset_json(str(indexed))["classes"]
+    assert {r["key"]: r["label"] for r in predictions} == {
+        k: names[v] for k, v in labels.items() if k.startswith("test/")
+    }
+    main(["review", str(run), "--top", "3", "--no-progress"])
+    assert len(list((run / "review" / "thumbs").iterdir())) == 3
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main(["relabel", str(indexed), str(run / "review" / "review.csv"), "--out", "x"])
+    assert stop.value.code == 2
+    assert "index them again" in capsys.readouterr().err
 
 
-def test_pipe_urls_index_and_train_the_same(foreign, indexed, piped, tmp_path):
+def test_pipe_urls_index_and_train_the_same(foreign, indexed, piped, tmp_path, monkeypatch):
     shards, labels = foreign
+    monkeypatch.delenv("DTRAIN_ALLOW_PIPE", raising=False)
+    with pytest.raises(DataError, match="runs a shell command; if you trust this dataset, set"):
+        split_urls(piped, "val")  # a dataset folder may come from anyone
+    monkeypatch.setenv("DTRAIN_ALLOW_PIPE", "1")
     meta, direct = read_dataset_json(str(piped)), read_dataset_json(str(indexed))
     assert all(info["url"].startswith("pipe:cat ") for info in meta["shards"].values())
     assert {n: (i["count"], i["sha256"]) for n, i in meta["shards"].items()} == {
@@ -311,3 +333,13 @@ def test_relative_patterns_are_recorded_absolute_and_colour_is_seen(tmp_path, mo
     assert meta["classes"] == ["0", "1", "2"]  # indices name their classes up to the largest
     # the same request again re-reads the shards in place, no --overwrite needed
     index_shards({"train": "shards/a-{0..1}.tar"}, Path("ds"), progress=False)
+
+
+def test_a_shard_name_that_leaves_the_dataset_folder_is_refused(indexed, tmp_path):
+    hostile = tmp_path / "ds"
+    hostile.mkdir()
+    meta = read_dataset_json(str(indexed))
+    meta["shards"]["../outside.tar"] = meta["shards"].pop(sorted(meta["shards"])[0])
+    (hostile / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=r"shard name '\.\./outside\.tar' is not a plain file"):
+        read_dataset_json(str(hostile))

@@ -240,7 +240,17 @@ def _read_dataset(folder: Path) -> tuple[dict, pa.Table]:
         raise DataError(
             f"{folder} holds no {DATASET_JSON} and {MANIFEST}: not a folder `dtrain prepare` wrote"
         )
-    return json.loads((folder / DATASET_JSON).read_text()), pq.read_table(folder / MANIFEST)
+    meta = json.loads((folder / DATASET_JSON).read_text())
+    for name, info in meta["shards"].items():
+        if "url" in info:
+            raise DataError(
+                f"{folder} lists shards that lie elsewhere ({info['url']}; `dtrain index`): "
+                "relabel rewrites shards, so correct the labels where those shards are made "
+                "and index them again"
+            )
+        if Path(name).name != name or name.startswith("."):
+            raise DataError(f"{folder / DATASET_JSON}: shard name {name!r} is not a file name")
+    return meta, pq.read_table(folder / MANIFEST)
 
 
 def _write_shards(

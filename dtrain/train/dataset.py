@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,7 +31,27 @@ def split_urls(dataset_dir: str | Path, split: str) -> list[str]:
     names = sorted(n for n, info in meta["shards"].items() if info["split"] == split)
     if not names:
         raise DataError(f"{dataset_dir} has no {split} shards")
-    return [meta["shards"][n].get("url", str(Path(dataset_dir) / n)) for n in names]
+    urls = [meta["shards"][n].get("url", str(Path(dataset_dir) / n)) for n in names]
+    for url in urls:
+        check_command_url(url, f"{dataset_dir}/dataset.json")
+    return urls
+
+
+def check_command_url(url: str, where: str) -> None:
+    """A `pipe:` URL runs a shell command: one read from a dataset folder (which may have come
+    from anyone) runs only when the user says they trust it."""
+    if url.startswith("pipe:") and os.environ.get(ALLOW_PIPE_ENV) != "1":
+        raise DataError(
+            f"{where} lists the shard URL {url!r}, which runs a shell command; if you trust "
+            f"this dataset, set {ALLOW_PIPE_ENV}=1"
+        )
+
+
+def check_shard_names(meta: dict, where: str) -> None:
+    """Shard names are file names inside the dataset folder, never paths out of it."""
+    for name in meta.get("shards", {}):
+        if not SHARD_NAME.fullmatch(name):
+            raise DataError(f"{where}: shard name {name!r} is not a plain file name")
 
 
 def shard_entries(meta: dict, urls: list[str]) -> dict[str, dict]:
@@ -64,17 +85,23 @@ def shard_dir(shard_url: str) -> str:
     return shard_url.rsplit("/", 1)[0] if "/" in shard_url else "."
 
 
+ALLOW_PIPE_ENV = "DTRAIN_ALLOW_PIPE"
+SHARD_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
 def read_dataset_json(base: str) -> dict:
     """The `dataset.json` of a dataset folder, local or at any URL webdataset can open."""
     url = f"{base}/dataset.json"
     try:
         with wds.gopen(url) as stream:
-            return json.loads(stream.read())
+            meta = json.loads(stream.read())
     except Exception as err:  # gopen raises OSError, ValueError or a pipe error by scheme
         raise DataError(
             f"cannot read {url} ({err}); pass shard_counts= for shards that `dtrain prepare` "
             "did not write, or use resampled mode"
         ) from err
+    check_shard_names(meta, url)
+    return meta
 
 
 # the image members a sample may hold (any format PIL decodes; the first one present is used)

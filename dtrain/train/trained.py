@@ -125,6 +125,7 @@ def dataset_predictions(
         world_size=1,
         strict=strict,
         pin_memory=trained.device.type == "cuda",
+        meta=read_dataset_json(str(data_dir)),  # indexed shards are listed only there
     )
     p = predict(trained.net, loader, trained.device, trained.autocast, show_progress)
     sources = _manifest_sources(data_dir / "manifest.parquet")
