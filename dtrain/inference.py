@@ -30,12 +30,19 @@ class Preprocess:
     decoded; a file path or its bytes is decoded as `dtrain eval` decodes it (a large JPEG
     downscaled while decoding), which gives eval's probabilities to the last digit."""
 
-    def __init__(self, classes: list[str], channels: int, image_size: int) -> None:
+    def __init__(
+        self,
+        classes: list[str],
+        channels: int,
+        image_size: int,
+        device: str | torch.device = "cpu",
+    ) -> None:
         self.classes, self.channels, self.image_size = classes, channels, image_size
+        self.device = torch.device(device)  # the model's: `model(preprocess(image))` just works
 
     def __call__(self, images: ImageInput | list[ImageInput]) -> torch.Tensor:
         items = images if isinstance(images, (list, tuple)) else [images]
-        return eval_view([self.decode(item) for item in items], self.image_size)
+        return eval_view([self.decode(item) for item in items], self.image_size).to(self.device)
 
     def decode(self, item: ImageInput) -> Image.Image:
         if isinstance(item, Image.Image):
@@ -51,7 +58,8 @@ def load(
     `preprocess.classes`. The model is in eval mode on `device`, its weights from
     model.safetensors (else best.pt), or last.pt with `checkpoint="last"`."""
     trained = load_trained(run_dir, checkpoint, device)
-    return trained.net, Preprocess(trained.classes, trained.channels, trained.image_size)
+    preprocess = Preprocess(trained.classes, trained.channels, trained.image_size, trained.device)
+    return trained.net, preprocess
 
 
 @dataclass

@@ -73,6 +73,12 @@ def _check_out(out: Path, overwrite: bool) -> None:
     if not out.is_dir():
         raise DataError(f"--out {out} is a file; choose a folder")
     existing = out / REVIEW_CSV
+    others = sorted(p.name for p in out.iterdir() if p.name not in (PAGE, REVIEW_CSV, THUMBS))
+    if existing.is_file() and others and not overwrite:
+        raise DataError(
+            f"{out} also holds {others[0]} (a copy of the review being worked on?), which a new "
+            "review would delete; move it, choose another --out, or pass --overwrite"
+        )
     if existing.is_file():
         filled = filled_corrections(existing)
         if filled and not overwrite:

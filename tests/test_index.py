@@ -343,3 +343,14 @@ def test_a_shard_name_that_leaves_the_dataset_folder_is_refused(indexed, tmp_pat
     (hostile / "dataset.json").write_text(json.dumps(meta))
     with pytest.raises(DataError, match=r"shard name '\.\./outside\.tar' is not a plain file"):
         read_dataset_json(str(hostile))
+
+
+def test_shards_inside_the_output_folder_are_refused_not_deleted(foreign, tmp_path):
+    shards, _ = foreign
+    out = tmp_path / "ds"
+    index(f"{shards}/train-{{0..1}}.tar", "--out", str(out))
+    mine = out / "extra.tar"  # e.g. shards kept beside their index
+    mine.write_bytes((shards / "val-0.tar").read_bytes())
+    with pytest.raises(DataError, match=r"lies inside --out .*index into a folder of its own"):
+        index_shards({"train": str(mine)}, out, overwrite=True, progress=False)
+    assert mine.read_bytes() == (shards / "val-0.tar").read_bytes()

@@ -160,6 +160,12 @@ def test_a_started_review_is_never_replaced(trained, capsys):
     assert run_cli(capsys, "review", str(run), "--top=5", "--overwrite", QUIET)[0] == 0
     assert [r["corrected_label"] for r in read_csv(csv_path)] == [""] * 5
 
+    work = run / "review" / "review.xlsx"  # the clinician saved their work beside it
+    work.write_bytes(b"their corrections")
+    code, err = run_cli(capsys, "review", str(run), "--top", "4", QUIET)
+    assert code == 2 and "review.xlsx" in err and work.read_bytes() == b"their corrections"
+    work.unlink()
+
     (run / "notes").mkdir()
     (run / "notes" / "mine.txt").write_text("not a review")
     code, err = run_cli(capsys, "review", str(run), "--out", str(run / "notes"), "--overwrite")

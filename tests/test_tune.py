@@ -184,6 +184,18 @@ def tiny(tmp_path_factory) -> Path:
     return stripes_dataset(tmp_path_factory.mktemp("tune"), 48, shard_size=16)
 
 
+def test_trials_get_local_paths_absolute(tiny, tmp_path, monkeypatch):
+    """Trials run in Ray's own folders: a relative path would name nothing there."""
+    from dtrain.tune.settings import _absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    Path("weights.pth").write_bytes(b"")
+    config = load_config(None, [f"data.path={tiny}", "model.pretrained=weights.pth"])
+    _absolute_paths(config)
+    assert config.model.pretrained == str(tmp_path / "weights.pth")
+    assert config.data.path == str(tiny.resolve())
+
+
 @pytest.fixture
 def env(ray_env) -> dict:
     return ray_env

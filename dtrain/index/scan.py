@@ -207,6 +207,12 @@ def index_shards(
                 raise DataError(f"shard {url} is given twice ({listed[url]} and {split})")
             listed[url] = split
             tasks.append((url, split))
+    inside = [u for u in listed if not urlparse(u).scheme and Path(u).is_relative_to(out.resolve())]
+    if inside:  # the folder is replaced as a whole: the shards would go with it
+        raise DataError(
+            f"shard {inside[0]} lies inside --out {out}, which dtrain index writes anew; "
+            "index into a folder of its own"
+        )
 
     scans = _scan_all(tasks, label_key, jobs, progress)
     _check_unique(scans)

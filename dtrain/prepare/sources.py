@@ -9,6 +9,7 @@ the file, row or key that is wrong.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import importlib.util
 import io
@@ -25,7 +26,10 @@ from dtrain.prepare.split import SPLITS
 if TYPE_CHECKING:
     import pyarrow as pa
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGE_SUFFIXES = (
+    *(".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"),
+    *(".webp", ".ppm", ".pgm", ".pbm", ".pnm"),
+)
 EMBEDDED_NAME = "br35h"
 SourceKind = Literal["embedded", "folder", "manifest", "npz"]
 MANIFEST_SUFFIXES = (".csv", ".parquet")
@@ -228,6 +232,18 @@ def _check_groups_in_one_split(
             )
 
 
+def _read_csv(path: Path) -> pa.Table:
+    """A CSV manifest with every column but `label` read as text, as written: a patient id
+    `000123` stays `000123` (type inference would make it 123, and merge it with `123`)."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    with open(path, encoding="utf-8-sig") as handle:
+        header = next(csv.reader(handle), [])
+    text = {name: pa.string() for name in header if name != "label"}
+    return pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(column_types=text))
+
+
 def from_manifest(
     path: Path, classes: list[str] | None = None, group_column: str | None = None
 ) -> Source:
@@ -236,14 +252,13 @@ def from_manifest(
     Optional: a `split` column (train/val/test, any case), used as it is; a group column
     (`group_column`, else `group` or `patient_id`) whose rows of one value stay in one split;
     any other columns, carried into `manifest.parquet`."""
-    import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
     path = Path(path)
     if not path.is_file():
         raise DataError(f"manifest {path} does not exist")
     try:
-        table = pq.read_table(path) if path.suffix.lower() == ".parquet" else pacsv.read_csv(path)
+        table = pq.read_table(path) if path.suffix.lower() == ".parquet" else _read_csv(path)
     except Exception as err:  # pyarrow raises several types for malformed files
         raise DataError(f"cannot read manifest {path}: {err}") from err
     missing = {"path", "label"} - set(table.column_names)

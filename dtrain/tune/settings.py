@@ -95,6 +95,8 @@ def _absolute_paths(config: Config) -> None:
     set_key(config, "data.path", str(resolve_data_dir(config.data.path, progress=True).resolve()))
     if config.train.deepspeed:
         set_key(config, "train.deepspeed", str(Path(config.train.deepspeed).resolve()))
+    if isinstance(config.model.pretrained, str):  # local weights
+        set_key(config, "model.pretrained", str(Path(config.model.pretrained).resolve()))
 
 
 @dataclass
