@@ -14,16 +14,16 @@ def add_predict_parser(sub: argparse._SubParsersAction) -> None:
         "prob_<class>, predicted; for labelled images also label and suspicion = "
         "1 - p(label). Preprocessing is dtrain eval's, so the probabilities are eval's.",
     )
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a finished run folder (train.run_dir)")
     p.add_argument(
         "source",
         help="an image folder (root/<class>/* gives labels; a flat folder of images none), a "
         ".csv/.parquet manifest with a path and optionally a label column, or a dataset folder "
-        "from dtrain prepare",
+        "(dtrain prepare, index or relabel)",
     )
     p.add_argument("--out", required=True, help="the Parquet file to write, e.g. preds.parquet")
-    p.add_argument("--checkpoint", default="best", choices=["best", "last"])
-    p.add_argument("--batch-size", type=_positive, default=64)
+    p.add_argument("--checkpoint", default="best", choices=["best", "last"], help="(default: best)")
+    p.add_argument("--batch-size", type=_positive, default=64, help="images per batch (64)")
     p.add_argument("--num-workers", type=int, default=2, help="image decoding processes")
     p.add_argument(
         "--skip-bad-images",

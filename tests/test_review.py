@@ -325,6 +325,9 @@ def test_relabel_names_a_missing_column_in_one_line(trained, tmp_path, capsys):
     )
     assert code == 2 and "no 'corrected_label' column (its columns: key, label)" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "new").exists()
+    inside = trained["data"] / "v2"
+    code, err = run_cli(capsys, "relabel", str(trained["data"]), str(review), "--out", str(inside))
+    assert code == 2 and "is inside the dataset" in err and not inside.exists()
 
 
 def test_relabel_reads_a_spreadsheet_export_with_bom_and_semicolons(trained, tmp_path):

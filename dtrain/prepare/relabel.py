@@ -302,9 +302,10 @@ def relabel(
 
     dataset, review_csv, out = Path(dataset), Path(review_csv), Path(out)
     meta, manifest = _read_dataset(dataset)
-    if out.resolve() == dataset.resolve():
+    if out.resolve().is_relative_to(dataset.resolve()):
         raise DataError(
-            f"--out {out} is the dataset itself; a relabelled version needs a new folder"
+            f"--out {out} is inside the dataset {dataset}; a relabelled version needs a folder "
+            "of its own"
         )
     classes = meta["classes"]
     rows = manifest.select(["key", "split", "shard", "noisy_label"]).to_pylist()

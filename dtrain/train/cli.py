@@ -43,13 +43,18 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
         "predictions.parquet (per image: probabilities, predicted class, suspicion of its label) "
         "written to --out.",
     )
-    p.add_argument("run_dir")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    p.add_argument("run_dir", help="a finished run folder (train.run_dir)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="(test)")
+    p.add_argument(
+        "--checkpoint",
+        default="best",
+        choices=["best", "last"],
+        help="best.pt (model selection) or last.pt (default: best)",
+    )
     p.add_argument(
         "--data",
-        help="a dataset folder from `dtrain prepare` with the run's classes (default: the "
-        "run's own dataset); its images are decoded to the run's channels",
+        help="a dataset folder (dtrain prepare, index or relabel) with the run's classes "
+        "(default: the run's own dataset); its images are decoded to the run's channels",
     )
     p.add_argument("--out", help="output folder (default: RUN_DIR/eval/<dataset folder>-<split>)")
 

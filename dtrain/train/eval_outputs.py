@@ -8,10 +8,14 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from dtrain.files import write_atomic
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
 def predictions_table(
@@ -20,7 +24,7 @@ def predictions_table(
     classes: list[str],
     labels: np.ndarray | None = None,
     clean_labels: np.ndarray | None = None,
-):
+) -> pa.Table:
     """`ids` columns (key, path), then label (and clean_label), predicted, prob_<class> and
     suspicion = 1 - p(given label): high means the label looks wrong."""
     import pyarrow as pa
@@ -39,7 +43,7 @@ def predictions_table(
     return pa.table(columns)
 
 
-def write_parquet(path: Path, table) -> Path:
+def write_parquet(path: Path, table: pa.Table) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 

@@ -24,6 +24,8 @@ from webdataset.tariterators import base_plus_ext
 
 from dtrain.errors import DataError
 
+RECREATE = "re-create it with dtrain prepare (or, for your own shards, run dtrain index again)"
+
 
 @dataclass
 class RawSample:
@@ -134,7 +136,7 @@ def read_shard(
             if count is not None and read > count:  # fail before the ranks drift apart
                 raise DataError(
                     f"shard {url} holds more than the {count} samples its dataset.json says; "
-                    "re-create it with dtrain prepare"
+                    f"{RECREATE}"
                 )
             yield sample
     except _BrokenShard as err:
@@ -146,7 +148,7 @@ def read_shard(
         problem = f"holds {read} samples but its dataset.json says {count}"
     if problem is not None:
         if strict:
-            raise DataError(f"shard {url} {problem}; re-create it with dtrain prepare")
+            raise DataError(f"shard {url} {problem}; {RECREATE}")
         missing = 1 if count is None else count - read  # resampled: the rest of the shard
         reason = f"shard {url} {problem}" + (
             f"; {missing} of its {count} samples are missing" if count is not None else ""
@@ -157,7 +159,7 @@ def read_shard(
     if sha256 is not None and actual != sha256:
         raise DataError(
             f"shard {url} has sha256 {actual} but its dataset.json says {sha256}: it changed "
-            "since dtrain prepare wrote it; re-create it with dtrain prepare"
+            f"since it was written; {RECREATE}"
         )
 
 

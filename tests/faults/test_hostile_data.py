@@ -219,7 +219,8 @@ def test_a_shard_changed_since_prepare_fails_its_checksum(ds, strict):
         list(loader(ds, strict=strict))
     assert str(err.value) == (
         f"shard {shard} has sha256 {sha256(shard)} but its dataset.json says {listed}: it changed "
-        "since dtrain prepare wrote it; re-create it with dtrain prepare"
+        "since it was written; re-create it with dtrain prepare (or, for your own shards, run "
+        "dtrain index again)"
     )
 
 
@@ -229,7 +230,7 @@ def test_resampled_mode_checks_the_shards_it_reads_to_the_end_only(ds):
     kw = {"resampled": True, "batch_size": 4}
     # 4 samples: one shard read part-way, and a part cannot be checked
     assert len(list(loader(ds, strict=True, samples_per_epoch=4, **kw))) == 1
-    with pytest.raises(DataError, match="it changed since dtrain prepare wrote it"):
+    with pytest.raises(DataError, match="it changed since it was written"):
         list(loader(ds, strict=True, samples_per_epoch=8, **kw))
 
 
