@@ -333,6 +333,7 @@ def test_relative_patterns_are_recorded_absolute_and_colour_is_seen(tmp_path, mo
     assert meta["classes"] == ["0", "1", "2"]  # indices name their classes up to the largest
     # the same request again re-reads the shards in place, no --overwrite needed
     index_shards({"train": "shards/a-{0..1}.tar"}, Path("ds"), progress=False)
+    assert read_dataset_json(str(tmp_path / "ds")) == meta
 
 
 def test_a_shard_name_that_leaves_the_dataset_folder_is_refused(indexed, tmp_path):
