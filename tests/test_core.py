@@ -480,6 +480,10 @@ def test_forget_rate_explicit_then_nominal_never_realised():
     assert forget_rate(nominal, symmetric) == 0.4
     with pytest.raises(ConfigError, match="method.coteaching_forget_rate"):
         forget_rate(nominal, meta("none", 0.0, 0.0))
+    reviewed = {**symmetric, "relabel": {"changed": 197}}  # the prepared rate no longer holds
+    with pytest.raises(ConfigError, match="relabelled after a review"):
+        forget_rate(nominal, reviewed)
+    assert forget_rate(explicit, reviewed) == 0.25
 
 
 def test_coteaching_loss_six_samples_two_padding():

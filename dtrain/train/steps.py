@@ -209,6 +209,12 @@ def forget_rate(config: Config, meta: dict) -> float:
             "method.coteaching_forget_rate is required: this dataset has no injected noise, so "
             "give your estimate of its label error rate, e.g. method.coteaching_forget_rate=0.2"
         )
+    if config.method.name == "coteaching" and "relabel" in meta:
+        raise ConfigError(
+            "method.coteaching_forget_rate is required: this dataset was relabelled after a "
+            f"review, so its prepared noise rate ({noise.get('rate')}) no longer holds; give "
+            "your estimate of its remaining label error rate"
+        )
     return float(noise.get("rate", 0.0))
 
 
