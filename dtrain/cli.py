@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     from dtrain.launch.cli import add_launch_parser, run_launch
     from dtrain.predict_cli import add_predict_parser, run_predict
     from dtrain.prepare.cli import add_prepare_parser, run_prepare
-    from dtrain.prepare.relabel import add_relabel_parser, run_relabel
+    from dtrain.relabel import add_relabel_parser, run_relabel
     from dtrain.review import add_review_parser, run_review
     from dtrain.train.cli import (
         add_eval_parser,

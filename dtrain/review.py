@@ -18,7 +18,7 @@ from pathlib import Path
 from dtrain.errors import ConfigError, DataError, RunFolderError
 from dtrain.prepare.folder import new_staging, publish
 from dtrain.prepare.records import DATASET_JSON, MANIFEST
-from dtrain.prepare.relabel import CORRECTION_COLUMN, DROP
+from dtrain.relabel import CORRECTION_COLUMN, DROP
 
 REVIEW_CSV = "review.csv"
 PAGE = "index.html"

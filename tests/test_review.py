@@ -14,15 +14,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import small_overrides, write_stripes
+from conftest import copy_dataset, small_overrides, write_stripes
 from PIL import Image
 
 from dtrain.cli import main
 from dtrain.errors import DataError
 from dtrain.prepare import PrepareConfig, prepare
 from dtrain.prepare.noise import transition_matrix
-from dtrain.prepare.relabel import relabel
 from dtrain.prepare.shards import sha256
+from dtrain.relabel import relabel
 from dtrain.review import review_size, thumbnail
 
 # a class name that HTML and CSV must both carry intact
@@ -345,3 +345,16 @@ def test_relabel_refuses_to_empty_a_split(trained, tmp_path):
     with pytest.raises(DataError, match=f"{review} drops every val sample"):
         relabel(trained["data"], review, tmp_path / "new", progress=False)
     assert not (tmp_path / "new").exists()
+
+
+def test_relabel_refuses_a_shard_that_changed_since_it_was_written(trained, tmp_path):
+    data = copy_dataset(trained["data"], tmp_path / "data")
+    row = pq.read_table(data / "manifest.parquet").to_pylist()[0]
+    shard = data / row["shard"]
+    damaged = bytearray(shard.read_bytes())
+    damaged[-2000] ^= 0xFF  # inside the last member's payload or padding: still a valid tar
+    shard.write_bytes(bytes(damaged))
+    review = write_csv(tmp_path / "review.csv", [{"key": row["key"], "corrected_label": "drop"}])
+    with pytest.raises(DataError, match=f"shard {shard} has sha256"):
+        relabel(data, review, tmp_path / "new", progress=False)
+    assert not (tmp_path / "new").exists() and not list(tmp_path.glob(".new*"))

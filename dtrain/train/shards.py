@@ -119,16 +119,21 @@ def _tar_samples(url: str, reader: _HashingReader) -> Iterator[RawSample]:
         yield sample
 
 
+def _open(url: str) -> tuple[object, _HashingReader]:
+    """The raw stream of shard `url` (any URL webdataset opens) and a hashing reader over it."""
+    try:
+        raw = wds.gopen(url)
+    except Exception as err:  # gopen raises OSError, ValueError or a pipe error by scheme
+        raise DataError(f"cannot open shard {url}: {err}") from err
+    return raw, _HashingReader(raw)
+
+
 def read_shard(
     url: str, count: int | None, sha256: str | None, strict: bool
 ) -> Iterator[RawSample]:
     """The samples of shard `url`, which must hold `count` samples (when known) and, once read to
     its end, have the digest `sha256` (when known); see the module docstring."""
-    try:
-        raw = wds.gopen(url)
-    except Exception as err:  # gopen raises OSError, ValueError or a pipe error by scheme
-        raise DataError(f"cannot open shard {url}: {err}") from err
-    reader = _HashingReader(raw)
+    raw, reader = _open(url)
     read, problem = 0, None
     try:
         for sample in _tar_samples(url, reader):
@@ -171,11 +176,7 @@ class ShardScan:
         self.url, self.sha256 = url, None
 
     def __iter__(self) -> Iterator[RawSample]:
-        try:
-            raw = wds.gopen(self.url)
-        except Exception as err:  # gopen raises OSError, ValueError or a pipe error by scheme
-            raise DataError(f"cannot open shard {self.url}: {err}") from err
-        reader = _HashingReader(raw)
+        raw, reader = _open(self.url)
         try:
             yield from _tar_samples(self.url, reader)
         except _BrokenShard as err:

@@ -14,8 +14,6 @@ import csv
 import datetime
 import json
 import shutil
-import tarfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -127,26 +125,6 @@ def _corrections(
     return found
 
 
-def _tar_samples(tar: tarfile.TarFile, url: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, extension -> bytes) of each sample, in shard order (webdataset's key rule)."""
-    from webdataset.tariterators import base_plus_ext
-
-    key, members = None, {}
-    for info in tar:
-        if not info.isreg():
-            continue
-        name_key, ext = base_plus_ext(info.name)
-        if name_key is None:
-            raise DataError(f"{url} member {info.name!r} is not a sample member")
-        if key is not None and name_key != key:
-            yield key, members
-            members = {}
-        key = name_key
-        members[ext] = tar.extractfile(info).read()
-    if key is not None:
-        yield key, members
-
-
 def _relabelled(members: dict[str, bytes], label: int) -> dict[str, bytes]:
     """A sample with training label `label`: its `.cls` and its record's noisy_label."""
     members = {**members, "cls": str(label).encode()}
@@ -158,26 +136,28 @@ def _relabelled(members: dict[str, bytes], label: int) -> dict[str, bytes]:
 
 
 def rewrite_shard(
-    source: Path, target: Path, labels: dict[str, int], drop: set[str], expected_sha256: str
+    source: Path, target: Path, labels: dict[str, int], drop: set[str], info: dict
 ) -> tuple[int, set[str]]:
     """Copy shard `source` to `target` with the new `labels` and without the `drop` keys; returns
-    the samples written and the keys read. The source must still match its recorded sha256."""
+    the samples written and the keys read. Read as the loader reads it (one pass, its count and
+    sha256 checked against `info`, unsafe member names refused): a shard that changed since it
+    was written fails the relabel, whose staging folder is then removed."""
     import webdataset as wds
 
-    if sha256(source) != expected_sha256:
-        raise DataError(
-            f"shard {source} changed since dtrain prepare wrote it (sha256 differs from its "
-            "dataset.json); re-create that dataset before relabelling it"
-        )
+    from dtrain.train.shards import read_shard
+
     count, seen = 0, set()
-    with tarfile.open(source, "r") as tar, wds.TarWriter(str(target), mtime=0) as writer:
-        for key, members in _tar_samples(tar, source):
-            seen.add(key)
-            if key in drop:
+    with wds.TarWriter(str(target), mtime=0) as writer:
+        for sample in read_shard(str(source), info["count"], info["sha256"], strict=True):
+            if sample.problem:
+                raise DataError(sample.problem)
+            seen.add(sample.key)
+            if sample.key in drop:
                 continue
-            if key in labels:
-                members = _relabelled(members, labels[key])
-            writer.write({"__key__": key, **members})
+            members = sample.members
+            if sample.key in labels:
+                members = _relabelled(members, labels[sample.key])
+            writer.write({"__key__": sample.key, **members})
             count += 1
     return count, seen
 
@@ -275,9 +255,7 @@ def _write_shards(
                 raise DataError(f"shard {dataset / name} changed since dtrain prepare wrote it")
             link_atomic(dataset / name, staging / name)
         else:
-            count, seen = rewrite_shard(
-                dataset / name, staging / name, changed, dropped, info["sha256"]
-            )
+            count, seen = rewrite_shard(dataset / name, staging / name, changed, dropped, info)
             if missing := sorted(edits_in[name] - seen):
                 raise DataError(
                     f"{dataset / MANIFEST} puts {missing[0]} in shard {name}, which does not hold "
