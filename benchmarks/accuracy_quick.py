@@ -42,6 +42,7 @@ def run(method: str, seed: int, args: argparse.Namespace) -> dict:
             f"data.image_size={args.image_size}",
             f"train.run_dir={run_dir}",
             "train.progress=false",
+            "train.refine_rounds=0",  # the methods alone; benchmarks/study.py adds the rounds
             *([f"data.path={args.data}"] if args.data else []),
             *args.overrides,
         ]

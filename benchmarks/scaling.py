@@ -47,6 +47,7 @@ def measure(processes: int, args: argparse.Namespace, workdir: Path) -> float:
         f"data.num_workers={args.workers}",
         "train.progress=false",
         "method.score_epochs=1",
+        "train.refine_rounds=0",  # one training: throughput, not the clean-up rounds
         *args.overrides,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // processes))}

@@ -21,6 +21,7 @@ from dtrain.config_values import coerce, read_yaml_mapping
 from dtrain.errors import ConfigError
 from dtrain.files import write_atomic
 from dtrain.registry import METHODS, MethodName
+from dtrain.train.selection import SelectRule
 
 
 def operational(default: Any) -> Any:
@@ -114,6 +115,16 @@ class TrainConfig:
     # a DeepSpeed JSON config (configs/deepspeed/zero{1,2,3}.json) runs the DeepSpeed engine;
     # empty: Accelerate (DDP). "auto" values are filled from this config.
     deepspeed: str = ""
+    # which weights become best.pt, chosen without clean labels (dtrain.train.selection)
+    select: SelectRule = "ema_last"
+    select_window: int = 5  # epochs averaged by noisy_val_smoothed
+    # a moving average of the weights, kept beside them and evaluated each epoch; 0: none
+    ema_decay: float = 0.998
+    # label clean-up rounds (dtrain.train.refine): after a round, the samples the ranking
+    # suspects most and the model disagrees with are relabelled to its prediction, and the next
+    # round trains on the corrected labels; 0: train once
+    refine_rounds: int = 1
+    refine_init: Literal["scratch", "warm"] = "scratch"  # warm: from the previous round's weights
 
 
 @dataclass
@@ -185,6 +196,9 @@ class Config:
         )
         for key in ("stop_after_steps", "checkpoint_every_steps", "checkpoint_every_minutes"):
             _check(getattr(t, key) >= 0, f"train.{key}", getattr(t, key), ">= 0 (0: off)")
+        _check(t.select_window >= 1, "train.select_window", t.select_window, ">= 1")
+        _check(0 <= t.ema_decay < 1, "train.ema_decay", t.ema_decay, "in [0, 1) (0: none)")
+        _check(0 <= t.refine_rounds <= 10, "train.refine_rounds", t.refine_rounds, "in 0..10")
         _check(t.dist_timeout_s >= 1, "train.dist_timeout_s", t.dist_timeout_s, ">= 1")
         _check(
             not self.run_path.exists() or self.run_path.is_dir(),

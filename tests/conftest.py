@@ -115,7 +115,7 @@ def free_port() -> int:
 
 def small_overrides(data: Path, run_dir: Path, batch_size: int, *extra: str) -> list[str]:
     """The small, fast training config every trainer test starts from: 32 px, timm's tiny
-    test_resnet, 2 epochs, groups of 4, scores over the last epoch, no progress bars."""
+    test_resnet, 2 epochs, groups of 4, scores over the last epoch, one round, no progress bars."""
     return [
         f"data.path={data}",
         "data.image_size=32",
@@ -126,6 +126,7 @@ def small_overrides(data: Path, run_dir: Path, batch_size: int, *extra: str) -> 
         "train.progress=false",
         "method.group_size=4",
         "method.score_epochs=1",
+        "train.refine_rounds=0",
         f"train.run_dir={run_dir}",
         *extra,
     ]

@@ -105,7 +105,7 @@ def test_gradient_accumulation_equals_the_whole_batch(deepspeed, tmp_path, env):
 def test_accelerate_launch_with_a_config_file(tiny, tmp_path, env):
     """A GPU cluster's usual config (MULTI_GPU, torch elastic underneath); with no GPU the
     trainer runs each process on the CPU over gloo. (Accelerate's MULTI_CPU type would need
-    mpirun.)"""
+    mpirun.) With a label clean-up round, whose second training reuses the first's engine."""
     config = tmp_path / "accelerate.yaml"
     config.write_text(
         "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_machines: 1\n"
@@ -120,7 +120,7 @@ def test_accelerate_launch_with_a_config_file(tiny, tmp_path, env):
             "launch",
             "--config_file",
             str(config),
-            *train_args(tiny, run_dir, "train.epochs=1", "method.name=ce"),
+            *train_args(tiny, run_dir, "train.epochs=1", "method.name=ce", "train.refine_rounds=1"),
         ],
         env,
     )
@@ -128,6 +128,10 @@ def test_accelerate_launch_with_a_config_file(tiny, tmp_path, env):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["epochs"] == 1
     assert summary["test_last"]["samples"] == 26  # every test image once, over both ranks
+    # a clean-up round on the same engine: both ranks proposed and trained on the same labels
+    assert [r["round"] for r in summary["rounds"]] == [0, 1]
+    assert (run_dir / "rounds" / "0" / "corrections.parquet").is_file()
+    assert summary["rounds"][1]["labels_corrected_before"] == summary["rounds"][0]["corrections"]
 
 
 def deepspeed_launcher(nproc: int, *args: str) -> list[str]:

@@ -30,6 +30,7 @@ from dtrain.cli import main
 from dtrain.config import load_config
 from dtrain.errors import DataError
 from dtrain.prepare import PrepareConfig, prepare
+from dtrain.train.checkpoint import selected_weights
 from dtrain.train.run_eval import evaluate_run
 from dtrain.train.trainer import Trainer
 
@@ -178,7 +179,7 @@ def test_load_gives_the_model_and_the_preprocessing_of_predict(
     assert x.shape == (2, 1, 32, 32) and x.min() >= -1 and x.max() <= 1
 
     exported = load_file(run / "model.safetensors")
-    best = torch.load(run / "best.pt", weights_only=True)["model"]
+    best = selected_weights(torch.load(run / "best.pt", weights_only=True))
     assert exported.keys() == best.keys()
     for name, tensor in best.items():
         assert torch.equal(exported[name], tensor), name
@@ -236,8 +237,8 @@ def test_a_dataset_without_val_and_test_trains_and_skips_the_test(tmp_path, caps
     best = torch.load(run / "best.pt", weights_only=True)
     assert best["state"]["epoch"] == 2  # no val: best.pt follows the last epoch
     exported = load_file(run / "model.safetensors")  # written by the resumed run
-    assert exported.keys() == best["model"].keys()
-    for name, tensor in best["model"].items():
+    assert exported.keys() == selected_weights(best).keys()
+    for name, tensor in selected_weights(best).items():
         assert torch.equal(exported[name], tensor), name
 
 

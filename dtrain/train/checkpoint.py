@@ -87,6 +87,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def selected_weights(checkpoint: dict) -> dict[str, torch.Tensor]:
+    """The weights the run's selection rule picked (`train.select`): the trained ones, or their
+    moving average, which a checkpoint keeps beside them (`ema`)."""
+    if checkpoint.get("selected_weights") == "ema":
+        return checkpoint["ema"]
+    return checkpoint["model"]
+
+
 def _nbytes(value: object) -> int:
     """The bytes of the tensors in a checkpoint: about what its file takes."""
     if torch.is_tensor(value):

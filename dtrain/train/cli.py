@@ -82,18 +82,19 @@ def run_train(args: argparse.Namespace) -> None:
     config = load_config(args.config, args.overrides)
     config.validate()
     # torch and the trainer only once the config is known to be good
-    from dtrain.train.checkpoint import LAST
-    from dtrain.train.trainer import Trainer
+    from dtrain.train.refine import fit_rounds, has_progress
 
     # SIGTERM / SIGUSR1 (the CLI's first act installed the handlers) or the job's stop file:
     # checkpoint at the next log step and exit 0; `--resume` continues.
     stop_file = stop_signal.stop_file()
-    has_checkpoint = (config.run_path / LAST).exists()
-    resume = args.resume == "yes" or (args.resume == "auto" and has_checkpoint)
-    trainer = Trainer(config, resume=resume, stop=stop_signal.requested, stop_file=stop_file)
-    if args.resume == "auto" and trainer.is_main:
-        print(f"--resume auto: {'resuming' if has_checkpoint else 'starting'} {trainer.run_dir}")
-    result = trainer.fit()
+    resume = args.resume == "yes" or (args.resume == "auto" and has_progress(config))
+    result = fit_rounds(
+        config,
+        resume=resume,
+        stop=stop_signal.requested,
+        stop_file=stop_file,
+        say_resume=args.resume == "auto",
+    )
     if result.get("stopped") and stop_file is not None and stop_signal.requested.is_set():
         stop_signal.acknowledgement(stop_file).touch()
 

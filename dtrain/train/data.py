@@ -83,9 +83,10 @@ class ShardStream(IterableDataset):
         strict: bool,
         label_key: str | None = None,
         classes: list[str] | None = None,
+        relabel: dict[str, int] | None = None,
     ) -> None:
         self.urls, self.counts, self.digests, self.train = urls, counts, digests, train
-        self.label_key, self.classes = label_key, classes
+        self.label_key, self.classes, self.relabel = label_key, classes, relabel or {}
         self.batch_size, self.channels, self.num_classes = batch_size, channels, num_classes
         self.rank, self.world_size, self.workers = rank, world_size, workers
         self.seed, self.shuffle_buffer, self.strict = seed, shuffle_buffer, strict
@@ -154,13 +155,15 @@ class ShardStream(IterableDataset):
     def _decode(self, raw: RawSample) -> dict | str:
         """The decoded sample, or why it is skipped if it is corrupt and not `strict`."""
         try:
-            return decode_sample(
+            sample = decode_sample(
                 raw, self.num_classes, self.channels, self.min_side, self.label_key, self.classes
             )
         except CorruptSampleError as err:
             if self.strict:
                 raise
             return str(err)
+        sample["label"] = self.relabel.get(sample["key"], sample["label"])
+        return sample
 
     def _samples(
         self, slot: int, plan: EpochPlan | None, total: int, skip: int = 0
@@ -320,11 +323,13 @@ def make_loader(
     strict: bool = False,
     pin_memory: bool = False,
     meta: dict | None = None,
+    relabel: dict[str, int] | None = None,
 ) -> ShardLoader:
     """A loader for one rank. Rank and world size default to torch.distributed or RANK and
     WORLD_SIZE. Counts, channels and classes default to the shards' `dataset.json`, `meta` (the
     dataset folder's) or else the one beside the first shard; each shard read to its end must
-    match the checksum it lists."""
+    match the checksum it lists. `relabel` replaces the label of the samples it names (by key):
+    the corrections of a label clean-up round."""
     shard_urls = expand_urls(urls)
     if not shard_urls:
         raise DataError(f"no shards match {urls!r}")
@@ -374,6 +379,7 @@ def make_loader(
         strict=strict,
         label_key=label_key,
         classes=classes,
+        relabel=relabel,
     )
     if not resampled:
         stream.plan()  # fail now, not inside a worker, if shards < ranks x workers

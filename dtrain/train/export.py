@@ -11,7 +11,7 @@ import torch
 
 from dtrain.errors import RunFolderError
 from dtrain.files import write_atomic
-from dtrain.train.checkpoint import BEST, load_checkpoint
+from dtrain.train.checkpoint import BEST, load_checkpoint, selected_weights
 
 MODEL_FILE = "model.safetensors"
 FORMAT = "dtrain-model/1"
@@ -44,7 +44,7 @@ def export_best(run_dir: Path, channels: int) -> Path:
     }
     from safetensors.torch import save
 
-    tensors = {name: value.contiguous() for name, value in checkpoint["model"].items()}
+    tensors = {name: value.contiguous() for name, value in selected_weights(checkpoint).items()}
     content = save(tensors, {key: json.dumps(value) for key, value in metadata.items()})
     return write_atomic(run_dir / MODEL_FILE, content)
 

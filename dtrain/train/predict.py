@@ -64,6 +64,10 @@ def prediction_metrics(p: dict[str, np.ndarray]) -> dict[str, float]:
     return {**shipped, **{f"clean_{k}": v for k, v in clean.items()}, "samples": len(p["label"])}
 
 
-def evaluate(engine: Engine, loader: ShardLoader) -> dict[str, float]:
-    """`prediction_metrics` of the engine's network on a split (collective over the ranks)."""
-    return prediction_metrics(predict(engine.unwrap().net, loader, engine.device, engine.autocast))
+def evaluate(
+    engine: Engine, loader: ShardLoader, net: torch.nn.Module | None = None
+) -> dict[str, float]:
+    """`prediction_metrics` of `net` (default: the engine's network) on a split (collective
+    over the ranks)."""
+    net = engine.unwrap().net if net is None else net
+    return prediction_metrics(predict(net, loader, engine.device, engine.autocast))

@@ -8,6 +8,7 @@ import io
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -15,6 +16,9 @@ from dtrain.config import Config
 from dtrain.files import write_atomic
 from dtrain.train.metrics import auroc
 from dtrain.train.scores import ScoreRow
+
+if TYPE_CHECKING:
+    from dtrain.train.trainer import Trainer
 
 SUSPECTS_SHOWN = 10
 
@@ -31,6 +35,22 @@ def progress(total: int, desc: str, enabled: bool, initial: int = 0):
         leave=False,
         dynamic_ncols=True,
     )
+
+
+def banner(trainer: Trainer) -> str:
+    """What a run is about to do: method, data, processes, engine, loader, missing splits."""
+    engine = trainer.engine
+    lines = [
+        f"run {trainer.run_dir}: {trainer.config.method.name} on {trainer.data_dir}, "
+        f"{engine.num_processes} process(es) on {engine.device}, {engine.precision}, "
+        f"{type(engine).__name__}",
+        *(f"engine: {note}" for note in engine.notes),
+        f"train: {trainer.train_loader.describe()}",
+        *trainer.split_notes.values(),
+    ]
+    if trainer.relabel:
+        lines.append(f"train: {len(trainer.relabel)} label(s) corrected by earlier rounds")
+    return "\n".join(lines)
 
 
 def epoch_line(record: dict) -> str:
@@ -152,6 +172,10 @@ def plot_curves(history: list[dict], path: Path) -> None:
     if "val_accuracy" in history[-1]:
         right.plot(epochs, [r["val_accuracy"] for r in history], label="val (labels as shipped)")
         right.plot(epochs, [r["val_clean_accuracy"] for r in history], label="val (clean labels)")
+    if "val_ema_accuracy" in history[-1]:
+        right.plot(
+            epochs, [r["val_ema_clean_accuracy"] for r in history], label="val, EMA (clean labels)"
+        )
     right.set_xlabel("epoch")
     right.set_title("accuracy")
     right.set_ylim(0, 1)
@@ -166,13 +190,28 @@ def plot_curves(history: list[dict], path: Path) -> None:
 def summary_table(summary: dict) -> str:
     names = ["accuracy", "balanced_accuracy", "macro_f1", "auroc", "ece"]
     lines = [f"{'test (clean labels)':22s}" + "".join(f"{n:>19s}" for n in names)]
-    for which in ("best", "last"):
-        metrics = summary[f"test_{which}"]
+    rows = {"best": "selected (best.pt)", "last": "last epoch", "ema_last": "last EMA"}
+    for which, title in rows.items():
+        metrics = summary.get(f"test_{which}")
         if metrics is None:
             continue
+        lines.append(f"{title:22s}" + "".join(f"{metrics['clean_' + n]:19.4f}" for n in names))
+    return "\n".join(lines)
+
+
+def selection_table(picked: dict, clean_known: bool) -> str:
+    """What each selection rule would have picked, the chosen one marked."""
+    lines = [
+        f"model selection: {picked['rule']} ({picked['describe']}) picked epoch {picked['epoch']}",
+        f"  {'rule':20s}{'epoch':>6s}  {'weights':8s}{'val acc (as shipped)':>22s}"
+        + (f"{'val acc (clean)':>17s}" if clean_known else ""),
+    ]
+    for row in picked["candidates"]:
+        mark = "*" if row["rule"] == picked["rule"] else " "
         lines.append(
-            f"{which + ' checkpoint':22s}"
-            + "".join(f"{metrics['clean_' + n]:19.4f}" for n in names)
+            f"{mark} {row['rule']:20s}{row['epoch']:6d}  {row['weights']:8s}"
+            f"{row['val_accuracy']:22.3f}"
+            + (f"{row['val_clean_accuracy']:17.3f}" if clean_known else "")
         )
     return "\n".join(lines)
 
@@ -185,6 +224,9 @@ def write_run_report(
     *,
     test_best: dict | None,
     test_last: dict | None,
+    test_ema: dict | None = None,
+    selection: dict | None = None,
+    clean_known: bool = True,
     test_skipped: str | None = None,
     manifest: Path,
     classes: list[str],
@@ -198,19 +240,17 @@ def write_run_report(
     summary = {
         "method": config.method.name,
         "epochs": len(history),
-        "test_best": test_best,
+        "test_best": test_best,  # the selected weights (best.pt, train.select)
         "test_last": test_last,
+        "test_ema_last": test_ema,  # the weight average at the last epoch
         "test_skipped": test_skipped,  # why there is no test (no test split), else null
-        "best_epoch": None,
+        "best_epoch": selection["epoch"] if selection else None,
+        "selection": selection,
         "mislabel_auroc": {},
         # samples the loader could not use (data.strict=false), and why (the first ones)
         "skipped_samples": {"count": skipped[0], "which": skipped[1]},
     }
     if history:
-        # without val, best.pt is the last epoch's
-        has_val = "val_accuracy" in history[-1]
-        best = max(history, key=lambda r: r["val_accuracy"]) if has_val else history[-1]
-        summary["best_epoch"] = best["epoch"]
         plot_curves(history, run_dir / "curves.png")
     if scores:
         rows, aurocs = label_scores(scores, manifest)
@@ -235,6 +275,8 @@ def write_run_report(
             for r in rows[:SUSPECTS_SHOWN]
         ]
     write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    if selection is not None and "val_accuracy" in history[-1]:
+        print(selection_table(selection, clean_known))
     if test_last is not None:
         print(summary_table(summary))
     if skipped[0]:

@@ -13,7 +13,7 @@ import torch
 
 from dtrain.config import config_from_dict
 from dtrain.errors import DataError, RunFolderError
-from dtrain.train.checkpoint import load_checkpoint
+from dtrain.train.checkpoint import load_checkpoint, selected_weights
 from dtrain.train.data import make_loader
 from dtrain.train.dataset import read_dataset_json, split_urls
 from dtrain.train.export import MODEL_FILE, read_model_file
@@ -69,7 +69,8 @@ def load_trained(
             )
         saved = load_checkpoint(source)
         config = config_from_dict(saved["config"])
-        weights, classes = saved["model"], saved["classes"]
+        weights = selected_weights(saved) if checkpoint == "best" else saved["model"]
+        classes = saved["classes"]
         channels = saved.get("channels") or _dataset_channels(run_dir)
         image_size, precision = config.data.image_size, config.train.precision
     # the weights come from the file: never fetch the backbone's pretrained ones

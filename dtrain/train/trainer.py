@@ -24,19 +24,13 @@ import torch
 from dtrain import distributed
 from dtrain.config import Config, save_config
 from dtrain.errors import NonFiniteLossError
-from dtrain.train import report
-from dtrain.train.checkpoint import (
-    BEST,
-    LAST,
-    Cadence,
-    CheckpointSaver,
-    TrainState,
-    load_checkpoint,
-)
+from dtrain.train import report, selection
+from dtrain.train.checkpoint import LAST, Cadence, CheckpointSaver, TrainState, load_checkpoint
 from dtrain.train.data import ShardLoader, make_loader
 from dtrain.train.dataset import read_dataset_json, resolve_data_dir, split_urls, training_splits
-from dtrain.train.engine import make_engine
-from dtrain.train.export import export_best
+from dtrain.train.ema import WeightAverage
+from dtrain.train.engine import Engine, make_engine
+from dtrain.train.final import finish_run
 from dtrain.train.losses import rank_weight
 from dtrain.train.model import build_model
 from dtrain.train.predict import evaluate
@@ -65,7 +59,9 @@ class Trainer:
     it), `on_step(StepInfo)` after each optimiser step; `request_stop()` (a preemption signal),
     a set `stop` event or the appearance of `stop_file` (a SLURM job's warning) makes `fit`
     checkpoint and return at the next log step (`train.log_every`), on every rank at the same
-    step."""
+    step. Label clean-up rounds (`dtrain.train.refine`) hand over an `engine` to share, the
+    training labels they corrected (`relabel`, by sample key) and the weights to start from
+    (`init_weights`, a checkpoint)."""
 
     def __init__(
         self,
@@ -75,6 +71,9 @@ class Trainer:
         resume: bool = False,
         stop: threading.Event | None = None,
         stop_file: Path | None = None,
+        engine: Engine | None = None,
+        relabel: dict[str, int] | None = None,
+        init_weights: Path | None = None,
     ) -> None:
         config.validate()
         self.config = config
@@ -84,7 +83,9 @@ class Trainer:
         self._stop = stop or threading.Event()
         self._stop_file = stop_file
         self._stopping = False  # agreed by every rank: only this ends the loop
-        self.engine = make_engine(config)
+        self._owns_engine = engine is None
+        self.engine = engine or make_engine(config)
+        self.relabel, self.init_weights = relabel, init_weights
         config.validate()  # again: a DeepSpeed file may have set values (dtrain.train.ds_config)
         self.run_dir = config.run_path
 
@@ -124,6 +125,7 @@ class Trainer:
             strict=d.strict,
             pin_memory=self.engine.device.type == "cuda",
             meta=self.meta,  # shards indexed elsewhere are listed only there
+            relabel=self.relabel if train else None,
         )
 
     def build(self) -> None:
@@ -147,6 +149,15 @@ class Trainer:
             net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
         model = TrainStep(net, cfg.method, len(self.classes), forget_rate(cfg, self.meta))
         self.engine.prepare(model)
+        if self.init_weights is not None:
+            self.net.load_state_dict(load_checkpoint(self.init_weights)["model"])
+        t = cfg.train
+        # ZeRO-3 partitions the weights over the ranks: no rank could average them whole
+        average = t.ema_decay > 0 and self.engine.holds_full_weights
+        self.ema = WeightAverage(self.net, t.ema_decay) if average else None
+        self.rule = selection.effective_rule(
+            t.select, self.ema is not None, self.val_loader is not None
+        )
         self.state = TrainState()
         self.scores = ScoreAccumulator()
         self.saver = CheckpointSaver(self.run_dir, self.engine)
@@ -160,6 +171,8 @@ class Trainer:
             self.state.load_state_dict(ckpt["state"])
             self.state.nonfinite_in_a_row = 0  # a resume is a fresh chance
             self.scores.load_state_dict(ckpt["scores"])
+            if self.ema is not None:
+                self.ema.load_state_dict(ckpt["ema"])
         t = self.config.train
         self.cadence = Cadence(
             t.checkpoint_every_steps, t.checkpoint_every_minutes, self.state.step
@@ -176,6 +189,8 @@ class Trainer:
             "rng": rng_states_of_all_ranks(),
             "state": self.state.state_dict(),
             "scores": self.scores.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "selected_weights": selection.RULES[self.rule].weights,
             "config": self.config.to_dict(),
             "classes": self.classes,
             "channels": self.meta["images"]["channels"],
@@ -187,10 +202,11 @@ class Trainer:
         self.cadence.saved(self.state.step)
         return path
 
-    def evaluate(self, loader: ShardLoader) -> dict[str, float]:
-        """Metrics on a split (collective: every rank scores its share)."""
+    def evaluate(self, loader: ShardLoader, net: torch.nn.Module | None = None) -> dict[str, float]:
+        """Metrics of `net` (default: the trained network) on a split (collective: every rank
+        scores its share)."""
         self.engine.sync_buffers()
-        return evaluate(self.engine, loader)
+        return evaluate(self.engine, loader, net)
 
     # -- training ------------------------------------------------------------------------------
 
@@ -243,6 +259,8 @@ class Trainer:
                 lr = cfg.optim.lr * lr_factor(progress, cfg.optim.warmup_epochs, cfg.train.epochs)
                 nonfinite.update(engine.step(lr))
                 state.step += 1
+                if self.ema is not None:
+                    self.ema.update(self.net, state.step)
             for sums in (epoch_sums, window):
                 sums.add_step(out, batch)
             state.note_skipped(batch.get("skipped", []))
@@ -347,14 +365,7 @@ class Trainer:
         cfg, state = self.config, self.state
         self._first_step = state.step
         if self.is_main:
-            print(
-                f"run {self.run_dir}: {cfg.method.name} on {self.data_dir}, "
-                f"{self.engine.num_processes} process(es) on {self.engine.device}, "
-                f"{self.engine.precision}, {type(self.engine).__name__}"
-            )
-            for note in self.engine.notes:
-                print(f"engine: {note}")
-            print("\n".join([f"train: {self.train_loader.describe()}", *self.split_notes.values()]))
+            print(report.banner(self))
         while state.epoch < cfg.train.epochs:
             train_metrics = self._train_epoch()
             if self._stopping and state.batch < len(self.train_loader):
@@ -366,6 +377,10 @@ class Trainer:
                     )
                 return self._close({"stopped": True, "epoch": state.epoch, "batch": state.batch})
             val = self.evaluate(self.val_loader) if self.val_loader is not None else {}
+            if val and self.ema is not None:
+                val |= {
+                    f"ema_{k}": v for k, v in self.evaluate(self.val_loader, self.ema.net).items()
+                }
             record = {
                 "kind": "epoch",
                 "epoch": state.epoch + 1,
@@ -377,8 +392,9 @@ class Trainer:
             state.history.append(record)
             state.epoch += 1
             state.batch = 0
-            improved = not val or val["accuracy"] > state.best_val  # no val: the last is best
-            state.best_val = max(state.best_val, val.get("accuracy", state.best_val))
+            value = selection.score(self.rule, state.history, cfg.train.select_window)
+            improved = selection.improves(self.rule, value, state.best_val)
+            state.best_val = value if improved else state.best_val
             path = self._save(best=improved)
             if self.is_main:
                 self.log.write(record)
@@ -390,30 +406,11 @@ class Trainer:
         return self._finish()
 
     def _finish(self) -> dict:
-        test_last = self.evaluate(self.test_loader) if self.test_loader is not None else None
-        test_best = None  # under ZeRO-3 `dtrain eval RUN_DIR` scores best.pt
-        if self.test_loader is not None and self.engine.holds_full_weights:
-            self.net.load_state_dict(load_checkpoint(self.run_dir / BEST)["model"])
-            test_best = self.evaluate(self.test_loader)
-        summary = {}
-        if self.is_main:
-            export_best(self.run_dir, self.meta["images"]["channels"])  # model.safetensors
-            summary = report.write_run_report(
-                self.run_dir,
-                self.config,
-                self.state.history,
-                self.scores.rows,
-                test_best=test_best,
-                test_last=test_last,
-                test_skipped=self.split_notes.get("test"),
-                manifest=self.data_dir / "manifest.parquet",
-                classes=self.classes,
-                skipped=(self.state.corrupt_samples, self.state.skipped),
-            )
-        return self._close(summary)
+        return self._close(finish_run(self))
 
     def _close(self, result: dict) -> dict:
         if self.is_main:
             self.log.close()
-        self.engine.close()
+        if self._owns_engine:
+            self.engine.close()
         return result

@@ -148,11 +148,26 @@ def load_search(
     settings.validate()
     base = load_config(config_path, overrides)
     base.validate()
+    _one_round(base)
     space = parse_space(values.get("space"), base, str(path))
+    if any(d.key == "train.refine_rounds" for d in space):
+        raise ConfigError(f"search file {path}: train.refine_rounds cannot be searched")
     _absolute_paths(base)  # last: it may prepare the embedded set
     if settings.algorithm == "tpe" and settings.num_samples < 2:
         raise ConfigError("search.algorithm=tpe needs search.num_samples >= 2")
     return Search(settings, space, base, str(path))
+
+
+def _one_round(base: Config) -> None:
+    """A trial is one round of training: its epochs are what the scheduler compares. The
+    label clean-up rounds (train.refine_rounds) belong to the final training of the config the
+    search finds, so a search turns them off unless asked for them, which it refuses."""
+    if base.train.refine_rounds and "train.refine_rounds" in base.explicit_keys:
+        raise ConfigError(
+            "train.refine_rounds: a search trial trains one round (drop the key, then train the "
+            "best trial's config with rounds)"
+        )
+    base.train.refine_rounds = 0
 
 
 def max_epochs_of(search: Search) -> int:

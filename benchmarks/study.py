@@ -1,0 +1,138 @@
+"""The accuracy study: methods x label noise x seeds on the embedded Br35H set, at a size that
+fits a 2-core CPU (32 px crops of images stored at 40 px, resnet10t, 12 epochs), and
+cleanlab's detection and prune-and-retrain as the anchor (`benchmarks/cleanlab_anchor.py`).
+
+    python benchmarks/study.py                      # everything, in priority order; resumable
+    python benchmarks/study.py --report-only        # tables and plot from the runs so far
+
+Each run is `benchmarks/study_run.py` in its own process, in runs/study/<noise>/<method>_seed<s>;
+a run whose study.json exists is not repeated, a run cut off is started again. After every run
+the table of all runs so far is rewritten: benchmarks/results/study/runs.parquet (one row per
+run), study.md (mean ± std tables) and study.png, and benchmarks/results/study.json."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import REPO, RESULTS, preset, write_result
+
+from dtrain.config import TrainConfig
+
+NOISES = {  # name: dtrain prepare options
+    "sym0.4": ["--noise", "symmetric", "--noise-rate", "0.4"],
+    "inst0.3": ["--noise", "instance", "--noise-rate", "0.3"],
+    "sym0.2": ["--noise", "symmetric", "--noise-rate", "0.2"],
+    "asym0.2": ["--noise", "asymmetric", "--noise-rate", "0.2", "--noise-map", "1,0"],
+}
+MAIN_NOISES, EXTRA_NOISES = ("sym0.4", "inst0.3"), ("sym0.2", "asym0.2")
+METHODS = {  # name in the tables: (preset, extra overrides)
+    "ce": ("ce", []),
+    "mixup": ("mixup", []),
+    "gce": ("gce", []),
+    "sce": ("sce", []),
+    "coteaching": ("coteaching", []),
+    "afm": ("afm", []),
+    "iam_no_con": ("iam_no_con", []),
+    "iam_no_mixup": ("iam_no_mixup", []),
+    "iam": ("iam", []),
+    "iam+rounds": ("iam", ["train.refine_rounds=1"]),
+}
+WARM_VARIANT = {"iam+rounds(warm)": ("iam", ["train.refine_rounds=1", "train.refine_init=warm"])}
+OUT = RESULTS / "study"
+
+
+def prepare(noise: str, data_root: Path) -> Path:
+    """The study's copy of the embedded set with this noise, images stored at 40 px."""
+    out = data_root / noise
+    if not (out / "dataset.json").is_file():
+        command = [sys.executable, "-m", "dtrain.cli", "prepare", "--out", str(out)]
+        command += [*NOISES[noise], "--resize", "40", "--no-progress"]
+        subprocess.run(command, check=True)
+    return out
+
+
+def plan(seeds: list[int]) -> list[tuple[str, str, int]]:
+    """(method, noise, seed) in the order that makes partial results most useful: every
+    method once on the two main noise kinds, then the other seeds, then the extra kinds."""
+    first, rest = seeds[:1], seeds[1:]
+    runs = [(m, n, s) for s in first for n in MAIN_NOISES for m in METHODS]
+    runs += [(m, n, s) for s in first for n in MAIN_NOISES for m in WARM_VARIANT]
+    runs += [(m, n, s) for s in rest for n in MAIN_NOISES for m in METHODS]
+    runs += [(m, n, s) for s in first for n in EXTRA_NOISES for m in METHODS]
+    return runs
+
+
+def run_one(method: str, noise: str, seed: int, args: argparse.Namespace) -> None:
+    run_dir = Path(args.runs) / noise / f"{method}_seed{seed}"
+    if (run_dir / "study.json").is_file():
+        return
+    if run_dir.exists():  # cut off: its per-epoch test scores are incomplete, start again
+        shutil.rmtree(run_dir)
+    name, extra = {**METHODS, **WARM_VARIANT}[method]
+    overrides = [
+        f"data.path={prepare(noise, Path(args.data))}",
+        f"data.image_size={args.image_size}",
+        f"model.backbone={args.backbone}",
+        f"train.epochs={args.epochs}",
+        f"train.seed={seed}",
+        "train.refine_rounds=0",  # the methods as they are; rounds where `extra` asks
+        *extra,
+    ]
+    print(f"[{time.strftime('%H:%M:%S')}] {noise} {method} seed {seed}", flush=True)
+    log = run_dir.parent / f"{run_dir.name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as handle:
+        subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "benchmarks" / "study_run.py"),
+                str(run_dir),
+                str(preset(name)),
+                *overrides,
+            ],
+            check=True,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--backbone", default="resnet10t")
+    parser.add_argument("--runs", default="runs/study")
+    parser.add_argument("--data", default="data/study")
+    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--no-cleanlab", action="store_true")
+    args = parser.parse_args()
+    from study_report import write_report
+
+    if not args.report_only:
+        for method, noise, seed in plan(args.seeds):
+            run_one(method, noise, seed, args)
+            write_report(Path(args.runs), TrainConfig.select, OUT)
+            first_seed_done = (method, noise, seed) == (
+                "iam+rounds(warm)",
+                MAIN_NOISES[-1],
+                args.seeds[0],
+            )
+            if first_seed_done and not args.no_cleanlab:  # the anchor, once every method ran
+                from cleanlab_anchor import run_anchor
+
+                for n in MAIN_NOISES:
+                    run_anchor(n, args.seeds[0], args, prepare(n, Path(args.data)))
+    summary = write_report(Path(args.runs), TrainConfig.select, OUT)
+    write_result("study", {**summary, "settings": vars(args)})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""The study's tables and plot from its run folders (`benchmarks/study.py`): one Parquet row
+per run, mean ± std per (noise, method) in Markdown, a bar plot, and the selection rules
+against each other."""
+
+from __future__ import annotations
+
+import io
+import json
+import statistics
+from pathlib import Path
+
+from dtrain.files import write_atomic
+from dtrain.train.selection import RULES
+
+ANCHOR = "cleanlab.json"
+
+
+def collect(runs: Path) -> list[dict]:
+    rows = []
+    for path in sorted(runs.glob("*/*/study.json")):
+        record = json.loads(path.read_text())
+        method, seed = path.parent.name.rsplit("_seed", 1)
+        row = {
+            "noise": path.parent.parent.name,
+            "method": method,
+            "seed": int(seed),
+            "wall_seconds": record["wall_seconds"],
+            "select": record["select"],
+            "selected_acc": record["test_best"]["clean_accuracy"],
+            "selected_bacc": record["test_best"]["clean_balanced_accuracy"],
+            "last_acc": record["test_last"]["clean_accuracy"],
+            "last_bacc": record["test_last"]["clean_balanced_accuracy"],
+            "ema_last_acc": record["test_ema_last"]["clean_accuracy"],
+            "auroc_loss": record["mislabel_auroc"].get("loss"),
+            "auroc_attention": record["mislabel_auroc"].get("attention"),
+        }
+        if record["rounds"]:  # the first round's ranking: the method's own
+            first = record["rounds"][0]
+            row["auroc_loss"] = first["mislabel_auroc"].get("loss")
+            row["auroc_attention"] = first["mislabel_auroc"].get("attention")
+            row["label_error_before"] = first["label_error"]
+            row["label_error_after"] = record["rounds"][-1]["label_error"]
+        for rule, pick in record["rules"].items():
+            row[f"rule_{rule}_acc"] = pick["clean_accuracy"]
+            row[f"rule_{rule}_epoch"] = pick["epoch"]
+        rows.append(row)
+    return rows
+
+
+def mean_std(values: list) -> tuple[float, float, int] | None:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return (
+        statistics.fmean(values),
+        statistics.stdev(values) if len(values) > 1 else 0.0,
+        len(values),
+    )
+
+
+def fmt(stat: tuple[float, float, int] | None) -> str:
+    if stat is None:
+        return "–"
+    mean, std, n = stat
+    return f"{mean:.3f} ± {std:.3f}" if n > 1 else f"{mean:.3f} (1 seed)"
+
+
+def method_table(rows: list[dict], noise: str, methods: list[str]) -> tuple[str, dict]:
+    lines = [
+        f"**{noise}** (clean test labels; mean ± std over seeds)",
+        "",
+        "| method | seeds | selected acc | selected bal. acc | last acc | EMA last acc "
+        "| mislabel AUROC loss | attention |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    stats = {}
+    for method in methods:
+        mine = [r for r in rows if r["noise"] == noise and r["method"] == method]
+        if not mine:
+            continue
+        cell = {
+            key: mean_std([r.get(key) for r in mine])
+            for key in (
+                "selected_acc",
+                "selected_bacc",
+                "last_acc",
+                "ema_last_acc",
+                "auroc_loss",
+                "auroc_attention",
+            )
+        }
+        stats[method] = cell
+        lines.append(f"| {method} | {len(mine)} | " + " | ".join(fmt(cell[k]) for k in cell) + " |")
+    return "\n".join(lines), stats
+
+
+def rule_table(rows: list[dict]) -> tuple[str, dict]:
+    """Each rule's clean test accuracy minus the better of last and EMA-last, per noise kind,
+    over the runs that scored every rule."""
+    scored = [r for r in rows if "rule_last_acc" in r]
+    noises = sorted({r["noise"] for r in scored})
+    lines = [
+        "| rule | " + " | ".join(f"{n}: acc | {n}: vs best of last/EMA" for n in noises) + " |",
+        "|---|" + "---|---|" * len(noises),
+    ]
+    stats = {}
+    for rule in RULES:
+        cells = []
+        for noise in noises:
+            mine = [r for r in scored if r["noise"] == noise]
+            acc = mean_std([r[f"rule_{rule}_acc"] for r in mine])
+            gap = mean_std(
+                [
+                    r[f"rule_{rule}_acc"] - max(r["rule_last_acc"], r["rule_ema_last_acc"])
+                    for r in mine
+                ]
+            )
+            stats[f"{rule}/{noise}"] = {"acc": acc, "gap": gap, "runs": len(mine)}
+            cells += [fmt(acc), fmt(gap)]
+        lines.append(f"| {rule} | " + " | ".join(cells) + " |")
+    return "\n".join(lines), stats
+
+
+def plot(rows: list[dict], methods: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    noises = sorted({r["noise"] for r in rows})
+    fig, axes = plt.subplots(1, len(noises), figsize=(5 * len(noises), 4.5), squeeze=False)
+    for ax, noise in zip(axes[0], noises, strict=True):
+        names, means, stds = [], [], []
+        for method in methods:
+            stat = mean_std(
+                [r["selected_acc"] for r in rows if r["noise"] == noise and r["method"] == method]
+            )
+            if stat:
+                names.append(method)
+                means.append(stat[0])
+                stds.append(stat[1])
+        ax.barh(names, means, xerr=stds, color="tab:blue")
+        ax.set_xlim(0.5, 1.0)
+        ax.set_title(f"{noise}: clean test accuracy, selected model")
+        ax.invert_yaxis()
+    fig.tight_layout()
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=100)
+    plt.close(fig)
+    write_atomic(path, image.getvalue())
+
+
+def write_report(runs: Path, default_rule: str, out: Path) -> dict:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from study import METHODS, WARM_VARIANT
+
+    rows = collect(runs)
+    out.mkdir(parents=True, exist_ok=True)
+    if not rows:
+        return {"runs": 0}
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows), sink)
+    write_atomic(out / "runs.parquet", sink.getvalue().to_pybytes())
+    methods = [*METHODS, *WARM_VARIANT]
+    parts = [
+        "# dtrain accuracy study",
+        "",
+        f"Selected model: `train.select={default_rule}`. Made by `python benchmarks/study.py`.",
+        "",
+    ]
+    tables = {}
+    for noise in sorted({r["noise"] for r in rows}):
+        text, tables[noise] = method_table(rows, noise, methods)
+        parts += [text, ""]
+    rules_text, rules = rule_table(rows)
+    parts += ["## Selection rules (methods without rounds)", "", rules_text, ""]
+    anchor = runs / ANCHOR
+    cleanlab = json.loads(anchor.read_text()) if anchor.is_file() else None
+    if cleanlab:
+        from cleanlab_anchor import anchor_table
+
+        parts += ["## cleanlab as the anchor", "", anchor_table(cleanlab, rows), ""]
+    write_atomic(out / "study.md", "\n".join(parts))
+    plot(rows, methods, out / "study.png")
+    return {"runs": len(rows), "tables": tables, "rules": rules, "cleanlab": cleanlab}

@@ -1,0 +1,195 @@
+"""Label clean-up rounds (`train.refine_rounds`): train, let the run's own ranking propose label
+corrections, train again on the corrected labels; no clean label is used.
+
+After a round, a sample's label is changed to the model's prediction when the sample is among
+the top q by suspicion (its mean training loss over the last `method.score_epochs` epochs, the
+score that finds injected wrong labels best in `benchmarks/study.py`) *and* the prediction
+disagrees with its label; q is the fraction of all samples whose prediction disagrees, the
+data's own estimate of its noise rate. The next round trains from scratch (or warm, from the
+previous round's last weights: `train.refine_init`) on the corrected labels.
+
+A run folder with rounds holds `rounds/<i>/` (a complete run each, with its
+`corrections.parquet`: key, old, new, suspicion, rank, for a person to audit) and the final
+round in the folder itself, so `dtrain eval`, `dtrain.load` and `dtrain predict` see the final
+model. A round that finished is not repeated under `--resume`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import threading
+from pathlib import Path
+
+from dtrain.config import Config
+from dtrain.errors import RunFolderError
+from dtrain.files import write_atomic, write_json_atomic
+from dtrain.train.checkpoint import LAST
+from dtrain.train.engine import make_engine
+from dtrain.train.scores import ScoreRow
+from dtrain.train.trainer import Trainer
+
+ROUNDS = "rounds"
+CORRECTIONS = "corrections.parquet"
+CORRECTION_COLUMNS = ("key", "old", "new", "suspicion", "rank", "was_wrong")
+
+
+def round_dirs(run_dir: Path, rounds: int) -> list[Path]:
+    """Where each round runs: `rounds/0 .. rounds/R-1`, then the run folder itself."""
+    return [run_dir / ROUNDS / str(i) for i in range(rounds)] + [run_dir]
+
+
+def has_progress(config: Config, saved_only: bool = False) -> bool:
+    """Whether any round of this run has written anything (what `--resume auto` looks for);
+    `saved_only`: a checkpoint or a finished round, what a fresh start would overwrite."""
+    marks = (LAST, CORRECTIONS) if saved_only else (LAST, CORRECTIONS, "config.yaml")
+    dirs = round_dirs(config.run_path, config.train.refine_rounds)
+    return any((d / mark).exists() for d in dirs for mark in marks)
+
+
+def propose(rows: list[ScoreRow]) -> list[dict]:
+    """The corrections a finished round proposes (see the module docstring), most suspicious
+    first. `was_wrong` says whether the old label was a wrong one, where that is known (the
+    clean label `dtrain prepare` kept); it is reported, never used."""
+    scored = [r for r in rows if not math.isnan(r.loss_score)]
+    disagree = sum(r.predicted != r.label for r in scored)
+    ranked = sorted(scored, key=lambda r: -r.loss_score)[:disagree]  # the top q
+    return [
+        {
+            "key": r.key,
+            "old": r.label,
+            "new": r.predicted,
+            "suspicion": r.loss_score,
+            "rank": rank,
+            "was_wrong": r.is_noisy,
+        }
+        for rank, r in enumerate(ranked, 1)
+        if r.predicted != r.label
+    ]
+
+
+def write_corrections(path: Path, corrections: list[dict]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({c: [row[c] for row in corrections] for c in CORRECTION_COLUMNS})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    write_atomic(path, sink.getvalue().to_pybytes())
+
+
+def read_corrections(path: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pylist()
+
+
+def _round_record(index: int, trainer: Trainer, summary: dict, corrections: list[dict]) -> dict:
+    rows = trainer.scores.rows.values()
+    wrong = sum(r.is_noisy for r in rows)
+    return {
+        "round": index,
+        "run_dir": str(trainer.run_dir),
+        "labels_corrected_before": len(trainer.relabel or {}),
+        "label_error": wrong / max(1, len(rows)),  # of the labels this round trained on
+        "mislabel_auroc": summary.get("mislabel_auroc", {}),
+        "test_best_clean_accuracy": (summary.get("test_best") or {}).get("clean_accuracy"),
+        "test_last_clean_accuracy": (summary.get("test_last") or {}).get("clean_accuracy"),
+        "corrections": len(corrections),
+        "corrections_of_wrong_labels": sum(c["was_wrong"] for c in corrections),
+    }
+
+
+def fit_rounds(
+    config: Config,
+    resume: bool = False,
+    stop: threading.Event | None = None,
+    stop_file: Path | None = None,
+    say_resume: bool = False,
+) -> dict:
+    """Every round in turn (one engine shared by all), then `rounds.json` and the rounds added
+    to the final summary; returns the final round's summary, or its stop result. `say_resume`:
+    print whether the run resumes or starts (what `--resume auto` decided)."""
+    rounds, run_dir = config.train.refine_rounds, config.run_path
+    dirs = round_dirs(run_dir, rounds)
+    if resume and not has_progress(config):
+        raise RunFolderError(
+            f"{run_dir} holds no run to resume (no {LAST}, no config.yaml); "
+            "drop --resume to start it"
+        )
+    if not resume and has_progress(config, saved_only=True):
+        raise RunFolderError(
+            f"{run_dir} already holds a run; pass --resume to continue it or set train.run_dir "
+            "to start a new one"
+        )
+    engine = make_engine(config)
+    if say_resume and engine.is_main:
+        print(f"--resume auto: {'resuming' if resume else 'starting'} {run_dir}")
+    relabel: dict[str, int] = {}
+    records: list[dict] = []
+    result: dict = {}
+    try:
+        for index, folder in enumerate(dirs):
+            corrections_file = folder / CORRECTIONS
+            if folder != run_dir and corrections_file.is_file():  # finished earlier
+                records.append(json.loads((folder / "round.json").read_text()))
+                relabel.update({c["key"]: c["new"] for c in read_corrections(corrections_file)})
+                continue
+            if engine.is_main and rounds:
+                print(f"label clean-up round {index} of {rounds} in {folder}")
+            trainer = Trainer(
+                dataclasses.replace(
+                    config, train=dataclasses.replace(config.train, run_dir=str(folder))
+                ),
+                resume=resume and (folder / "config.yaml").exists(),
+                stop=stop,
+                stop_file=stop_file,
+                engine=engine,
+                relabel=dict(relabel),
+                init_weights=_warm_start(config, dirs, index),
+            )
+            result = trainer.fit()
+            if result.get("stopped"):
+                return result
+            corrections = propose(list(trainer.scores.rows.values())) if folder != run_dir else []
+            record = _round_record(index, trainer, result, corrections)
+            records.append(record)
+            if folder != run_dir:
+                if engine.is_main:  # round.json before the corrections: they mark it done
+                    write_json_atomic(folder / "round.json", record)
+                    write_corrections(corrections_file, corrections)
+                relabel.update({c["key"]: c["new"] for c in corrections})
+        if engine.is_main and rounds:
+            result["rounds"] = records
+            write_json_atomic(run_dir / "summary.json", result)
+            write_json_atomic(run_dir / "rounds.json", records)
+            print(rounds_table(records))
+        return result
+    finally:
+        engine.close()
+
+
+def _warm_start(config: Config, dirs: list[Path], index: int) -> Path | None:
+    if config.train.refine_init != "warm" or index == 0:
+        return None
+    return dirs[index - 1] / LAST
+
+
+def rounds_table(records: list[dict]) -> str:
+    """One line per round: its labels, how well its ranking found their errors, its model."""
+    lines = [
+        f"{'round':>5s}{'label error':>13s}{'AUROC loss':>12s}{'corrected':>11s}"
+        f"{'of them wrong':>15s}{'test acc selected':>19s}{'last':>8s}"
+    ]
+    for r in records:
+        best, last = r["test_best_clean_accuracy"], r["test_last_clean_accuracy"]
+        found = r["mislabel_auroc"].get("loss", math.nan)
+        lines.append(
+            f"{r['round']:5d}{r['label_error']:13.3f}{found:12.3f}"
+            f"{r['corrections']:11d}{r['corrections_of_wrong_labels']:15d}"
+            f"{best if best is not None else math.nan:19.3f}"
+            f"{last if last is not None else math.nan:8.3f}"
+        )
+    return "label clean-up rounds (label error and test accuracy against the clean labels):\n" + (
+        "\n".join(lines)
+    )

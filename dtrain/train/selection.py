@@ -1,0 +1,107 @@
+"""Which epoch's weights become `best.pt`, chosen without clean labels (`train.select`).
+
+At 40% symmetric noise on two classes, accuracy on noisy val labels moves only 0.2 points per
+point of clean accuracy, so its sampling noise swamps the signal; with instance-dependent noise
+the wrong val labels sit on the hard images, and an early, near-constant model agrees with them
+best. The rules here are measured against each other in `benchmarks/study.py` (README, "Model
+selection"); each returns, for a run's epoch history, the score of its newest epoch (higher is
+better), so the trainer can decide online, and `picks` replays a rule over a finished history
+for the report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+SelectRule = Literal["last", "ema_last", "noisy_val", "noisy_val_smoothed", "ema_noisy_val"]
+
+
+@dataclass(frozen=True)
+class Rule:
+    weights: Literal["raw", "ema"]
+    metric: str | None  # the epoch record's key the rule maximises; None: the newest epoch
+    smoothed: bool = False  # mean over the last `train.select_window` epochs
+    newer_on_tie: bool = True
+    describe: str = ""
+
+
+RULES: dict[str, Rule] = {
+    "last": Rule("raw", None, describe="the last epoch's weights"),
+    "ema_last": Rule("ema", None, describe="the weight average (EMA) at the last epoch"),
+    "noisy_val": Rule(
+        "raw",
+        "val_accuracy",
+        newer_on_tie=False,
+        describe="the epoch with the best accuracy on the val labels as shipped",
+    ),
+    "noisy_val_smoothed": Rule(
+        "raw",
+        "val_accuracy",
+        smoothed=True,
+        describe="the epoch ending the best window of mean val accuracy (labels as shipped)",
+    ),
+    "ema_noisy_val": Rule(
+        "ema",
+        "val_ema_accuracy",
+        describe="the weight average at the epoch its val accuracy (labels as shipped) is best",
+    ),
+}
+
+
+def effective_rule(rule: str, has_ema: bool, has_val: bool) -> str:
+    """The rule a run can apply: without a val split the val rules become the last epoch's,
+    without a weight average (ZeRO-3 partitions the weights) the EMA ones their raw twins."""
+    if not has_ema and RULES[rule].weights == "ema":
+        rule = {"ema_last": "last", "ema_noisy_val": "noisy_val"}[rule]
+    if not has_val and RULES[rule].metric is not None:
+        rule = "ema_last" if RULES[rule].weights == "ema" else "last"
+    return rule
+
+
+def score(rule: str, history: list[dict], window: int) -> float:
+    """The newest epoch's score under `rule` (its value for the newest epoch in `history`)."""
+    spec = RULES[rule]
+    if spec.metric is None:
+        return float(len(history))
+    values = [record[spec.metric] for record in history]
+    if spec.smoothed:
+        recent = values[-window:]
+        return sum(recent) / len(recent)
+    return values[-1]
+
+
+def improves(rule: str, new: float, best: float) -> bool:
+    return new > best or (RULES[rule].newer_on_tie and new == best)
+
+
+def picks(rule: str, history: list[dict], window: int) -> int:
+    """The 1-based epoch `rule` selects in a finished history (as the trainer did online)."""
+    best, chosen = -float("inf"), 0
+    for end in range(1, len(history) + 1):
+        value = score(rule, history[:end], window)
+        if improves(rule, value, best):
+            best, chosen = value, end
+    return chosen
+
+
+def candidates(history: list[dict], window: int, has_ema: bool) -> list[dict]:
+    """What each rule would have picked in this run: the epoch, its weights, and the val
+    accuracy there against the labels as shipped and, where known, the clean ones."""
+    rows = []
+    has_val = bool(history) and "val_accuracy" in history[-1]
+    for name in RULES:
+        if effective_rule(name, has_ema, has_val) != name:
+            continue
+        epoch = picks(name, history, window)
+        record = history[epoch - 1]
+        prefix = "val_ema_" if RULES[name].weights == "ema" else "val_"
+        rows.append(
+            {
+                "rule": name,
+                "epoch": epoch,
+                "weights": RULES[name].weights,
+                "val_accuracy": record.get(f"{prefix}accuracy"),
+                "val_clean_accuracy": record.get(f"{prefix}clean_accuracy"),
+            }
+        )
+    return rows

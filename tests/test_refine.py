@@ -1,0 +1,134 @@
+"""The weight average and model selection in a real run, and label clean-up rounds end to end:
+corrections written for audit, the next round trained on them, resume without repeating a
+finished round, and the refusals."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import small_overrides, stripes_dataset
+from safetensors.torch import load_file
+
+from dtrain.config import load_config
+from dtrain.errors import ConfigError, RunFolderError
+from dtrain.train.refine import fit_rounds
+from dtrain.train.trainer import Trainer
+from dtrain.tune.settings import _one_round
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return stripes_dataset(tmp_path_factory.mktemp("tiny"), 160, shard_size=16)
+
+
+def config(data: Path, run_dir: Path, *overrides: str):
+    return load_config(None, small_overrides(data, run_dir, 16, *overrides))
+
+
+def test_the_weight_average_is_evaluated_each_epoch_and_can_be_the_selected_model(tiny, tmp_path):
+    run = tmp_path / "ema"
+    summary = Trainer(config(tiny, run, "train.select=ema_last")).fit()
+    epochs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in epochs if r["kind"] == "epoch"]
+    assert {"val_ema_accuracy", "val_ema_clean_accuracy"} <= set(epochs[0])
+    best = torch.load(run / "best.pt", weights_only=True)
+    assert best["selected_weights"] == "ema" and best["state"]["epoch"] == 2
+    exported = load_file(run / "model.safetensors")
+    name = next(k for k in best["ema"] if k.endswith("weight"))
+    assert torch.equal(exported[name], best["ema"][name])
+    assert not torch.equal(best["ema"][name], best["model"][name])  # an average, not a copy
+    assert summary["test_best"] == summary["test_ema_last"] != summary["test_last"]
+    assert summary["selection"]["rule"] == "ema_last" and summary["best_epoch"] == 2
+    assert {c["rule"] for c in summary["selection"]["candidates"]} == {
+        "last",
+        "ema_last",
+        "noisy_val",
+        "noisy_val_smoothed",
+        "ema_noisy_val",
+    }
+
+    raw = tmp_path / "raw"
+    summary = Trainer(config(tiny, raw, "train.select=last", "train.ema_decay=0")).fit()
+    best = torch.load(raw / "best.pt", weights_only=True)
+    assert best["selected_weights"] == "raw" and best["ema"] is None
+    assert summary["test_best"] == summary["test_last"] and summary["test_ema_last"] is None
+    assert summary["selection"]["rule"] == "last"
+
+
+def test_the_weight_average_resumes_exactly(tiny, tmp_path):
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    Trainer(config(tiny, straight, "train.epochs=1")).fit()
+    trainer = Trainer(
+        config(tiny, interrupted, "train.epochs=1", "train.log_every=2"),
+        on_step=lambda info: info.step == 3 and trainer.request_stop(),
+    )
+    assert trainer.fit()["stopped"]
+    Trainer(config(tiny, interrupted, "train.epochs=1"), resume=True).fit()
+    a, b = (torch.load(r / "last.pt", weights_only=True) for r in (straight, interrupted))
+    for name, tensor in a["ema"].items():
+        assert torch.equal(tensor, b["ema"][name]), name
+
+
+def test_a_round_corrects_labels_and_the_next_round_trains_on_them(tiny, tmp_path):
+    run = tmp_path / "run"
+    summary = fit_rounds(config(tiny, run, "train.refine_rounds=1"))
+    corrections = pq.read_table(run / "rounds" / "0" / "corrections.parquet").to_pylist()
+    assert corrections, "a 2-epoch model on 20% noise disagrees with some labels"
+    assert all(c["old"] != c["new"] for c in corrections)
+    assert [c["rank"] for c in corrections] == sorted(c["rank"] for c in corrections)
+    first = {r["key"]: r for r in pq.read_table(run / "rounds/0/label_scores.parquet").to_pylist()}
+    final = {r["key"]: r for r in pq.read_table(run / "label_scores.parquet").to_pylist()}
+    for c in corrections:  # round 1 trained on the new labels, and knows which are wrong now
+        assert first[c["key"]]["noisy_label"] == c["old"]
+        assert final[c["key"]]["noisy_label"] == c["new"]
+        assert final[c["key"]]["is_noisy"] == (not c["was_wrong"])  # two classes
+    fixed = sum(c["was_wrong"] for c in corrections)
+    broken = len(corrections) - fixed
+    wrong_before = sum(r["is_noisy"] for r in first.values())
+    rounds = summary["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1]
+    assert rounds[0]["corrections"] == len(corrections)
+    assert rounds[0]["label_error"] == wrong_before / len(first)
+    assert rounds[1]["label_error"] == (wrong_before - fixed + broken) / len(final)
+    assert json.loads((run / "rounds.json").read_text()) == rounds
+    assert json.loads((run / "summary.json").read_text())["rounds"] == rounds
+    assert (run / "model.safetensors").is_file() and (run / "best.pt").is_file()
+
+
+def test_rounds_resume_without_repeating_a_finished_round(tiny, tmp_path):
+    run = tmp_path / "run"
+    cfg = config(tiny, run, "train.refine_rounds=1", "train.log_every=2")
+    with pytest.raises(RunFolderError, match="holds no run to resume"):
+        fit_rounds(cfg, resume=True)
+    stop_file, done = tmp_path / "stop", run / "rounds" / "0" / "corrections.parquet"
+
+    def stop_in_round_one():  # what a SLURM warning does, once round 0 has finished
+        while not done.exists():
+            time.sleep(0.01)
+        stop_file.touch()
+
+    threading.Thread(target=stop_in_round_one, daemon=True).start()
+    assert fit_rounds(cfg, stop_file=stop_file)["stopped"]
+    before = {p.name: p.stat().st_mtime_ns for p in done.parent.iterdir() if p.is_file()}
+    assert (run / "last.pt").is_file() and not (run / "summary.json").exists()
+    with pytest.raises(RunFolderError, match="already holds a run"):
+        fit_rounds(cfg)
+    stop_file.unlink()
+    summary = fit_rounds(cfg, resume=True)
+    after = {p.name: p.stat().st_mtime_ns for p in done.parent.iterdir() if p.is_file()}
+    assert after == before  # round 0 was not run again
+    assert [r["round"] for r in summary["rounds"]] == [0, 1]
+
+
+def test_a_search_trains_one_round():
+    quiet = load_config(None, [])
+    _one_round(quiet)
+    assert quiet.train.refine_rounds == 0
+    with pytest.raises(ConfigError, match="train.refine_rounds"):
+        _one_round(load_config(None, ["train.refine_rounds=2"]))
