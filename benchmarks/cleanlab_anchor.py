@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import random
 import subprocess
 import sys
@@ -29,6 +30,8 @@ from dtrain.prepare.sources import embedded_root
 from dtrain.train.metrics import auroc
 
 FOLDS = 5
+ANCHOR_DIR = "cleanlab"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # beside another run, one core each
 
 
 def _rows(dataset: Path) -> list[dict]:
@@ -73,6 +76,7 @@ def _prepare(manifest: Path, out: Path) -> Path:
             ],
             check=True,
             stdout=subprocess.DEVNULL,
+            env=ENV,
         )
     return out
 
@@ -98,6 +102,7 @@ def _train_ce(data: Path, run_dir: Path, seed: int, args: argparse.Namespace) ->
             ],
             check=True,
             stdout=subprocess.DEVNULL,
+            env=ENV,
         )
     return json.loads((run_dir / "summary.json").read_text())
 
@@ -162,13 +167,12 @@ def run_anchor(noise: str, seed: int, args: argparse.Namespace, dataset: Path) -
     from cleanlab.filter import find_label_issues
     from cleanlab.rank import get_label_quality_scores
 
-    results_path = Path(args.runs) / "cleanlab.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     name = f"{noise}/seed{seed}"
-    if name in results:
-        return results[name]
+    result_path = Path(args.runs) / ANCHOR_DIR / f"{noise}_seed{seed}.json"
+    if result_path.is_file():
+        return json.loads(result_path.read_text())
     print(f"cleanlab anchor: {name}", flush=True)
-    work = Path(args.runs) / "cleanlab" / noise / f"seed{seed}"
+    work = Path(args.runs) / ANCHOR_DIR / noise / f"seed{seed}"
     rows = _rows(dataset)
     classes = json.loads((dataset / "dataset.json").read_text())["classes"]
     probs = _out_of_fold(rows, classes, seed, args, work)
@@ -199,7 +203,8 @@ def run_anchor(noise: str, seed: int, args: argparse.Namespace, dataset: Path) -
         lambda r: None if r["key"] in dropped else r["split"],
     )
     summary = _train_ce(_prepare(manifest, work / "pruned_data"), work / "pruned_run", seed, args)
-    results[name] = {
+    result = {
+        "name": name,
         "noise": noise,
         "seed": seed,
         "train_samples": len(train),
@@ -212,11 +217,16 @@ def run_anchor(noise: str, seed: int, args: argparse.Namespace, dataset: Path) -
             "last_acc": summary["test_last"]["clean_accuracy"],
         },
     }
-    write_json_atomic(results_path, results)
-    return results[name]
+    write_json_atomic(result_path, result)
+    return result
 
 
-def anchor_table(results: dict, study_rows: list[dict]) -> str:
+def collect(runs: Path) -> list[dict]:
+    """Every anchor result so far."""
+    return [json.loads(p.read_text()) for p in sorted((runs / ANCHOR_DIR).glob("*.json"))]
+
+
+def anchor_table(results: list[dict], study_rows: list[dict]) -> str:
     """Markdown: detection (AUROC, precision at the true count) and accuracy beside the
     study's `iam+rounds` and `ce` on the same noise and seed."""
     lines = [
@@ -224,7 +234,8 @@ def anchor_table(results: dict, study_rows: list[dict]) -> str:
         "| P@N | prune+retrain CE acc (selected / last) | iam+rounds acc (selected / last) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, r in sorted(results.items()):
+    for r in results:
+        name = r["name"]
         d = r["detection"]
         ours = [
             x

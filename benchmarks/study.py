@@ -13,10 +13,12 @@ run), study.md (mean ± std tables) and study.png, and benchmarks/results/study.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from common import REPO, RESULTS, preset, write_result
@@ -86,6 +88,8 @@ def run_one(method: str, noise: str, seed: int, args: argparse.Namespace) -> Non
     print(f"[{time.strftime('%H:%M:%S')}] {noise} {method} seed {seed}", flush=True)
     log = run_dir.parent / f"{run_dir.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)  # one core each beats sharing two
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     with open(log, "w") as handle:
         subprocess.run(
             [
@@ -98,6 +102,7 @@ def run_one(method: str, noise: str, seed: int, args: argparse.Namespace) -> Non
             check=True,
             stdout=handle,
             stderr=subprocess.STDOUT,
+            env=env,
         )
 
 
@@ -113,23 +118,32 @@ def main() -> None:
     parser.add_argument("--data", default="data/study")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--no-cleanlab", action="store_true")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at once (default 2)")
     args = parser.parse_args()
     from study_report import write_report
 
     if not args.report_only:
-        for method, noise, seed in plan(args.seeds):
-            run_one(method, noise, seed, args)
+        for noise in NOISES:
+            prepare(noise, Path(args.data))  # once, before runs start in parallel
+        runs = plan(args.seeds)
+        anchor_after = runs.index(("iam+rounds(warm)", MAIN_NOISES[-1], args.seeds[0]))
+        with ThreadPoolExecutor(args.jobs) as pool:
+            # the anchor needs the first seed's iam runs: start it once those are done
+            first = [pool.submit(run_one, *run, args) for run in runs[: anchor_after + 1]]
+            for future in first:
+                future.result()
             write_report(Path(args.runs), TrainConfig.select, OUT)
-            first_seed_done = (method, noise, seed) == (
-                "iam+rounds(warm)",
-                MAIN_NOISES[-1],
-                args.seeds[0],
-            )
-            if first_seed_done and not args.no_cleanlab:  # the anchor, once every method ran
+            if not args.no_cleanlab:
                 from cleanlab_anchor import run_anchor
 
-                for n in MAIN_NOISES:
-                    run_anchor(n, args.seeds[0], args, prepare(n, Path(args.data)))
+                anchors = [
+                    pool.submit(run_anchor, n, args.seeds[0], args, prepare(n, Path(args.data)))
+                    for n in MAIN_NOISES
+                ]
+            rest = [pool.submit(run_one, *run, args) for run in runs[anchor_after + 1 :]]
+            for future in [*rest, *(anchors if not args.no_cleanlab else [])]:
+                future.result()
+                write_report(Path(args.runs), TrainConfig.select, OUT)
     summary = write_report(Path(args.runs), TrainConfig.select, OUT)
     write_result("study", {**summary, "settings": vars(args)})
 

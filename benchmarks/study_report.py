@@ -9,10 +9,15 @@ import json
 import statistics
 from pathlib import Path
 
+from cleanlab_anchor import anchor_table
+from cleanlab_anchor import collect as collect_anchor
+from study_run import rule_scores
+
+from dtrain.config import TrainConfig
 from dtrain.files import write_atomic
 from dtrain.train.selection import RULES
 
-ANCHOR = "cleanlab.json"
+WINDOW = TrainConfig.select_window
 
 
 def collect(runs: Path) -> list[dict]:
@@ -40,9 +45,17 @@ def collect(runs: Path) -> list[dict]:
             row["auroc_attention"] = first["mislabel_auroc"].get("attention")
             row["label_error_before"] = first["label_error"]
             row["label_error_after"] = record["rounds"][-1]["label_error"]
-        for rule, pick in record["rules"].items():
-            row[f"rule_{rule}_acc"] = pick["clean_accuracy"]
-            row[f"rule_{rule}_epoch"] = pick["epoch"]
+        tests = path.parent / "epoch_tests.json"
+        if tests.is_file():  # every rule replayed on the run's history (rules added later too)
+            history = [
+                json.loads(line)
+                for line in (path.parent / "metrics.jsonl").read_text().splitlines()
+                if '"kind": "epoch"' in line
+            ]
+            picks = rule_scores(history, json.loads(tests.read_text()), WINDOW)
+            for rule, pick in picks.items():
+                row[f"rule_{rule}_acc"] = pick["clean_accuracy"]
+                row[f"rule_{rule}_epoch"] = pick["epoch"]
         rows.append(row)
     return rows
 
@@ -175,11 +188,8 @@ def write_report(runs: Path, default_rule: str, out: Path) -> dict:
         parts += [text, ""]
     rules_text, rules = rule_table(rows)
     parts += ["## Selection rules (methods without rounds)", "", rules_text, ""]
-    anchor = runs / ANCHOR
-    cleanlab = json.loads(anchor.read_text()) if anchor.is_file() else None
+    cleanlab = collect_anchor(runs)
     if cleanlab:
-        from cleanlab_anchor import anchor_table
-
         parts += ["## cleanlab as the anchor", "", anchor_table(cleanlab, rows), ""]
     write_atomic(out / "study.md", "\n".join(parts))
     plot(rows, methods, out / "study.png")

@@ -10,14 +10,22 @@ from dtrain import stop_signal
 
 def add_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     from dtrain.registry import methods_help
+    from dtrain.train.selection import RULES
 
+    selection_help = "\n".join(f"  {name:20s}{rule.describe}" for name, rule in RULES.items())
     p = sub.add_parser(
         "train",
         help="train a classifier on noisy labels",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train with the config (defaults < --config YAML < key=value overrides). "
         "With no arguments: prepare the embedded Br35H set if missing and train the method.\n\n"
-        "methods (method.name=..., presets in configs/<name>.yaml):\n" + methods_help(),
+        "methods (method.name=..., presets in configs/<name>.yaml):\n"
+        + methods_help()
+        + "\n\nthe weights best.pt holds (train.select=..., chosen without clean labels):\n"
+        + selection_help
+        + "\n\nlabel clean-up rounds (train.refine_rounds=N): after each round, relabel to the "
+        "model's prediction\nthe samples it suspects most and disagrees with; the next round "
+        "trains on the corrected labels",
     )
     p.add_argument("--config", help="YAML config, e.g. configs/iam.yaml")
     p.add_argument(
