@@ -10,7 +10,7 @@
 Folds and the pruned set are new datasets written by `dtrain prepare` from a manifest of the
 study dataset's own images and (noisy) labels, near-duplicate groups kept within one fold. The
 folds' models are CE runs like the study's; a fold's held-out part is its test split, scored
-with `dtrain eval --out`. Results: runs/study/cleanlab.json."""
+with `dtrain eval --out`. Results: runs/study/cleanlab/<noise>_seed<s>.json."""
 
 from __future__ import annotations
 
@@ -21,9 +21,11 @@ import os
 import random
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
+from common import preset
 
 from dtrain.files import write_json_atomic
 from dtrain.prepare.sources import embedded_root
@@ -32,6 +34,8 @@ from dtrain.train.metrics import auroc
 FOLDS = 5
 ANCHOR_DIR = "cleanlab"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # beside another run, one core each
+# cleanlab keeps intermediate arrays in module globals: one anchor at a time inside it
+CLEANLAB = threading.Lock()
 
 
 def _rows(dataset: Path) -> list[dict]:
@@ -89,8 +93,10 @@ def _train_ce(data: Path, run_dir: Path, seed: int, args: argparse.Namespace) ->
                 "-m",
                 "dtrain.cli",
                 "train",
+                "--resume",
+                "auto",  # a fold cut off continues
                 "--config",
-                "configs/ce.yaml",
+                str(preset("ce")),
                 f"data.path={data}",
                 f"data.image_size={args.image_size}",
                 f"model.backbone={args.backbone}",
@@ -145,6 +151,7 @@ def _out_of_fold(rows, classes, seed, args, work: Path) -> dict[str, np.ndarray]
                 ],
                 check=True,
                 stdout=subprocess.DEVNULL,
+                env=ENV,
             )
         table = pq.read_table(out / "predictions.parquet").to_pylist()
         fold_sources = {r["key"]: r["source"] for r in _rows(data) if r["split"] == "test"}
@@ -180,10 +187,12 @@ def run_anchor(noise: str, seed: int, args: argparse.Namespace, dataset: Path) -
     labels = np.array([r["noisy_label"] for r in train])
     truth = np.array([r["is_noisy"] for r in train])
     pred = np.stack([probs[r["key"]] for r in train])
-    issues = find_label_issues(labels, pred, filter_by="prune_by_noise_rate")
+    with CLEANLAB:
+        issues = find_label_issues(labels, pred, filter_by="prune_by_noise_rate", n_jobs=1)
+        quality = get_label_quality_scores(labels, pred)
     detection = {
         "cleanlab": {
-            **_detection(1 - get_label_quality_scores(labels, pred), truth),
+            **_detection(1 - quality, truth),
             "issues_found": int(issues.sum()),
             "issues_precision": float(truth[issues].mean()) if issues.any() else None,
         }

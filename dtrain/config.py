@@ -33,7 +33,9 @@ def operational(default: Any) -> Any:
 class DataConfig:
     # dataset folder written by `dtrain prepare`; empty: the embedded Br35H set, prepared if missing
     path: str = ""
-    image_size: int = 64
+    # the main job's size: it then fits 15 min on a 2-core CPU (README, "Measured"); on a GPU
+    # cluster use the scans' resolution, e.g. data.image_size=224 model.backbone=resnet50
+    image_size: int = 32
     batch_size: int = 64  # per rank and per micro-step
     num_workers: int = 1
     shuffle_buffer: int = 1000
@@ -45,7 +47,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "resnet18"  # any timm model name
+    backbone: str = "resnet10t"  # any timm model name
     # false; true: the hub's weights (needs the network); or a local weights file / hub download
     # folder (dtrain.train.pretrained), a state dict of the backbone as timm saves it
     pretrained: bool | str = False
@@ -93,7 +95,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 25  # the main job (64 px) then fits in 15 min on a 2-core CPU
+    epochs: int = 40
     seed: int = 0
     run_dir: str = ""  # empty: runs/<method>_seed<seed>
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU

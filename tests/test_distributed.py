@@ -128,7 +128,7 @@ def test_accelerate_launch_with_a_config_file(tiny, tmp_path, env):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["epochs"] == 1
     assert summary["test_last"]["samples"] == 26  # every test image once, over both ranks
-    # a clean-up round on the same engine: both ranks proposed and trained on the same labels
+    # a clean-up round on the same engine: round 1 trained on round 0's corrections
     assert [r["round"] for r in summary["rounds"]] == [0, 1]
     assert (run_dir / "rounds" / "0" / "corrections.parquet").is_file()
     assert summary["rounds"][1]["labels_corrected_before"] == summary["rounds"][0]["corrections"]

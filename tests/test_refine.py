@@ -124,6 +124,24 @@ def test_rounds_resume_without_repeating_a_finished_round(tiny, tmp_path):
     after = {p.name: p.stat().st_mtime_ns for p in done.parent.iterdir() if p.is_file()}
     assert after == before  # round 0 was not run again
     assert [r["round"] for r in summary["rounds"]] == [0, 1]
+    changed = config(tiny, run, "train.refine_rounds=1", "train.log_every=2", "optim.momentum=0.8")
+    with pytest.raises(
+        RunFolderError,
+        match=r"finished round\) was trained with a different config \(optim.momentum\)",
+    ):
+        fit_rounds(changed, resume=True)
+
+
+def test_a_warm_round_starts_from_the_previous_rounds_weights(tiny, tmp_path):
+    first = tmp_path / "first"
+    Trainer(config(tiny, first, "train.stop_after_steps=1")).fit()
+    trainer = Trainer(config(tiny, tmp_path / "next"), init_weights=first / "last.pt")
+    trainer.build()
+    saved = torch.load(first / "last.pt", weights_only=True)["model"]
+    for name, tensor in trainer.net.state_dict().items():
+        assert torch.equal(tensor, saved[name]), name
+    assert all(torch.equal(t, saved[n]) for n, t in trainer.ema.net.state_dict().items())
+    trainer.engine.close()
 
 
 def test_a_search_trains_one_round():

@@ -88,7 +88,7 @@ def test_a_round_relabels_the_top_q_suspects_the_model_disagrees_with():
     rows = [
         row("a", 0, 1, 5.0, noisy=True),  # most suspicious, disagrees: corrected
         row("b", 1, 1, 4.0),  # suspicious but agreed with: kept
-        row("c", 0, 1, 3.0, noisy=True),  # disagrees, third: inside q = 3/8
+        row("c", 0, 1, 3.0, noisy=True),  # disagrees, third: inside q = 3/7
         row("d", 1, 0, 0.2),  # disagrees but trusted (low loss): outside the top q
         row("e", 0, 0, 0.1),
         row("f", 1, 1, 0.1),

@@ -34,7 +34,7 @@ class TrainState:
     epoch: int = 0  # epochs finished
     batch: int = 0  # batches of `epoch` already trained on
     step: int = 0  # optimiser steps
-    best_val: float = -1.0
+    best_val: float = -1.0  # the selection rule's best score so far (selection.START)
     history: list[dict] = field(default_factory=list)  # one record per finished epoch
     skipped_steps: int = 0
     nonfinite_in_a_row: int = 0

@@ -16,7 +16,10 @@ class WeightAverage:
     """The EMA copy of `net` (same device and dtype); `update` after every optimiser step."""
 
     def __init__(self, net: torch.nn.Module, decay: float) -> None:
-        self._ema = ModelEmaV3(net, decay=decay, use_warmup=True, warmup_power=WARMUP_POWER)
+        # fp32 even for a bf16 model (DeepSpeed): a bf16 average could not hold the small steps
+        self._ema = ModelEmaV3(
+            net, decay=decay, use_warmup=True, warmup_power=WARMUP_POWER, dtype=torch.float32
+        )
 
     @property
     def net(self) -> torch.nn.Module:

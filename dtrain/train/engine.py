@@ -113,11 +113,12 @@ class Engine(ABC):
         if optimizer is not None:
             self.optimizer.load_state_dict(optimizer)
 
-    def sync_buffers(self) -> None:
-        """Rank 0's buffers (batch-norm running statistics) to every rank, before evaluation:
-        once an epoch instead of DDP's broadcast before every forward pass."""
+    def sync_buffers(self, net: nn.Module | None = None) -> None:
+        """Rank 0's buffers (batch-norm running statistics) of `net` (default: the trained
+        network) to every rank, before evaluation: once an epoch instead of DDP's broadcast
+        before every forward pass."""
         if self.num_processes > 1:
-            for buffer in self.unwrap().net.buffers():
+            for buffer in (net or self.unwrap().net).buffers():
                 torch.distributed.broadcast(buffer, src=0)
 
     def to_device(self, batch: dict | None) -> dict | None:
@@ -167,6 +168,7 @@ class AccelerateEngine(Engine):
         self.num_processes = self.accelerator.num_processes
 
     def prepare(self, model: nn.Module) -> None:
+        self.accelerator.free_memory()  # a clean-up round's new model: drop the last one
         self.model = self.accelerator.prepare(model)
         self._params = [p for p in self.unwrap().parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.config.optim, self._params)

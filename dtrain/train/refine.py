@@ -21,11 +21,11 @@ import math
 import threading
 from pathlib import Path
 
-from dtrain.config import Config
+from dtrain.config import Config, load_config
 from dtrain.errors import RunFolderError
 from dtrain.files import write_atomic, write_json_atomic
 from dtrain.train.checkpoint import LAST
-from dtrain.train.engine import make_engine
+from dtrain.train.engine import Engine, make_engine
 from dtrain.train.scores import ScoreRow
 from dtrain.train.trainer import Trainer
 
@@ -86,17 +86,22 @@ def read_corrections(path: Path) -> list[dict]:
 
 def _round_record(index: int, trainer: Trainer, summary: dict, corrections: list[dict]) -> dict:
     rows = trainer.scores.rows.values()
+    # without injected noise the shipped label is the only one known: the label error and the
+    # ranking's AUROC against it would only measure the corrections themselves
+    known = trainer.meta.get("noise", {}).get("model", "none") != "none"
     wrong = sum(r.is_noisy for r in rows)
     return {
         "round": index,
         "run_dir": str(trainer.run_dir),
+        "clean_labels_known": known,
         "labels_corrected_before": len(trainer.relabel or {}),
-        "label_error": wrong / max(1, len(rows)),  # of the labels this round trained on
+        # of the labels this round trained on
+        "label_error": wrong / max(1, len(rows)) if known else None,
         "mislabel_auroc": summary.get("mislabel_auroc", {}),
         "test_best_clean_accuracy": (summary.get("test_best") or {}).get("clean_accuracy"),
         "test_last_clean_accuracy": (summary.get("test_last") or {}).get("clean_accuracy"),
         "corrections": len(corrections),
-        "corrections_of_wrong_labels": sum(c["was_wrong"] for c in corrections),
+        "corrections_of_wrong_labels": sum(c["was_wrong"] for c in corrections) if known else None,
     }
 
 
@@ -110,8 +115,7 @@ def fit_rounds(
     """Every round in turn (one engine shared by all), then `rounds.json` and the rounds added
     to the final summary; returns the final round's summary, or its stop result. `say_resume`:
     print whether the run resumes or starts (what `--resume auto` decided)."""
-    rounds, run_dir = config.train.refine_rounds, config.run_path
-    dirs = round_dirs(run_dir, rounds)
+    run_dir = config.run_path
     if resume and not has_progress(config):
         raise RunFolderError(
             f"{run_dir} holds no run to resume (no {LAST}, no config.yaml); "
@@ -125,48 +129,79 @@ def fit_rounds(
     engine = make_engine(config)
     if say_resume and engine.is_main:
         print(f"--resume auto: {'resuming' if resume else 'starting'} {run_dir}")
+    # an error leaves the engine as it is: closing waits for every rank, and a rank that
+    # failed alone would hang there instead of ending the run with its message
+    result = _run_rounds(config, engine, resume, stop, stop_file)
+    engine.close()
+    return result
+
+
+def _run_rounds(
+    config: Config,
+    engine: Engine,
+    resume: bool,
+    stop: threading.Event | None,
+    stop_file: Path | None,
+) -> dict:
+    rounds, run_dir = config.train.refine_rounds, config.run_path
+    dirs = round_dirs(run_dir, rounds)
     relabel: dict[str, int] = {}
     records: list[dict] = []
     result: dict = {}
-    try:
-        for index, folder in enumerate(dirs):
-            corrections_file = folder / CORRECTIONS
-            if folder != run_dir and corrections_file.is_file():  # finished earlier
-                records.append(json.loads((folder / "round.json").read_text()))
-                relabel.update({c["key"]: c["new"] for c in read_corrections(corrections_file)})
-                continue
-            if engine.is_main and rounds:
-                print(f"label clean-up round {index} of {rounds} in {folder}")
-            trainer = Trainer(
-                dataclasses.replace(
-                    config, train=dataclasses.replace(config.train, run_dir=str(folder))
-                ),
-                resume=resume and (folder / "config.yaml").exists(),
-                stop=stop,
-                stop_file=stop_file,
-                engine=engine,
-                relabel=dict(relabel),
-                init_weights=_warm_start(config, dirs, index),
-            )
-            result = trainer.fit()
-            if result.get("stopped"):
-                return result
-            corrections = propose(list(trainer.scores.rows.values())) if folder != run_dir else []
-            record = _round_record(index, trainer, result, corrections)
-            records.append(record)
-            if folder != run_dir:
-                if engine.is_main:  # round.json before the corrections: they mark it done
-                    write_json_atomic(folder / "round.json", record)
-                    write_corrections(corrections_file, corrections)
-                relabel.update({c["key"]: c["new"] for c in corrections})
+    for index, folder in enumerate(dirs):
+        corrections_file = folder / CORRECTIONS
+        if folder != run_dir and corrections_file.is_file():  # finished earlier
+            _check_same_config(folder, config)
+            records.append(json.loads((folder / "round.json").read_text()))
+            relabel.update({c["key"]: c["new"] for c in read_corrections(corrections_file)})
+            continue
         if engine.is_main and rounds:
-            result["rounds"] = records
-            write_json_atomic(run_dir / "summary.json", result)
-            write_json_atomic(run_dir / "rounds.json", records)
-            print(rounds_table(records))
-        return result
-    finally:
-        engine.close()
+            print(f"label clean-up round {index} of {rounds} in {folder}")
+        trainer = Trainer(
+            dataclasses.replace(
+                config, train=dataclasses.replace(config.train, run_dir=str(folder))
+            ),
+            resume=resume and (folder / "config.yaml").exists(),
+            stop=stop,
+            stop_file=stop_file,
+            engine=engine,
+            relabel=dict(relabel),
+            init_weights=_warm_start(config, dirs, index),
+        )
+        result = trainer.fit()
+        if result.get("stopped"):
+            return result
+        corrections = propose(list(trainer.scores.rows.values())) if folder != run_dir else []
+        record = _round_record(index, trainer, result, corrections)
+        records.append(record)
+        if folder != run_dir:
+            if engine.is_main:  # round.json before the corrections: they mark it done
+                write_json_atomic(folder / "round.json", record)
+                write_corrections(corrections_file, corrections)
+            relabel.update({c["key"]: c["new"] for c in corrections})
+    if engine.is_main and rounds:
+        result["rounds"] = records
+        write_json_atomic(run_dir / "summary.json", result)
+        write_json_atomic(run_dir / "rounds.json", records)
+        print(rounds_table(records))
+    return result
+
+
+def _check_same_config(folder: Path, config: Config) -> None:
+    """A finished round is reused only for the config it was trained with."""
+    saved = load_config(folder / "config.yaml").identity()
+    wanted = config.identity()
+    differ = [
+        f"{section}.{key}"
+        for section, values in wanted.items()
+        for key, value in values.items()
+        if (section, key) != ("train", "run_dir") and saved[section].get(key) != value
+    ]
+    if differ:
+        raise RunFolderError(
+            f"{folder} (a finished round) was trained with a different config "
+            f"({', '.join(differ)}); resume with its config.yaml or start a new train.run_dir"
+        )
 
 
 def _warm_start(config: Config, dirs: list[Path], index: int) -> Path | None:
@@ -184,9 +219,10 @@ def rounds_table(records: list[dict]) -> str:
     for r in records:
         best, last = r["test_best_clean_accuracy"], r["test_last_clean_accuracy"]
         found = r["mislabel_auroc"].get("loss", math.nan)
+        error, of_them = r["label_error"], r["corrections_of_wrong_labels"]
         lines.append(
-            f"{r['round']:5d}{r['label_error']:13.3f}{found:12.3f}"
-            f"{r['corrections']:11d}{r['corrections_of_wrong_labels']:15d}"
+            f"{r['round']:5d}{math.nan if error is None else error:13.3f}{found:12.3f}"
+            f"{r['corrections']:11d}{'–' if of_them is None else str(of_them):>15s}"
             f"{best if best is not None else math.nan:19.3f}"
             f"{last if last is not None else math.nan:8.3f}"
         )

@@ -173,8 +173,10 @@ def plot_curves(history: list[dict], path: Path) -> None:
         right.plot(epochs, [r["val_accuracy"] for r in history], label="val (labels as shipped)")
         right.plot(epochs, [r["val_clean_accuracy"] for r in history], label="val (clean labels)")
     if "val_ema_accuracy" in history[-1]:
-        right.plot(
-            epochs, [r["val_ema_clean_accuracy"] for r in history], label="val, EMA (clean labels)"
+        right.plot(  # epochs resumed from before the run kept an average have none
+            epochs,
+            [r.get("val_ema_clean_accuracy", math.nan) for r in history],
+            label="val, EMA (clean labels)",
         )
     right.set_xlabel("epoch")
     right.set_title("accuracy")
@@ -208,10 +210,13 @@ def selection_table(picked: dict, clean_known: bool) -> str:
     ]
     for row in picked["candidates"]:
         mark = "*" if row["rule"] == picked["rule"] else " "
+        shipped, clean = (
+            "–" if row[k] is None else f"{row[k]:.3f}"
+            for k in ("val_accuracy", "val_clean_accuracy")
+        )
         lines.append(
-            f"{mark} {row['rule']:20s}{row['epoch']:6d}  {row['weights']:8s}"
-            f"{row['val_accuracy']:22.3f}"
-            + (f"{row['val_clean_accuracy']:17.3f}" if clean_known else "")
+            f"{mark} {row['rule']:20s}{row['epoch']:6d}  {row['weights']:8s}{shipped:>22s}"
+            + (f"{clean:>17s}" if clean_known else "")
         )
     return "\n".join(lines)
 
@@ -257,7 +262,9 @@ def write_run_report(
         sink = pa.BufferOutputStream()
         pq.write_table(pa.Table.from_pylist(rows), sink)
         write_atomic(run_dir / "label_scores.parquet", sink.getvalue().to_pybytes())
-        summary["mislabel_auroc"] = aurocs
+        # without injected noise there is nothing known to find (in a clean-up round the
+        # shipped label would only mark the corrections)
+        summary["mislabel_auroc"] = aurocs if clean_known else {}
         summary["scored_samples"] = len(rows)
         summary["top_suspects"] = [
             {
@@ -281,19 +288,21 @@ def write_run_report(
         print(summary_table(summary))
     if skipped[0]:
         print(f"skipped {skipped[0]} sample(s) the loader could not use; summary.json says which")
-    if scores:
+    if summary["mislabel_auroc"]:
         print(
             "finding the wrong training labels, AUROC: "
             + ", ".join(
                 f"{name} score {value:.3f}" for name, value in summary["mislabel_auroc"].items()
             )
         )
+    if scores:
         print(f"top suspects (re-review these first), of {summary['scored_samples']}:")
         for r in summary["top_suspects"]:
+            injected = "  (injected)" if clean_known and r["is_noisy"] else ""
             print(
                 f"  {r['rank']:3d}. {r['source'] or r['key']}  labelled "
                 f"{classes[r['noisy_label']]}, model says {classes[r['predicted_label']]}, "
-                f"suspicion {r['score']:.3f}{'  (injected)' if r['is_noisy'] else ''}"
+                f"suspicion {r['score']:.3f}{injected}"
             )
     print(f"report: {run_dir}/summary.json, curves.png, label_scores.parquet, metrics.jsonl")
     return summary

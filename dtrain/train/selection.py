@@ -10,6 +10,7 @@ for the report."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -63,11 +64,15 @@ def score(rule: str, history: list[dict], window: int) -> float:
     spec = RULES[rule]
     if spec.metric is None:
         return float(len(history))
-    values = [record[spec.metric] for record in history]
+    # an epoch logged before the run kept an average has no EMA accuracy: never picked
+    values = [record.get(spec.metric, -math.inf) for record in history]
     if spec.smoothed:
         recent = values[-window:]
         return sum(recent) / len(recent)
     return values[-1]
+
+
+START = -1.0  # below every score (accuracies, epoch counts): the first epoch always improves
 
 
 def improves(rule: str, new: float, best: float) -> bool:
@@ -76,7 +81,7 @@ def improves(rule: str, new: float, best: float) -> bool:
 
 def picks(rule: str, history: list[dict], window: int) -> int:
     """The 1-based epoch `rule` selects in a finished history (as the trainer did online)."""
-    best, chosen = -float("inf"), 0
+    best, chosen = START, 0
     for end in range(1, len(history) + 1):
         value = score(rule, history[:end], window)
         if improves(rule, value, best):

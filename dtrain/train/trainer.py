@@ -1,10 +1,12 @@
 """The training loop: `Trainer(config).fit()`.
 
 One epoch streams the train shards and takes a step of the configured method per batch, then
-evaluates val (model selection on the val labels as shipped, noisy like a real user's; the clean
-labels beside). At the end: test metrics of the best and the last model, the mislabel ranking,
-curves. The backend (Accelerate or DeepSpeed) is behind `Engine`; checkpoints behind
-`CheckpointSaver`; the mislabel scores behind `ScoreAccumulator`.
+evaluates val with the trained weights and their moving average (model selection,
+`dtrain.train.selection`, on the val labels as shipped, noisy like a real user's; the clean
+labels beside). At the end (`dtrain.train.final`): test metrics of the selected, the last and
+the averaged weights, the mislabel ranking, curves. The backend (Accelerate or DeepSpeed) is
+behind `Engine`; checkpoints behind `CheckpointSaver`; the mislabel scores behind
+`ScoreAccumulator`.
 
 Per micro-step the loop issues one small all-reduce, the *header* of the next batch: its valid
 count (each rank weighs its loss by its share of the global count, so padding never skews the
@@ -145,12 +147,12 @@ class Trainer:
         net = build_model(
             cfg.model, cfg.method.name, len(self.classes), self.meta["images"]["channels"]
         )
+        if self.init_weights is not None:  # before prepare: DeepSpeed copies or splits them
+            net.load_state_dict(load_checkpoint(self.init_weights)["model"])
         if cfg.model.sync_batchnorm and self.engine.num_processes > 1:
             net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
         model = TrainStep(net, cfg.method, len(self.classes), forget_rate(cfg, self.meta))
         self.engine.prepare(model)
-        if self.init_weights is not None:
-            self.net.load_state_dict(load_checkpoint(self.init_weights)["model"])
         t = cfg.train
         # ZeRO-3 partitions the weights over the ranks: no rank could average them whole
         average = t.ema_decay > 0 and self.engine.holds_full_weights
@@ -171,8 +173,8 @@ class Trainer:
             self.state.load_state_dict(ckpt["state"])
             self.state.nonfinite_in_a_row = 0  # a resume is a fresh chance
             self.scores.load_state_dict(ckpt["scores"])
-            if self.ema is not None:
-                self.ema.load_state_dict(ckpt["ema"])
+            if self.ema is not None:  # a checkpoint without one: average from here on
+                self.ema.load_state_dict(ckpt.get("ema") or self.net.state_dict())
         t = self.config.train
         self.cadence = Cadence(
             t.checkpoint_every_steps, t.checkpoint_every_minutes, self.state.step
@@ -205,7 +207,7 @@ class Trainer:
     def evaluate(self, loader: ShardLoader, net: torch.nn.Module | None = None) -> dict[str, float]:
         """Metrics of `net` (default: the trained network) on a split (collective: every rank
         scores its share)."""
-        self.engine.sync_buffers()
+        self.engine.sync_buffers(net)
         return evaluate(self.engine, loader, net)
 
     # -- training ------------------------------------------------------------------------------
