@@ -125,7 +125,7 @@ class TrainConfig:
     # label clean-up rounds (dtrain.train.refine): after a round, the samples the ranking
     # suspects most and the model disagrees with are relabelled to its prediction, and the next
     # round trains on the corrected labels; 0: train once
-    refine_rounds: int = 1
+    refine_rounds: int = 0
     refine_init: Literal["scratch", "warm"] = "scratch"  # warm: from the previous round's weights
 
 
