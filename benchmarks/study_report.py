@@ -4,7 +4,6 @@ against each other."""
 
 from __future__ import annotations
 
-import io
 import json
 import statistics
 from pathlib import Path
@@ -15,6 +14,7 @@ from study_run import rule_scores
 
 from dtrain.config import TrainConfig
 from dtrain.files import write_atomic
+from dtrain.train.report import figure_png
 from dtrain.train.selection import RULES
 
 WINDOW = TrainConfig.select_window
@@ -157,10 +157,7 @@ def plot(rows: list[dict], methods: list[str], path: Path) -> None:
         ax.set_title(f"{noise}: clean test accuracy, selected model")
         ax.invert_yaxis()
     fig.tight_layout()
-    image = io.BytesIO()
-    fig.savefig(image, format="png", dpi=100)
-    plt.close(fig)
-    write_atomic(path, image.getvalue())
+    write_atomic(path, figure_png(fig, dpi=100))
 
 
 def write_report(runs: Path, default_rule: str, out: Path) -> dict:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from dtrain.files import write_atomic
+from dtrain.train.report import figure_png
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -91,10 +92,7 @@ def confusion_png(matrix: np.ndarray, classes: list[str], title: str) -> bytes:
         colour = "white" if count > dark else "black"
         ax.text(col, row, str(count), ha="center", va="center", color=colour)
     fig.tight_layout()
-    image = io.BytesIO()
-    fig.savefig(image, format="png", dpi=110)
-    plt.close(fig)
-    return image.getvalue()
+    return figure_png(fig)
 
 
 def write_eval_outputs(

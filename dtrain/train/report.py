@@ -183,10 +183,17 @@ def plot_curves(history: list[dict], path: Path) -> None:
     right.set_ylim(0, 1)
     right.legend()
     fig.tight_layout()
+    write_atomic(path, figure_png(fig))
+
+
+def figure_png(fig, dpi: int = 110) -> bytes:
+    """A matplotlib figure as PNG bytes (for an atomic write); the figure is closed."""
+    import matplotlib.pyplot as plt
+
     image = io.BytesIO()
-    fig.savefig(image, format="png", dpi=110)
+    fig.savefig(image, format="png", dpi=dpi)
     plt.close(fig)
-    write_atomic(path, image.getvalue())
+    return image.getvalue()
 
 
 def summary_table(summary: dict) -> str:
