@@ -75,7 +75,7 @@ def fmt(stat: tuple[float, float, int] | None) -> str:
     if stat is None:
         return "–"
     mean, std, n = stat
-    return f"{mean:.3f} ± {std:.3f}" if n > 1 else f"{mean:.3f} (1 seed)"
+    return f"{mean:.3f} ± {std:.3f}" if n > 1 else f"{mean:.3f}"  # `seeds` says how many
 
 
 def method_table(rows: list[dict], noise: str, methods: list[str]) -> tuple[str, dict]:
@@ -112,8 +112,11 @@ def rule_table(rows: list[dict]) -> tuple[str, dict]:
     over the runs that scored every rule."""
     scored = [r for r in rows if "rule_last_acc" in r]
     noises = sorted({r["noise"] for r in scored})
+    runs = {n: sum(r["noise"] == n for r in scored) for n in noises}
     lines = [
-        "| rule | " + " | ".join(f"{n}: acc | {n}: vs best of last/EMA" for n in noises) + " |",
+        "| rule | "
+        + " | ".join(f"{n} ({runs[n]} runs): acc | {n}: vs best of last/EMA" for n in noises)
+        + " |",
         "|---|" + "---|---|" * len(noises),
     ]
     stats = {}

@@ -83,6 +83,11 @@ BAD_VALUES: dict[str, tuple[str, ...] | None] = {
     "train.checkpoint_every_minutes": ("-1",),
     "train.dist_timeout_s": ("0",),
     "train.deepspeed": ("{tmp}/zero9.json",),
+    "train.select": ("best_val",),
+    "train.select_window": ("0",),
+    "train.ema_decay": ("1", "-0.1"),
+    "train.refine_rounds": ("-1", "11"),
+    "train.refine_init": ("hot",),
 }
 
 

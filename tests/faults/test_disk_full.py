@@ -18,11 +18,12 @@ HURT = Path(__file__).parent / "hurt.py"
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 16 MiB tmpfs; skipped, with the reason, where this machine cannot mount one."""
+    """A 32 MiB tmpfs (room for two checkpoints, each with its weight average); skipped, with
+    the reason, where this machine cannot mount one."""
     disk = tmp_path / "disk"
     disk.mkdir()
     mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)],
+        ["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(disk)],
         capture_output=True,
         text=True,
     )
@@ -67,7 +68,7 @@ def test_a_full_disk_fails_the_save_clearly_and_keeps_both_checkpoints(tmp_path,
 
 def test_prepare_on_a_full_disk_says_so_in_one_line(tmp_path, small_disk):
     images = write_stripes(tmp_path / "img", 40)
-    with open(small_disk / "filler", "wb") as handle:  # all but 64 KiB of the 16 MiB
+    with open(small_disk / "filler", "wb") as handle:  # all but 64 KiB of the 32 MiB
         handle.write(b"\0" * (shutil.disk_usage(small_disk).free - 2**16))
     full = subprocess.run(
         [
