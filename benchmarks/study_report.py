@@ -82,9 +82,9 @@ def method_table(rows: list[dict], noise: str, methods: list[str]) -> tuple[str,
     lines = [
         f"**{noise}** (clean test labels; mean ± std over seeds)",
         "",
-        "| method | seeds | selected acc | selected bal. acc | last acc | EMA last acc "
-        "| mislabel AUROC loss | attention |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | seeds | selected acc | selected bal. acc | last acc | last bal. acc "
+        "| EMA last acc | mislabel AUROC loss | attention |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     stats = {}
     for method in methods:
@@ -97,6 +97,7 @@ def method_table(rows: list[dict], noise: str, methods: list[str]) -> tuple[str,
                 "selected_acc",
                 "selected_bacc",
                 "last_acc",
+                "last_bacc",
                 "ema_last_acc",
                 "auroc_loss",
                 "auroc_attention",
