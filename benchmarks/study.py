@@ -29,7 +29,8 @@ NOISES = {  # name: dtrain prepare options
     "sym0.4": ["--noise", "symmetric", "--noise-rate", "0.4"],
     "inst0.3": ["--noise", "instance", "--noise-rate", "0.3"],
     "sym0.2": ["--noise", "symmetric", "--noise-rate", "0.2"],
-    "asym0.2": ["--noise", "asymmetric", "--noise-rate", "0.2", "--noise-map", "1,0"],
+    # one-way: 20% of the tumours labelled "no" (a two-way map would be symmetric noise)
+    "asym0.2": ["--noise", "asymmetric", "--noise-rate", "0.2", "--noise-map", "0,0"],
 }
 MAIN_NOISES, EXTRA_NOISES = ("sym0.4", "inst0.3"), ("sym0.2", "asym0.2")
 METHODS = {  # name in the tables: (preset, extra overrides)

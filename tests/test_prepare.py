@@ -299,17 +299,17 @@ def test_bad_requests_are_config_errors(image_folder, tmp_path, kw, match):
     assert not (tmp_path / "ds").exists()
 
 
-def test_cli_refuses_a_noise_map_that_sends_a_class_to_itself(image_folder, tmp_path):
+def test_cli_refuses_a_noise_map_that_moves_nothing(image_folder, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "dtrain.cli", "prepare", str(image_folder), "--out"]
-        + [str(tmp_path / "ds"), "--noise", "asymmetric", "--noise-map", "0,2,1"],
+        + [str(tmp_path / "ds"), "--noise", "asymmetric", "--noise-map", "0,1,2"],
         capture_output=True,
         text=True,
     )
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
-        "dtrain prepare: error: noise map [0, 2, 1] sends class 0 (benign) to itself; asymmetric "
-        "noise must move each class's flipped labels to another class"
+        "dtrain prepare: error: noise map [0, 1, 2] keeps every class (benign, malignant, "
+        "normal): asymmetric noise needs at least one class whose labels move to another"
     ]
     assert not (tmp_path / "ds").exists()
 

@@ -83,7 +83,8 @@ class PrepareConfig:
     )
     noise_map: list[int] | None = option(
         None,
-        "asymmetric noise: the wrong class of each class, e.g. 1,2,0",
+        "asymmetric noise: the wrong class of each class, e.g. 1,2,0; a class mapped to itself "
+        "keeps its labels (0,0: only class 1 flips, to 0)",
         parse=comma_list(int),
         default_help="the next class",
     )

@@ -1,7 +1,8 @@
 """Synthetic label noise with a recorded transition matrix.
 
 `symmetric`: in each class exactly round(rate * n_c) labels move to another class chosen uniformly.
-`asymmetric`: the same count moves along a class map (next class by default).
+`asymmetric`: the same count moves along a class map (next class by default); a class mapped to
+itself keeps its labels, so that one-way errors (missed tumours: 0,0) can be made.
 `instance`: the flip probability depends on the image, as in Xia et al., "Part-dependent label
 noise" (NeurIPS 2020): per-sample rate q ~ N(rate, 0.1^2) truncated to [0, 1], flip direction
 from a random linear projection of the image's pixels, so similar images flip alike.
@@ -46,13 +47,12 @@ def check_noise(
         raise ConfigError(
             f"noise map {mapping} must give one target class in [0, {num_classes}) per class"
         )
-    for c, target in enumerate(mapping):
-        if model == "asymmetric" and target == c:
-            name = f" ({class_names[c]})" if class_names else ""
-            raise ConfigError(
-                f"noise map {mapping} sends class {c}{name} to itself; asymmetric noise must "
-                "move each class's flipped labels to another class"
-            )
+    if model == "asymmetric" and all(target == c for c, target in enumerate(mapping)):
+        names = f" ({', '.join(class_names)})" if class_names else ""
+        raise ConfigError(
+            f"noise map {mapping} keeps every class{names}: asymmetric noise needs at least one "
+            "class whose labels move to another"
+        )
 
 
 def apply_noise(
@@ -77,6 +77,8 @@ def apply_noise(
     if model == "asymmetric":
         mapping = mapping or [(c + 1) % num_classes for c in range(num_classes)]
     for c in range(num_classes):
+        if model == "asymmetric" and mapping[c] == c:
+            continue  # this class keeps its labels
         members = np.flatnonzero(labels == c)
         flipped = rng.choice(members, size=int(round(rate * len(members))), replace=False)
         if model == "symmetric":
