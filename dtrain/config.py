@@ -127,6 +127,11 @@ class TrainConfig:
     # round trains on the corrected labels; 0: train once
     refine_rounds: int = 0
     refine_init: Literal["scratch", "warm"] = "scratch"  # warm: from the previous round's weights
+    # torch.compile the training step (network and losses) in place; evaluation stays eager.
+    # Off until it measures faster (benchmarks/step_breakdown.py)
+    compile: bool = operational(False)
+    # NHWC weights and images: faster convolutions on tensor cores (CUDA); same numbers
+    channels_last: bool = operational(False)
 
 
 @dataclass

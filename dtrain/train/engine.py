@@ -121,14 +121,27 @@ class Engine(ABC):
             for buffer in (net or self.unwrap().net).buffers():
                 torch.distributed.broadcast(buffer, src=0)
 
+    def speed_up(self, model: nn.Module) -> None:
+        """train.channels_last and train.compile, in place and before wrapping: parameter
+        names (and so checkpoints) stay as they are, and DDP / DeepSpeed wrap the result."""
+        if self.config.train.channels_last:
+            model.to(memory_format=torch.channels_last)
+        if self.config.train.compile:
+            model.compile()
+
     def to_device(self, batch: dict | None) -> dict | None:
-        """A loader's batch on this rank's device (its lists, e.g. keys, as they are)."""
+        """A loader's batch on this rank's device (its lists, e.g. keys, as they are), images
+        channels-last where the weights are."""
         if batch is None:
             return None
-        return {
-            k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
-            for k, v in batch.items()
-        }
+        return {k: self._moved(v) for k, v in batch.items()}
+
+    def _moved(self, value: object) -> object:
+        if not torch.is_tensor(value):
+            return value
+        nhwc = self.config.train.channels_last and value.dim() == 4
+        layout = torch.channels_last if nhwc else torch.preserve_format
+        return value.to(self.device, non_blocking=True, memory_format=layout)
 
     def barrier(self) -> None:
         if self.num_processes > 1:
@@ -169,6 +182,7 @@ class AccelerateEngine(Engine):
 
     def prepare(self, model: nn.Module) -> None:
         self.accelerator.free_memory()  # a clean-up round's new model: drop the last one
+        self.speed_up(model)
         self.model = self.accelerator.prepare(model)
         self._params = [p for p in self.unwrap().parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.config.optim, self._params)
@@ -247,6 +261,7 @@ class DeepSpeedEngine(Engine):
     def prepare(self, model: nn.Module) -> None:
         import deepspeed
 
+        self.speed_up(model)
         params = [p for p in model.parameters() if p.requires_grad]
         self.model, self.optimizer, _, _ = deepspeed.initialize(
             model=model,
