@@ -126,8 +126,13 @@ class Engine(ABC):
         names (and so checkpoints) stay as they are, and DDP / DeepSpeed wrap the result."""
         if self.config.train.channels_last:
             model.to(memory_format=torch.channels_last)
-        if self.config.train.compile:
-            model.compile()
+        backend = self.config.train.compile
+        if backend:
+            from torch._inductor import config as inductor
+
+            # the eager random stream (mixup groups, lambda): the same numbers, exact resumes
+            inductor.fallback_random = True
+            model.compile(backend="inductor" if backend is True else backend)
 
     def to_device(self, batch: dict | None) -> dict | None:
         """A loader's batch on this rank's device (its lists, e.g. keys, as they are), images
