@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import shlex
 import tarfile
 import time
 from pathlib import Path
@@ -59,7 +60,7 @@ def loader_rate(
     if pipe:
         meta = read_dataset_json(shard_dir(urls[0]))
         listed = shard_entries(meta, urls)
-        counts = {f"pipe:cat {url}": listed[url]["count"] for url in urls}
+        counts = {f"pipe:cat {shlex.quote(url)}": listed[url]["count"] for url in urls}
         urls = list(counts)
         options = {
             "shard_counts": counts,

@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from common import RESULTS
+from step_breakdown import PHASES
 
 from dtrain.files import write_atomic
-
-PHASES = ("data_wait", "forward", "contrastive", "mixup", "backward", "optimizer")
 
 
 def _load(pattern: str) -> list[dict[str, Any]]:
@@ -24,9 +23,19 @@ def _load(pattern: str) -> list[dict[str, Any]]:
 
 
 def _where(result: dict) -> str:
-    m = result["machine"]
-    device = ", ".join(m["gpus"]) if m.get("gpus") else f"{m['cpu']}, {m['cores']} cores"
-    return f"{device}; torch {m['torch']}; {result['date'][:10]}; `{result['command']}`"
+    """Machine, torch, date and command, as far as the result file says (older files say less)."""
+    m = result.get("machine", {})
+    if m.get("gpus"):
+        device = ", ".join(m["gpus"])
+    else:
+        device = f"{m.get('cpu', result.get('device', 'unknown CPU'))}, {m.get('cores', '?')} cores"
+    date = result.get("date", "undated")[:10]
+    command = result.get("command")
+    return f"{device}; torch {m.get('torch', '?')}; {date}" + (f"; `{command}`" if command else "")
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1%}"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -49,7 +58,7 @@ def step_breakdown_md(result: dict) -> list[str]:
                 f"{row['images_per_s']:.0f}",
                 f"{row['step_ms']:.0f} ± {row['step_ms_iqr'] / 2:.0f}",
                 "—" if x_ce is None else f"{x_ce:.2f}",
-                *(f"{row['phases'][p]['share']:.1%}" for p in PHASES),
+                *(_pct(row["phases"][p]["share"]) for p in PHASES),
                 f"{row['peak_mib']:.0f}",
             ]
         )

@@ -20,7 +20,7 @@ import json
 import math
 from pathlib import Path
 
-from common import RESULTS, Column, Table, write_result
+from common import RESULTS, Column, Table, preset, write_result
 
 from dtrain.config import load_config
 from dtrain.prepare import PrepareConfig, prepare
@@ -51,6 +51,7 @@ def shard_plan(total_bytes: float, readers: int) -> tuple[int, float]:
     splits by shard) and none over 1 GB. Shards under 100 MB are the price of that split;
     `data.resampled=true` (readers draw shards with replacement) lifts it."""
     count = max(readers, math.ceil(total_bytes / MAX_SHARD_BYTES))
+    count = math.ceil(count / readers) * readers  # the same number for every reader
     return count, total_bytes / count
 
 
@@ -79,9 +80,10 @@ def main() -> None:
     data = Path(args.data) if args.data else prepare(PrepareConfig(progress=False))
     sample_bytes = bytes_per_sample(data)
     config = load_config(
-        None, [f"model.backbone={breakdown['backbone']}", "model.pretrained=false"]
+        preset("iam"), [f"model.backbone={breakdown['backbone']}", "model.pretrained=false"]
     )
-    net = build_model(config.model, "iam", 2, 1)
+    meta = read_dataset_json(str(data))
+    net = build_model(config.model, "iam", len(meta["classes"]), meta["images"]["channels"])
     params = sum(p.numel() for p in net.parameters())
     batch, dim, world = breakdown["batch_size"], config.model.projection_dim, args.gpus
     # ring all-reduce of fp32 gradients: each rank sends (and receives) 2 (N-1)/N of them

@@ -16,8 +16,11 @@ found through autograd's sequence numbers), as a fraction of the op time of forw
 without the per-phase synchronisation. Repeats run the configs round-robin (drift hits all
 alike); each number is the median over steps and repeats, the spread the interquartile range.
 
-Variants: eager; compile (train.compile); channels_last (train.channels_last); triton (the fused
-mixup op, method.mixup_backend=triton: GPU only).
+Variants: eager (on a GPU with the fused Triton mixup op, method.mixup_backend=auto); compile
+(train.compile: the contrastive and mixup ranges vanish into the compiled graph, so only the
+phases around them are split); channels_last (train.channels_last); torch_mixup (the torch
+reference mixup, GPU only: on a CPU eager already uses it). The optimizer phase includes the
+weight average's update, as in the trainer; the metric sums and score bookkeeping are left out.
 Writes benchmarks/results/step_breakdown_<device>.json.
 """
 
@@ -25,25 +28,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from common import Column, Table, device_name, preset, slug, write_result
+from torch.autograd import DeviceType
 
 PHASES = ("data_wait", "forward", "contrastive", "mixup", "backward", "optimizer")
 VARIANTS = {
-    "eager": [],
+    "eager": [],  # method.mixup_backend=auto: the fused op on a GPU, torch on a CPU
     "compile": ["train.compile=true"],
     "channels_last": ["train.channels_last=true"],
-    "triton": ["method.mixup_backend=triton"],
+    "torch_mixup": ["method.mixup_backend=torch"],  # the reference, against eager's fused op
 }
 BASELINES = ["ce", "mixup", "gce", "sce", "coteaching", "afm"]
 RANGES = {"contrastive": "dtrain.contrastive", "mixup": "dtrain.mixup"}
@@ -57,17 +60,27 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
     return q[0], q[1], q[2]
 
 
-def range_shares(events: list, cuda: bool) -> dict[str, tuple[float, float]]:
-    """For each of RANGES: (its share of the forward's op time, its share of the backward's).
+def range_shares(events: list, cuda: bool) -> dict[str, tuple[float, float] | None]:
+    """For each of RANGES: (its share of the forward's op time, its share of the backward's);
+    None where the profile holds no such range (a compiled step: dynamo drops the ranges).
+    On a GPU the larger of the CPU-time and the kernel-time share: a small-kernel part costs
+    its launches where the step is launch-bound.
 
     An op records autograd's sequence number as it was when the op began (whether or not it
     makes a graph node); the nodes made inside a range are those numbered from its first op's
     number up to, not including, the number of the next op in the same forward pass. Their
     backward is the `evaluate_function` event with that number and forward thread."""
+    host = [e for e in events if e.device_type == DeviceType.CPU]  # no GPU-side annotations
+    shares = _range_shares(host, lambda e: e.cpu_time_total)
+    if cuda:
+        kernels = _range_shares(host, lambda e: e.device_time_total)
+        for phase, pair in shares.items():
+            if pair is not None:
+                shares[phase] = (max(pair[0], kernels[phase][0]), max(pair[1], kernels[phase][1]))
+    return shares
 
-    def cost(event) -> float:
-        return event.device_time_total if cuda else event.cpu_time_total
 
+def _range_shares(events: list, cost: Callable) -> dict[str, tuple[float, float] | None]:
     def descendants(event) -> Iterator:
         for child in event.cpu_children:
             yield child
@@ -84,10 +97,14 @@ def range_shares(events: list, cuda: bool) -> dict[str, tuple[float, float]]:
     backward = [e for e in events if e.name.startswith("autograd::engine::evaluate_function")]
     forward_total = sum(cost(e) for e in forwards)
     backward_total = sum(cost(e) for e in backward)
-    shares = {}
+    shares: dict[str, tuple[float, float] | None] = {}
     for phase, label in RANGES.items():
         fwd = bwd = 0.0
-        for r in (e for e in events if e.name == label):
+        ranges = [e for e in events if e.name == label]
+        if not ranges:
+            shares[phase] = None
+            continue
+        for r in ranges:
             fwd += cost(r)
             inside = [d.sequence_nr for d in descendants(r) if d.sequence_nr >= 0]
             if not inside:
@@ -124,6 +141,7 @@ class StepRunner:
         self.epoch = config.train.epochs - 1  # every part of the method on (warm-up over)
         self.lr = config.optim.lr
         self.batches = self._endless()
+        self.steps = 0
 
     def _endless(self) -> Iterator[dict]:
         loader, epoch = self.trainer.train_loader, 0
@@ -158,6 +176,9 @@ class StepRunner:
         engine.backward(out["loss"])
         lap("backward")
         engine.step(self.lr)
+        self.steps += 1
+        if self.trainer.ema is not None:
+            self.trainer.ema.update(self.trainer.net, self.steps)
         lap("optimizer")
         return times
 
@@ -201,7 +222,10 @@ def split_phases(steps: list[dict[str, float]], shares: dict) -> list[dict[str, 
     out = []
     for times in steps:
         row = dict(times)
-        for phase, (fwd, bwd) in shares.items():
+        for phase, pair in shares.items():
+            if pair is None:
+                continue
+            fwd, bwd = pair
             row[phase] = times["forward"] * fwd + times["backward"] * bwd
             row["forward"] -= times["forward"] * fwd
             row["backward"] -= times["backward"] * bwd
@@ -216,12 +240,16 @@ def summarise(runs: list[dict], batch_size: int) -> dict:
     low, step, high = quartiles(totals)
     phases = {}
     for phase in PHASES:
-        values = [r.get(phase, 0.0) for r in rows]
+        values = [r[phase] for r in rows if phase in r]
+        if not values:  # not measurable in this config (a compiled step)
+            phases[phase] = {"ms": None, "ms_iqr": None, "share": None}
+            continue
         p25, median, p75 = quartiles(values)
         phases[phase] = {"ms": median * 1e3, "ms_iqr": (p75 - p25) * 1e3}
-    median_sum = sum(p["ms"] for p in phases.values())
+    median_sum = sum(p["ms"] for p in phases.values() if p["ms"] is not None)
     for p in phases.values():
-        p["share"] = p["ms"] / median_sum if median_sum else 0.0
+        if p["ms"] is not None:
+            p["share"] = p["ms"] / median_sum if median_sum else 0.0
     rates = [run["images_per_s"] for run in runs]
     return {
         "step_ms": step * 1e3,
@@ -235,18 +263,22 @@ def summarise(runs: list[dict], batch_size: int) -> dict:
     }
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
 def configs(methods: list[str], variants: list[str], cuda: bool) -> list[tuple[str, str]]:
-    """(method, variant): every method eager; the other variants for CE and the method (and
-    the fused mixup op only for the method, only on a GPU)."""
+    """(method, variant): every method eager; the other variants for CE and the method; the
+    torch mixup against the fused op only for the method, only on a GPU (on a CPU eager is it)."""
     out = [(m, "eager") for m in methods]
     for variant in variants:
-        if variant == "eager" or (variant == "triton" and not cuda):
+        if variant == "eager" or (variant == "torch_mixup" and not cuda):
             continue
-        out += [
-            (m, variant)
-            for m in methods
-            if m in ("ce", "iam") and (variant != "triton" or m == "iam")
-        ]
+        wanted = ("iam",) if variant == "torch_mixup" else ("ce", "iam")
+        out += [(m, variant) for m in methods if m in wanted]
     return out
 
 
@@ -260,9 +292,11 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per config and repeat")
-    parser.add_argument("--profiled", type=int, default=2, help="profiled steps per config")
-    parser.add_argument("--repeats", type=int, default=1, help="round-robin passes over configs")
+    parser.add_argument(
+        "--steps", type=positive, default=10, help="timed steps per config and repeat"
+    )
+    parser.add_argument("--profiled", type=positive, default=2, help="profiled steps per config")
+    parser.add_argument("--repeats", type=positive, default=1, help="passes over the configs")
     parser.add_argument("--data", help="a dtrain prepare folder (default: the embedded set)")
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "VARIANT"), help=argparse.SUPPRESS)
     parser.add_argument("--to", help=argparse.SUPPRESS)
@@ -307,7 +341,7 @@ def run_all(args: argparse.Namespace, tmp: str) -> None:
                 str(to),
             ]
             print(f"  {method} {variant} (repeat {repeat + 1}/{args.repeats}) ...", flush=True)
-            done = subprocess.run(command, env=os.environ, capture_output=True, text=True)
+            done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode != 0:
                 raise SystemExit(f"{method} {variant} failed:\n{done.stderr[-3000:]}")
             runs[(method, variant)].append(json.loads(to.read_text()))

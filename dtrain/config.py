@@ -220,9 +220,15 @@ class Config:
             t.deepspeed,
             "an existing DeepSpeed JSON file",
         )
+        _check(
+            not (t.channels_last and t.deepspeed),
+            "train.channels_last",
+            t.channels_last,
+            "false under DeepSpeed (train.deepspeed), whose flat weight buffers drop the layout",
+        )
+        _check_backbone(mo.backbone)  # these last: they import timm and torch
         if isinstance(t.compile, str):
             _check_compile_backend(t.compile)
-        _check_backbone(mo.backbone)  # last: it imports timm (and torch)
         if isinstance(mo.pretrained, str):
             from dtrain.train.pretrained import checked_weights_file
 

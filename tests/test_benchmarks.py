@@ -1,10 +1,12 @@
 """The throughput benchmarks' own arithmetic: the step breakdown's profiler attribution (which
 ops, forward and backward, belong to the contrastive and mixup ranges), its phase split and
-summary, and the benchmark runner's plan. The timings themselves are not tested (benchmarks
+summary and its plan of configs; the runner's summary rows and the README sections it
+generates, from the results in the repository. The timings themselves are not tested (benchmarks
 measure, tests check)."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -14,7 +16,10 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
 
-from step_breakdown import range_shares, split_phases, summarise  # noqa: E402
+from common import RESULTS  # noqa: E402
+from performance import update_readme  # noqa: E402
+from run import BENCHMARKS, headline  # noqa: E402
+from step_breakdown import configs, range_shares, split_phases, summarise  # noqa: E402
 
 
 def _profile(body) -> list:
@@ -41,7 +46,7 @@ def test_a_heavy_range_gets_most_of_forward_and_backward():
     shares = range_shares(_profile(body), cuda=False)
     fwd, bwd = shares["contrastive"]
     assert 0.6 < fwd < 1.0 and 0.6 < bwd < 1.0
-    assert shares["mixup"] == (0.0, 0.0)
+    assert shares["mixup"] is None  # no such range: not measured, not zero
 
 
 def test_a_range_without_graph_nodes_claims_no_backward():
@@ -86,3 +91,46 @@ def test_summary_takes_medians_and_shares_that_add_up():
     assert sum(p["share"] for p in out["phases"].values()) == pytest.approx(1.0)
     assert out["step_ms"] == pytest.approx(313.0)
     assert out["timed_images_per_s"] == pytest.approx(64 / 0.313)
+
+
+def test_variants_apply_to_ce_and_the_method_and_torch_mixup_needs_a_gpu():
+    methods = ["ce", "iam", "gce"]
+    cpu = configs(methods, ["eager", "compile", "torch_mixup"], cuda=False)
+    assert cpu == [
+        ("ce", "eager"),
+        ("iam", "eager"),
+        ("gce", "eager"),
+        ("ce", "compile"),
+        ("iam", "compile"),
+    ]
+    gpu = configs(methods, ["torch_mixup"], cuda=True)
+    assert gpu[-1] == ("iam", "torch_mixup") and ("ce", "torch_mixup") not in gpu
+
+
+def test_every_result_in_the_repository_makes_a_summary_and_the_readme(tmp_path):
+    """The summary rows and the README sections come from the JSON results as committed (files
+    written by older versions of the scripts included)."""
+    seen = 0
+    for name, bench in BENCHMARKS.items():
+        for path in RESULTS.glob(bench.result.format(device="*")):
+            rows = headline(name, json.loads(path.read_text()))
+            assert rows and all(len(row) == 3 for row in rows), path
+            seen += 1
+    assert seen >= 3
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        "# x\n<!-- generated: performance -->\nold\n<!-- end: performance -->\nkept\n"
+        "<!-- generated: at-scale -->\n<!-- end: at-scale -->\n"
+    )
+    update_readme(readme)
+    text = readme.read_text()
+    assert "old" not in text and "kept" in text
+    assert "**Loader**" in text and "| pipeline | images/s | × plain |" in text
+
+
+def test_a_readme_without_the_markers_is_refused(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# nothing to fill\n")
+    with pytest.raises(SystemExit, match="generated: performance"):
+        update_readme(readme)
+    assert readme.read_text() == "# nothing to fill\n"

@@ -60,3 +60,10 @@ def test_both_may_change_when_a_run_resumes():
 def test_an_unknown_compile_backend_is_refused_by_name():
     with pytest.raises(ConfigError, match="train.compile='indcutor'.*inductor"):
         load_config(None, ["train.compile=indcutor"]).validate()
+
+
+def test_channels_last_under_deepspeed_is_refused():
+    with pytest.raises(ConfigError, match="train.channels_last"):
+        load_config(
+            None, ["train.channels_last=true", "train.deepspeed=configs/deepspeed/zero2.json"]
+        ).validate()

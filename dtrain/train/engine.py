@@ -122,8 +122,9 @@ class Engine(ABC):
                 torch.distributed.broadcast(buffer, src=0)
 
     def speed_up(self, model: nn.Module) -> None:
-        """train.channels_last and train.compile, in place and before wrapping: parameter
-        names (and so checkpoints) stay as they are, and DDP / DeepSpeed wrap the result."""
+        """train.channels_last and train.compile, in place: parameter names (and so
+        checkpoints) stay as they are. Accelerate's DDP wraps the result; DeepSpeed compiles
+        its own engine (its ZeRO hooks need to know)."""
         if self.config.train.channels_last:
             model.to(memory_format=torch.channels_last)
         backend = self.config.train.compile
@@ -132,7 +133,12 @@ class Engine(ABC):
 
             # the eager random stream (mixup groups, lambda): the same numbers, exact resumes
             inductor.fallback_random = True
-            model.compile(backend="inductor" if backend is True else backend)
+            model.compile(backend=self.compile_backend)
+
+    @property
+    def compile_backend(self) -> str:
+        backend = self.config.train.compile
+        return "inductor" if backend is True else str(backend)
 
     def to_device(self, batch: dict | None) -> dict | None:
         """A loader's batch on this rank's device (its lists, e.g. keys, as they are), images
@@ -266,7 +272,6 @@ class DeepSpeedEngine(Engine):
     def prepare(self, model: nn.Module) -> None:
         import deepspeed
 
-        self.speed_up(model)
         params = [p for p in model.parameters() if p.requires_grad]
         self.model, self.optimizer, _, _ = deepspeed.initialize(
             model=model,
@@ -276,6 +281,11 @@ class DeepSpeedEngine(Engine):
             model_parameters=params,
             config=self.resolved.config,
         )
+        if self.config.train.compile:
+            from torch._inductor import config as inductor
+
+            inductor.fallback_random = True  # as in Engine.speed_up
+            self.model.compile(backend=self.compile_backend)
         self._params = params
         self._window_finite = True  # every micro-step of the accumulation window so far
 
