@@ -1,5 +1,8 @@
 """Images/s of the streaming loader (decode + two augmented views, 64 px) at 0, 1 and 2 workers,
-against decoding the same JPEGs with PIL in a plain loop. Ratios come from one run.
+against decoding the same JPEGs with PIL in a plain loop; and with the shards read through a
+`pipe:` command (webdataset's way to stream from remote storage: `pipe:curl -s URL`,
+`pipe:aws s3 cp URL -`), here `pipe:cat FILE`, to show what the extra process and pipe cost.
+Ratios come from one run.
 
     python benchmarks/loader_throughput.py [--data DIR] [--repeats 3]
 
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import shlex
 import tarfile
 import time
 from pathlib import Path
@@ -18,7 +22,8 @@ from common import RESULTS, Column, Table, write_result
 from PIL import Image
 
 from dtrain.prepare import PrepareConfig, prepare
-from dtrain.train.data import make_loader, split_urls
+from dtrain.train.data import make_loader
+from dtrain.train.dataset import read_dataset_json, shard_dir, shard_entries, split_urls
 
 
 def jpeg_bytes(urls: list[str]) -> list[bytes]:
@@ -45,8 +50,23 @@ def plain_decode(urls: list[str], size: int, draft: bool) -> float:
     return len(images) / (time.perf_counter() - start)
 
 
-def loader_rate(urls: list[str], size: int, workers: int, batch_size: int) -> float:
-    """Images/s over one full epoch, worker start-up included (as a trainer sees it)."""
+def loader_rate(
+    urls: list[str], size: int, workers: int, batch_size: int, pipe: bool = False
+) -> float:
+    """Images/s over one full epoch, worker start-up included (as a trainer sees it); with
+    `pipe`, each shard is read from `cat`'s output (no checksums: the URLs are not those
+    listed in dataset.json)."""
+    options = {}
+    if pipe:
+        meta = read_dataset_json(shard_dir(urls[0]))
+        listed = shard_entries(meta, urls)
+        counts = {f"pipe:cat {shlex.quote(url)}": listed[url]["count"] for url in urls}
+        urls = list(counts)
+        options = {
+            "shard_counts": counts,
+            "channels": meta["images"]["channels"],
+            "num_classes": len(meta["classes"]),
+        }
     loader = make_loader(
         urls,
         train=True,
@@ -55,6 +75,7 @@ def loader_rate(urls: list[str], size: int, workers: int, batch_size: int) -> fl
         num_workers=workers,
         rank=0,
         world_size=1,
+        **options,
     )
     start = time.perf_counter()
     seen = sum(int(batch["valid"].sum()) for batch in loader)
@@ -84,6 +105,11 @@ def main() -> None:
         best(
             f"dtrain loader, {workers} workers",
             lambda w=workers: loader_rate(urls, args.size, w, args.batch_size),
+        )
+    for workers in (1, 2):
+        best(
+            f"dtrain loader, {workers} workers, pipe:cat shards",
+            lambda w=workers: loader_rate(urls, args.size, w, args.batch_size, pipe=True),
         )
     best(
         "PIL decode + resize, plain loop (again)",
@@ -118,6 +144,11 @@ def main() -> None:
         "images_per_s": rows,
         "plain_baseline": baseline,
         "ratio_1_worker": ratio,
+        "pipe_ratio": {
+            w: rows[f"dtrain loader, {w} workers, pipe:cat shards"]
+            / rows[f"dtrain loader, {w} workers"]
+            for w in (1, 2)
+        },
         "target_ratio": 0.9,
     }
     write_result("loader", result, args.out)

@@ -127,6 +127,12 @@ class TrainConfig:
     # round trains on the corrected labels; 0: train once
     refine_rounds: int = 0
     refine_init: Literal["scratch", "warm"] = "scratch"  # warm: from the previous round's weights
+    # torch.compile the training step (network and losses) in place; evaluation stays eager.
+    # true: inductor; or a backend name (aot_eager tells a compile bug from an inductor one).
+    # Off until it measures faster (benchmarks/step_breakdown.py)
+    compile: bool | str = operational(False)
+    # NHWC weights and images: faster convolutions on tensor cores (CUDA); same numbers
+    channels_last: bool = operational(False)
 
 
 @dataclass
@@ -214,7 +220,15 @@ class Config:
             t.deepspeed,
             "an existing DeepSpeed JSON file",
         )
-        _check_backbone(mo.backbone)  # last: it imports timm (and torch)
+        _check(
+            not (t.channels_last and t.deepspeed),
+            "train.channels_last",
+            t.channels_last,
+            "false under DeepSpeed (train.deepspeed), whose flat weight buffers drop the layout",
+        )
+        _check_backbone(mo.backbone)  # these last: they import timm and torch
+        if isinstance(t.compile, str):
+            _check_compile_backend(t.compile)
         if isinstance(mo.pretrained, str):
             from dtrain.train.pretrained import checked_weights_file
 
@@ -242,6 +256,17 @@ class Config:
 def _check(ok: bool, key: str, value: Any, expected: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r} is invalid: must be {expected}")
+
+
+def _check_compile_backend(name: str) -> None:
+    import torch._dynamo
+
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if name not in backends:
+        raise ConfigError(
+            f"train.compile={name!r} is invalid: must be true, false or a torch.compile backend "
+            f"({', '.join(backends)})"
+        )
 
 
 def _check_backbone(name: str) -> None:

@@ -121,14 +121,38 @@ class Engine(ABC):
             for buffer in (net or self.unwrap().net).buffers():
                 torch.distributed.broadcast(buffer, src=0)
 
+    def speed_up(self, model: nn.Module) -> None:
+        """train.channels_last and train.compile, in place: parameter names (and so
+        checkpoints) stay as they are. Accelerate's DDP wraps the result; DeepSpeed compiles
+        its own engine (its ZeRO hooks need to know)."""
+        if self.config.train.channels_last:
+            model.to(memory_format=torch.channels_last)
+        backend = self.config.train.compile
+        if backend:
+            from torch._inductor import config as inductor
+
+            # the eager random stream (mixup groups, lambda): the same numbers, exact resumes
+            inductor.fallback_random = True
+            model.compile(backend=self.compile_backend)
+
+    @property
+    def compile_backend(self) -> str:
+        backend = self.config.train.compile
+        return "inductor" if backend is True else str(backend)
+
     def to_device(self, batch: dict | None) -> dict | None:
-        """A loader's batch on this rank's device (its lists, e.g. keys, as they are)."""
+        """A loader's batch on this rank's device (its lists, e.g. keys, as they are), images
+        channels-last where the weights are."""
         if batch is None:
             return None
-        return {
-            k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
-            for k, v in batch.items()
-        }
+        return {k: self._moved(v) for k, v in batch.items()}
+
+    def _moved(self, value: object) -> object:
+        if not torch.is_tensor(value):
+            return value
+        nhwc = self.config.train.channels_last and value.dim() == 4
+        layout = torch.channels_last if nhwc else torch.preserve_format
+        return value.to(self.device, non_blocking=True, memory_format=layout)
 
     def barrier(self) -> None:
         if self.num_processes > 1:
@@ -169,6 +193,7 @@ class AccelerateEngine(Engine):
 
     def prepare(self, model: nn.Module) -> None:
         self.accelerator.free_memory()  # a clean-up round's new model: drop the last one
+        self.speed_up(model)
         self.model = self.accelerator.prepare(model)
         self._params = [p for p in self.unwrap().parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.config.optim, self._params)
@@ -256,6 +281,11 @@ class DeepSpeedEngine(Engine):
             model_parameters=params,
             config=self.resolved.config,
         )
+        if self.config.train.compile:
+            from torch._inductor import config as inductor
+
+            inductor.fallback_random = True  # as in Engine.speed_up
+            self.model.compile(backend=self.compile_backend)
         self._params = params
         self._window_finite = True  # every micro-step of the accumulation window so far
 

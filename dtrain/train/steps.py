@@ -3,7 +3,9 @@ ranking (the attention weight where the method has one, and the per-sample CE ev
 
 Every loss here is a mean over this rank's valid samples; the trainer weighs it by this rank's
 share of the global valid count, so that several ranks compute the one-process mean. Nothing in
-a step reads a value back to the host."""
+a step reads a value back to the host. The contrastive loss and the mixup run inside profiler
+ranges (CONTRASTIVE, MIXUP), so that a profile, and benchmarks/step_breakdown.py, can tell their
+cost apart from the network's."""
 
 from __future__ import annotations
 
@@ -13,12 +15,15 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from dtrain.config import Config, MethodConfig
 from dtrain.errors import ConfigError
 from dtrain.registry import METHODS
 from dtrain.train import losses
 from dtrain.train.model import CoTeachingNet, NoiseRobustNet
+
+CONTRASTIVE, MIXUP = "dtrain.contrastive", "dtrain.mixup"  # profiler range names
 
 
 @dataclass
@@ -62,34 +67,37 @@ def attention_method_step(model: NoiseRobustNet, batch: dict, ctx: StepContext) 
         # AFM's fixed pairing, i with i + B/2, as groups of two
         half = len(h1) // 2
         pairs = torch.stack([torch.arange(half), torch.arange(half) + half], 1).to(h1.device)
-        attention = _attention(model, h1, labels, logits, valid, pairs)
-        loss = losses.afm_loss(h1, attention, labels, model.classifier, ctx.num_classes, valid)
+        with record_function(MIXUP):
+            attention = _attention(model, h1, labels, logits, valid, pairs)
+            loss = losses.afm_loss(h1, attention, labels, model.classifier, ctx.num_classes, valid)
         terms["afm"] = loss.detach()
     else:
         loss = losses.masked_mean(sample_loss, valid)
         terms["ce"] = loss.detach()
         # the attention learns only through L_iam: without it its weights are noise, not a score
         if spec.mixup and cfg.lambda_iam > 0 and ctx.epoch >= cfg.warmup_epochs:
-            groups = losses.make_groups(len(h1), cfg.group_size, h1.device)
-            attention = _attention(model, h1, labels, logits, valid, groups)
-            num_pairs = groups.shape[0] * cfg.group_size * (cfg.group_size - 1) // 2
-            lam = losses.sample_lam(num_pairs, cfg.mixup_alpha, h1.device)
-            feature_space = cfg.mixup_space == "feature"
-            iam = losses.intra_group_mixup(
-                h1 if feature_space else logits,
-                attention,
-                labels,
-                groups,
-                lam,
-                ctx.num_classes,
-                head=model.classifier if feature_space else None,
-                valid=valid,
-                backend=cfg.mixup_backend,
-            )
+            with record_function(MIXUP):
+                groups = losses.make_groups(len(h1), cfg.group_size, h1.device)
+                attention = _attention(model, h1, labels, logits, valid, groups)
+                num_pairs = groups.shape[0] * cfg.group_size * (cfg.group_size - 1) // 2
+                lam = losses.sample_lam(num_pairs, cfg.mixup_alpha, h1.device)
+                feature_space = cfg.mixup_space == "feature"
+                iam = losses.intra_group_mixup(
+                    h1 if feature_space else logits,
+                    attention,
+                    labels,
+                    groups,
+                    lam,
+                    ctx.num_classes,
+                    head=model.classifier if feature_space else None,
+                    valid=valid,
+                    backend=cfg.mixup_backend,
+                )
             loss = loss + cfg.lambda_iam * iam
             terms["iam"] = iam.detach()
     if contrastive:
-        con = losses.nt_xent(model.project(h1), model.project(h2), cfg.temperature, valid)
+        with record_function(CONTRASTIVE):
+            con = losses.nt_xent(model.project(h1), model.project(h2), cfg.temperature, valid)
         loss = loss + cfg.lambda_con * con
         terms["con"] = con.detach()
     return StepOutput(
@@ -164,7 +172,9 @@ def mixup_step(model: torch.nn.Module, batch: dict, ctx: StepContext) -> StepOut
     x, labels, valid = batch["view1"], batch["label"], batch["valid"]
     lam = losses.sample_lam(1, ctx.cfg.mixup_alpha, x.device)[0]
     perm = torch.randperm(len(x), device=x.device)
-    mixed = losses.wide(model(lam * x + (1 - lam) * x[perm]))
+    with record_function(MIXUP):
+        mixed_x = lam * x + (1 - lam) * x[perm]
+    mixed = losses.wide(model(mixed_x))
     per = lam * F.cross_entropy(mixed, labels, reduction="none")
     per = per + (1 - lam) * F.cross_entropy(mixed, labels[perm], reduction="none")
     loss = losses.masked_mean(per, valid & valid[perm])

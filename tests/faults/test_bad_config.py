@@ -88,6 +88,8 @@ BAD_VALUES: dict[str, tuple[str, ...] | None] = {
     "train.ema_decay": ("1", "-0.1"),
     "train.refine_rounds": ("-1", "11"),
     "train.refine_init": ("hot",),
+    "train.compile": ("indcutor",),
+    "train.channels_last": None,  # a bool
 }
 
 
