@@ -603,6 +603,8 @@ def test_identity_drops_exactly_the_operational_keys():
         "train.checkpoint_every_steps",
         "train.checkpoint_every_minutes",
         "train.dist_timeout_s",
+        "train.compile",
+        "train.channels_last",
     }
     assert set(operational_keys()) == expected
     assert dotted(config.to_dict()) - dotted(config.identity()) == expected
