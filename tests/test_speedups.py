@@ -21,6 +21,12 @@ def stripes(tmp_path_factory) -> Path:
     return stripes_dataset(tmp_path_factory.mktemp("stripes"), 48, shard_size=16)
 
 
+@pytest.fixture(scope="module")
+def eager(stripes, tmp_path_factory) -> list[float]:
+    """The step losses without either speed-up: what both must reproduce."""
+    return _train(stripes, tmp_path_factory.mktemp("eager") / "run", "train.seed=3")[1]
+
+
 def _train(data: Path, run: Path, *extra: str) -> tuple[dict, list[float]]:
     losses = []
     config = load_config(
@@ -37,8 +43,7 @@ def _train(data: Path, run: Path, *extra: str) -> tuple[dict, list[float]]:
     ["train.channels_last=true", "train.compile=aot_eager"],
     ids=["channels_last", "compile"],
 )
-def test_a_speedup_trains_the_same_and_saves_plain_weights(stripes, tmp_path, speedup):
-    _, eager = _train(stripes, tmp_path / "eager", "train.seed=3")
+def test_a_speedup_trains_the_same_and_saves_plain_weights(stripes, eager, tmp_path, speedup):
     summary, fast = _train(stripes, tmp_path / "fast", "train.seed=3", speedup)
     assert len(fast) == len(eager) > 3
     # the first loss is the same network on the same batch; after a few updates, rounding
