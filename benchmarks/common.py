@@ -90,7 +90,9 @@ def machine_info() -> dict[str, Any]:
 
 def command_line() -> str:
     """The command as typed, quoted so that it can be pasted back into a shell."""
-    return shlex.join(["python", Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+    script = Path(sys.argv[0]).resolve()
+    shown = script.relative_to(REPO) if script.is_relative_to(REPO) else script
+    return shlex.join(["python", shown.as_posix(), *sys.argv[1:]])
 
 
 def now() -> str:

@@ -94,7 +94,7 @@ def main() -> None:
 
     measured = gpu_rate_measured()
     rates = [measured[0]] if measured else list(ASSUMED_GPU_RATES)
-    source = f"measured on {measured[1]}" if measured else "assumed (no GPU was lent)"
+    source = f"measured on {measured[1]}" if measured else "assumed: no GPU was lent"
     nodes = math.ceil(args.gpus / args.gpus_per_node)
     rows = []
     table = Table(
