@@ -123,22 +123,22 @@ class Engine(ABC):
 
     def speed_up(self, model: nn.Module) -> None:
         """train.channels_last and train.compile, in place: parameter names (and so
-        checkpoints) stay as they are. Accelerate's DDP wraps the result; DeepSpeed compiles
-        its own engine (its ZeRO hooks need to know)."""
+        checkpoints) stay as they are, and DDP wraps the result. DeepSpeed compiles its own
+        engine instead (its ZeRO hooks need to know) and refuses channels-last."""
         if self.config.train.channels_last:
             model.to(memory_format=torch.channels_last)
-        backend = self.config.train.compile
-        if backend:
-            from torch._inductor import config as inductor
+        self.compile_in_place(model)
 
-            # the eager random stream (mixup groups, lambda): the same numbers, exact resumes
-            inductor.fallback_random = True
-            model.compile(backend=self.compile_backend)
-
-    @property
-    def compile_backend(self) -> str:
+    def compile_in_place(self, module: nn.Module) -> None:
+        """`module.compile()` with train.compile's backend (true: inductor); nothing if off."""
         backend = self.config.train.compile
-        return "inductor" if backend is True else str(backend)
+        if not backend:
+            return
+        from torch._inductor import config as inductor
+
+        # the eager random stream (mixup groups, lambda): the same numbers, exact resumes
+        inductor.fallback_random = True
+        module.compile(backend="inductor" if backend is True else backend)
 
     def to_device(self, batch: dict | None) -> dict | None:
         """A loader's batch on this rank's device (its lists, e.g. keys, as they are), images
@@ -281,11 +281,7 @@ class DeepSpeedEngine(Engine):
             model_parameters=params,
             config=self.resolved.config,
         )
-        if self.config.train.compile:
-            from torch._inductor import config as inductor
-
-            inductor.fallback_random = True  # as in Engine.speed_up
-            self.model.compile(backend=self.compile_backend)
+        self.compile_in_place(self.model)
         self._params = params
         self._window_finite = True  # every micro-step of the accumulation window so far
 
