@@ -12,4 +12,4 @@ torch_packages=${TORCH_PACKAGES:-"torch==2.14.1 torchvision==0.29.1"}
 .venv/bin/python -m pip install -q --upgrade pip
 # shellcheck disable=SC2086
 .venv/bin/python -m pip install -q $torch_packages
-.venv/bin/python -m pip install -q -e ".[dev,deepspeed,tune,anchor]"
+.venv/bin/python -m pip install -q -e ".[dev,deepspeed,tune,anchor,track]"

@@ -5,6 +5,7 @@ against each other."""
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -108,15 +109,40 @@ def method_table(rows: list[dict], noise: str, methods: list[str]) -> tuple[str,
     return "\n".join(lines), stats
 
 
+def seed_spread(groups: list[list[float]]) -> tuple[float, float, int] | None:
+    """The mean over methods of each method's mean, and the seed std within a method pooled over
+    methods (the root of their mean variance): the methods' own differences are not noise, so
+    they must not count as spread. n is the runs; a spread of NaN when no method has 2 seeds."""
+    groups = [g for g in groups if g]
+    if not groups:
+        return None
+    seeded = [statistics.variance(g) for g in groups if len(g) > 1]
+    spread = math.sqrt(statistics.fmean(seeded)) if seeded else math.nan
+    return statistics.fmean(statistics.fmean(g) for g in groups), spread, sum(map(len, groups))
+
+
+def fmt_spread(stat: tuple[float, float, int] | None) -> str:
+    if stat is None:
+        return "–"
+    mean, spread, _ = stat
+    return f"{mean:.3f}" if math.isnan(spread) else f"{mean:.3f} ± {spread:.3f}"
+
+
 def rule_table(rows: list[dict]) -> tuple[str, dict]:
-    """Each rule's clean test accuracy minus the better of last and EMA-last, per noise kind,
-    over the runs that scored every rule."""
+    """Each rule's clean test accuracy, and that minus the better of last and EMA-last, per noise
+    kind, averaged over the methods that scored every rule. The ± is the seed spread within a
+    method (pooled), not the spread between methods, which the per-method tables show."""
     scored = [r for r in rows if "rule_last_acc" in r]
     noises = sorted({r["noise"] for r in scored})
-    runs = {n: sum(r["noise"] == n for r in scored) for n in noises}
+    methods = {n: sorted({r["method"] for r in scored if r["noise"] == n}) for n in noises}
+    seeds = {n: len({r["seed"] for r in scored if r["noise"] == n}) for n in noises}
     lines = [
         "| rule | "
-        + " | ".join(f"{n} ({runs[n]} runs): acc | {n}: vs best of last/EMA" for n in noises)
+        + " | ".join(
+            f"{n} ({len(methods[n])} methods x {seeds[n]} seed{'s' * (seeds[n] > 1)}): acc "
+            f"| {n}: vs best of last/EMA"
+            for n in noises
+        )
         + " |",
         "|---|" + "---|---|" * len(noises),
     ]
@@ -124,18 +150,48 @@ def rule_table(rows: list[dict]) -> tuple[str, dict]:
     for rule in RULES:
         cells = []
         for noise in noises:
-            mine = [r for r in scored if r["noise"] == noise]
-            acc = mean_std([r[f"rule_{rule}_acc"] for r in mine])
-            gap = mean_std(
+            by_method = [
+                [r for r in scored if r["noise"] == noise and r["method"] == m]
+                for m in methods[noise]
+            ]
+            acc = seed_spread([[r[f"rule_{rule}_acc"] for r in mine] for mine in by_method])
+            gap = seed_spread(
                 [
-                    r[f"rule_{rule}_acc"] - max(r["rule_last_acc"], r["rule_ema_last_acc"])
-                    for r in mine
+                    [
+                        r[f"rule_{rule}_acc"] - max(r["rule_last_acc"], r["rule_ema_last_acc"])
+                        for r in mine
+                    ]
+                    for mine in by_method
                 ]
             )
-            stats[f"{rule}/{noise}"] = {"acc": acc, "gap": gap, "runs": len(mine)}
-            cells += [fmt(acc), fmt(gap)]
+            stats[f"{rule}/{noise}"] = {
+                "acc": acc,
+                "gap": gap,
+                "runs": sum(map(len, by_method)),
+                "methods": len(by_method),
+                "seeds": seeds[noise],
+            }
+            cells += [fmt_spread(acc), fmt_spread(gap)]
         lines.append(f"| {rule} | " + " | ".join(cells) + " |")
     return "\n".join(lines), stats
+
+
+def rule_method_table(rows: list[dict], noise: str, methods: list[str]) -> str:
+    """One noise kind's rules per method: mean ± std over that method's seeds."""
+    scored = [r for r in rows if "rule_last_acc" in r and r["noise"] == noise]
+    lines = [
+        f"**{noise}**, clean test accuracy (mean ± std over seeds)",
+        "",
+        "| method | seeds | " + " | ".join(RULES) + " |",
+        "|---|---|" + "---|" * len(RULES),
+    ]
+    for method in methods:
+        mine = [r for r in scored if r["method"] == method]
+        if not mine:
+            continue
+        cells = [fmt(mean_std([r[f"rule_{rule}_acc"] for r in mine])) for rule in RULES]
+        lines.append(f"| {method} | {len(mine)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def plot(rows: list[dict], methods: list[str], path: Path) -> None:
@@ -165,9 +221,9 @@ def plot(rows: list[dict], methods: list[str], path: Path) -> None:
 
 
 def write_report(runs: Path, default_rule: str, out: Path) -> dict:
+    """Collect the run folders into runs.parquet, then write the tables and the plot."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from study import METHODS, WARM_VARIANT
 
     rows = collect(runs)
     out.mkdir(parents=True, exist_ok=True)
@@ -176,6 +232,13 @@ def write_report(runs: Path, default_rule: str, out: Path) -> dict:
     sink = pa.BufferOutputStream()
     pq.write_table(pa.Table.from_pylist(rows), sink)
     write_atomic(out / "runs.parquet", sink.getvalue().to_pybytes())
+    return write_tables(rows, collect_anchor(runs), default_rule, out)
+
+
+def write_tables(rows: list[dict], cleanlab: list[dict], default_rule: str, out: Path) -> dict:
+    """study.md and study.png from the runs' rows (and the cleanlab anchor's results)."""
+    from study import METHODS, WARM_VARIANT
+
     methods = [*METHODS, *WARM_VARIANT]
     parts = [
         "# dtrain accuracy study",
@@ -188,10 +251,55 @@ def write_report(runs: Path, default_rule: str, out: Path) -> dict:
         text, tables[noise] = method_table(rows, noise, methods)
         parts += [text, ""]
     rules_text, rules = rule_table(rows)
-    parts += ["## Selection rules (methods without rounds)", "", rules_text, ""]
-    cleanlab = collect_anchor(runs)
+    parts += [
+        "## Selection rules (methods without rounds)",
+        "",
+        "Each rule's clean test accuracy, and its gain over the better of `last` and "
+        "`ema_last` on the same run, averaged over the methods (each weighs the same). The ± "
+        "is the spread between seeds of one method, pooled over the methods; it leaves out "
+        "the methods' differences, shown per method below. A noise kind run with one seed has "
+        "no seed spread and shows none.",
+        "",
+        rules_text,
+        "",
+    ]
+    for noise in sorted({r["noise"] for r in rows if "rule_last_acc" in r}):
+        if len({r["seed"] for r in rows if r["noise"] == noise}) > 1:
+            parts += [rule_method_table(rows, noise, methods), ""]
     if cleanlab:
         parts += ["## cleanlab as the anchor", "", anchor_table(cleanlab, rows), ""]
     write_atomic(out / "study.md", "\n".join(parts))
     plot(rows, methods, out / "study.png")
     return {"runs": len(rows), "tables": tables, "rules": rules, "cleanlab": cleanlab}
+
+
+def rows_from_parquet(path: Path) -> list[dict]:
+    """The rows of a runs.parquet, with the columns a row never had (NaN there) left out."""
+    import pandas as pd
+
+    return [
+        {k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))}
+        for row in pd.read_parquet(path).to_dict("records")
+    ]
+
+
+def main() -> None:
+    """Rewrite study.md and study.png from runs.parquet (the run folders need not exist), the
+    cleanlab anchor's results from benchmarks/results/study.json."""
+    import argparse
+
+    from common import RESULTS
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--out", type=Path, default=RESULTS / "study")
+    args = parser.parse_args()
+    rows = rows_from_parquet(args.out / "runs.parquet")
+    saved = RESULTS / "study.json"
+    cleanlab = (json.loads(saved.read_text()).get("cleanlab") or []) if saved.is_file() else []
+    (rule,) = {r["select"] for r in rows}
+    write_tables(rows, cleanlab, rule, args.out)
+    print(f"wrote {args.out / 'study.md'} from {len(rows)} runs")
+
+
+if __name__ == "__main__":
+    main()

@@ -42,8 +42,8 @@ def rule_scores(history: list[dict], tests: list[dict], window: int) -> dict:
     """Each selection rule's pick in this run and its clean test accuracy."""
     out = {}
     for rule, spec in selection.RULES.items():
-        epoch = selection.picks(rule, history, window)
-        test = tests[epoch - 1]
+        epoch = selection.picks(rule, history, window)  # None: the rule picked no epoch
+        test = tests[epoch - 1] if epoch is not None else {}
         out[rule] = {
             "epoch": epoch,
             **{k: test.get(f"{spec.weights}_{k}") for k in CLEAN},

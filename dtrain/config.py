@@ -24,9 +24,17 @@ from dtrain.registry import METHODS, MethodName
 from dtrain.train.selection import SelectRule
 
 
-def operational(default: Any) -> Any:
-    """A field that a resumed run may change (it does not alter what is computed)."""
-    return field(default=default, metadata={"operational": True})
+def operational(default: Any, alters_result: bool = False) -> Any:
+    """A field that a resumed run may change. Most say how the run is carried out, not what it
+    computes; those with `alters_result` (the learning-rate schedule, say) change the weights,
+    so a finished clean-up round is not reused across them (`Config.result_identity`)."""
+    metadata = {"operational": True, "alters_result": alters_result}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+TrackerName = Literal["tensorboard", "mlflow", "wandb"]
 
 
 @dataclass
@@ -86,11 +94,13 @@ class MethodConfig:
 @dataclass
 class OptimConfig:
     name: Literal["sgd", "adamw"] = "sgd"
-    lr: float = operational(0.05)  # per optimiser step, whatever the accumulation
+    # per optimiser step, whatever the accumulation
+    lr: float = operational(0.05, alters_result=True)
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    warmup_epochs: float = operational(1.0)  # linear learning-rate warm-up, then cosine to zero
-    grad_clip: float = operational(5.0)  # max gradient norm; 0: off
+    # linear learning-rate warm-up, then cosine to zero
+    warmup_epochs: float = operational(1.0, alters_result=True)
+    grad_clip: float = operational(5.0, alters_result=True)  # max gradient norm; 0: off
 
 
 @dataclass
@@ -120,8 +130,9 @@ class TrainConfig:
     # which weights become best.pt, chosen without clean labels (dtrain.train.selection)
     select: SelectRule = "ema_last"
     select_window: int = 5  # epochs averaged by noisy_val_smoothed
-    # a moving average of the weights, kept beside them and evaluated each epoch; 0: none
-    ema_decay: float = 0.998
+    # a moving average of the weights, kept beside them and evaluated each epoch, over about
+    # this many epochs (dtrain.train.ema); 0: none
+    ema_epochs: float = 3.0
     # label clean-up rounds (dtrain.train.refine): after a round, the samples the ranking
     # suspects most and the model disagrees with are relabelled to its prediction, and the next
     # round trains on the corrected labels; 0: train once
@@ -133,6 +144,9 @@ class TrainConfig:
     compile: bool | str = operational(False)
     # NHWC weights and images: faster convolutions on tensor cores (CUDA); same numbers
     channels_last: bool = operational(False)
+    # where metrics go beside metrics.jsonl: any of tensorboard, mlflow, wandb (the last two
+    # need `pip install 'dtrain[track]'` and read their own environment variables; README)
+    trackers: list[TrackerName] = operational(["tensorboard"])
 
 
 @dataclass
@@ -205,7 +219,7 @@ class Config:
         for key in ("stop_after_steps", "checkpoint_every_steps", "checkpoint_every_minutes"):
             _check(getattr(t, key) >= 0, f"train.{key}", getattr(t, key), ">= 0 (0: off)")
         _check(t.select_window >= 1, "train.select_window", t.select_window, ">= 1")
-        _check(0 <= t.ema_decay < 1, "train.ema_decay", t.ema_decay, "in [0, 1) (0: none)")
+        _check(t.ema_epochs >= 0, "train.ema_epochs", t.ema_epochs, ">= 0 (0: none)")
         _check(0 <= t.refine_rounds <= 10, "train.refine_rounds", t.refine_rounds, "in 0..10")
         _check(t.dist_timeout_s >= 1, "train.dist_timeout_s", t.dist_timeout_s, ">= 1")
         _check(
@@ -226,6 +240,9 @@ class Config:
             t.channels_last,
             "false under DeepSpeed (train.deepspeed), whose flat weight buffers drop the layout",
         )
+        from dtrain.train.trackers import check_installed
+
+        check_installed(t.trackers)
         _check_backbone(mo.backbone)  # these last: they import timm and torch
         if isinstance(t.compile, str):
             _check_compile_backend(t.compile)
@@ -246,8 +263,17 @@ class Config:
 
     def identity(self) -> dict:
         """The config less its operational keys: what a resumed run must share."""
+        return self._without(operational_keys())
+
+    def result_identity(self) -> dict:
+        """The config less the keys that do not change the trained weights (operational ones
+        without `alters_result`, and where the run is written): what a finished clean-up round
+        must share to be reused."""
+        return self._without([*operational_keys(alters_result=False), "train.run_dir"])
+
+    def _without(self, keys: list[str]) -> dict:
         values = self.to_dict()
-        for key in operational_keys():
+        for key in keys:
             section, name = key.split(".")
             values[section].pop(name)
         return values
@@ -296,12 +322,14 @@ def config_keys() -> list[str]:
     return [f"{s}.{f.name}" for s, cls in _sections().items() for f in _fields(cls)]
 
 
-def operational_keys() -> list[str]:
+def operational_keys(alters_result: bool | None = None) -> list[str]:
+    """Keys a resumed run may change; `alters_result` True/False: only those that do/don't
+    change the trained weights."""
     return [
         f"{s}.{f.name}"
         for s, cls in _sections().items()
         for f in _fields(cls)
-        if f.metadata.get("operational")
+        if f.metadata.get("operational") and alters_result in (None, f.metadata["alters_result"])
     ]
 
 

@@ -1,6 +1,6 @@
 """How a value from a YAML file or a `key=value` override becomes a typed config value: the
-field's scalar type, an Optional's null, or one of a Literal's choices; and how a YAML file is
-read. Each error names the key or file and says what would be valid."""
+field's scalar type, an Optional's null, one of a Literal's choices, or a list of these; and
+how a YAML file is read. Each error names the key or file and says what would be valid."""
 
 from __future__ import annotations
 
@@ -29,6 +29,8 @@ _NONES = ("none", "null", "~")  # an Optional key's None, on the command line
 def coerce(value: Any, kind: Any, key: str) -> Any:
     """A YAML or command-line value as the field's type; a Literal accepts only its choices."""
     origin = typing.get_origin(kind)
+    if origin is list:
+        return _coerce_list(value, typing.get_args(kind)[0], key)
     if origin in (typing.Union, types.UnionType):
         return _coerce_union(value, typing.get_args(kind), key)
     if origin is Literal:
@@ -42,6 +44,16 @@ def coerce(value: Any, kind: Any, key: str) -> Any:
         return _scalar(value, kind)
     except (TypeError, ValueError, KeyError, OverflowError):
         raise ConfigError(f"{key}={value!r} is invalid: must be {_EXPECTED[kind]}") from None
+
+
+def _coerce_list(value: Any, item: Any, key: str) -> list:
+    """A YAML list, or a command line's `a,b` or `[a, b]`; each item as `item`, each once."""
+    if isinstance(value, str):
+        text = value.strip().removeprefix("[").removesuffix("]")
+        value = [part.strip().strip("'\"") for part in text.split(",") if part.strip()]
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{key}={value!r} is invalid: must be a list")
+    return list(dict.fromkeys(coerce(v, item, key) for v in value))
 
 
 def _coerce_union(value: Any, options: tuple, key: str) -> Any:

@@ -9,19 +9,21 @@ import os
 import re
 import socket
 import time
+import warnings
 from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
 
 from dtrain.errors import DistributedError
-from dtrain.launch.slurm_env import head_address
+from dtrain.launch.slurm_env import EXPORTS_JOB, rendezvous_exports
 
 
 def env_from_slurm() -> bool:
     """Started by `srun` directly (no torchrun / accelerate / deepspeed launcher): derive RANK,
     WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT from SLURM's variables, as open_clip does.
-    Returns whether it did. A launcher's own variables always win."""
+    Returns whether it did. A launcher's own variables always win; MASTER_ADDR and MASTER_PORT
+    are kept only where the job script made them for this job (slurm_env's DTRAIN_EXPORTS_JOB)."""
     env = os.environ
     if "RANK" in env or "SLURM_PROCID" not in env or "SLURM_STEP_ID" not in env:
         return False
@@ -30,12 +32,27 @@ def env_from_slurm() -> bool:
     env["RANK"] = env["SLURM_PROCID"]
     env["WORLD_SIZE"] = env["SLURM_NTASKS"]
     env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
-    if "MASTER_ADDR" not in env:  # the job script normally exports it (launchers/)
+    # the job script's exports (launchers/) are this job's; any other MASTER_ADDR or MASTER_PORT
+    # may have been inherited from the submitting shell (sbatch's --export=ALL): not trusted
+    if EXPORTS_JOB not in env or env[EXPORTS_JOB] != env.get("SLURM_JOB_ID"):
         nodelist = env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "localhost"))
-        env["MASTER_ADDR"] = head_address(nodelist, env.get("SLURMD_NODENAME"))
-    # one port per job, so that two jobs sharing a node do not collide
-    env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+        env.update(rendezvous_exports({"SLURM_JOB_ID": "0", **env}, nodelist))
     return True
+
+
+def silence_understood_warnings() -> None:
+    """FutureWarnings that every rank would print at every start, about choices made on
+    purpose or not ours: Accelerate's on `broadcast_buffers=False` (its replacement still syncs
+    the buffers at init, which the warning itself says to avoid while that matters), torch's on
+    `torch.distributed.nn.functional.all_gather`, the one differentiable all-gather outside
+    private API (`all_gather_with_grad`), and torch's on the `all_gather_into_tensor` that
+    DeepSpeed's ZeRO calls."""
+    for message in (
+        r"`broadcast_buffers` is deprecated",
+        r"torch\.distributed\.nn\.functional\.all_gather is deprecated",
+        r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+    ):
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
 
 
 def env_for_one_process() -> bool:

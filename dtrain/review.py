@@ -1,14 +1,15 @@
 """`dtrain review RUN`: a finished run's most suspicious training labels as work a clinician can
-do: `index.html` (a static page of thumbnails with the given and the predicted class, most
-suspicious first) and `review.csv` with an empty `corrected_label` column to fill (a class name,
-`drop`, or nothing to keep the label), which `dtrain relabel` turns into a new dataset version.
-A review a person has started filling is never replaced without `--overwrite`."""
+do: `index.html`, a page to work in (one click or key per image to keep, relabel or drop it,
+zoom, progress, work kept across reloads, an export of the filled CSV; see dtrain.review_page),
+and `review.csv` with an empty `corrected_label` column to fill (a class name, `drop`, or nothing
+to keep the label), which `dtrain relabel` turns into a new dataset version. A review a person
+has started filling is never replaced without `--overwrite`."""
 
 from __future__ import annotations
 
 import argparse
 import csv
-import html
+import hashlib
 import io
 import json
 import math
@@ -18,7 +19,8 @@ from pathlib import Path
 from dtrain.errors import ConfigError, DataError, RunFolderError
 from dtrain.prepare.folder import new_staging, publish
 from dtrain.prepare.records import DATASET_JSON, MANIFEST
-from dtrain.relabel import CORRECTION_COLUMN, DROP
+from dtrain.relabel import CORRECTION_COLUMN
+from dtrain.review_page import ZOOM, ZOOM_SIDE, render_page
 
 REVIEW_CSV = "review.csv"
 PAGE = "index.html"
@@ -73,7 +75,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
     if not out.is_dir():
         raise DataError(f"--out {out} is a file; choose a folder")
     existing = out / REVIEW_CSV
-    others = sorted(p.name for p in out.iterdir() if p.name not in (PAGE, REVIEW_CSV, THUMBS))
+    others = sorted(p.name for p in out.iterdir() if p.name not in (PAGE, REVIEW_CSV, THUMBS, ZOOM))
     if existing.is_file() and others and not overwrite:
         raise DataError(
             f"{out} also holds {others[0]} (a copy of the review being worked on?), which a new "
@@ -96,24 +98,36 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 def thumbnail(data: bytes) -> bytes:
     """A PNG of the image fitted into THUMB_SIDE x THUMB_SIDE (small images are enlarged)."""
+    return _fitted_png(data, THUMB_SIDE, enlarge=True)
+
+
+def zoom_view(data: bytes) -> bytes:
+    """A PNG of the image for the page's zoom: fitted into ZOOM_SIDE x ZOOM_SIDE, never enlarged
+    (the browser scales it)."""
+    return _fitted_png(data, ZOOM_SIDE, enlarge=False)
+
+
+def _fitted_png(data: bytes, side: int, enlarge: bool) -> bytes:
     from PIL import Image, ImageOps
 
     from dtrain.images import open_image, to_8bit
 
     image = open_image(data)
-    image.draft(None, (THUMB_SIDE, THUMB_SIDE))  # JPEG: decode at the smallest scale that fits
+    image.draft(None, (side, side))  # JPEG: decode at the smallest scale that fits
     image = to_8bit(image)
     if image.mode not in ("L", "RGB"):
         image = image.convert("RGB")
-    image = ImageOps.contain(image, (THUMB_SIDE, THUMB_SIDE), Image.Resampling.LANCZOS)
+    if enlarge or max(image.size) > side:
+        image = ImageOps.contain(image, (side, side), Image.Resampling.LANCZOS)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
 
 
-def write_thumbnails(dataset: Path, names: dict[str, str], folder: Path, progress: bool) -> None:
-    """`folder/<names[key]>` for each key, read from the dataset's shards: only those that hold
-    one of the keys, each checked against its recorded sha256."""
+def write_images(dataset: Path, names: dict[str, str], folder: Path, progress: bool) -> None:
+    """`folder/THUMBS/<names[key]>` and `folder/ZOOM/<names[key]>` for each key, read from the
+    dataset's shards: only those that hold one of the keys, each checked against its recorded
+    sha256."""
     import pyarrow.parquet as pq
     from tqdm.auto import tqdm
 
@@ -129,10 +143,11 @@ def write_thumbnails(dataset: Path, names: dict[str, str], folder: Path, progres
             f"the run scored sample {missing[0]}, which {dataset / MANIFEST} does not hold: the "
             "dataset changed since the run; review a run of this dataset"
         )
-    folder.mkdir(parents=True, exist_ok=True)
+    for sub in (THUMBS, ZOOM):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
     todo = set(names)
     for name in tqdm(
-        sorted({shard_of[k] for k in names}), desc="thumbnails", disable=None if progress else True
+        sorted({shard_of[k] for k in names}), desc="images", disable=None if progress else True
     ):
         info = meta["shards"][name]
         url = info.get("url", str(dataset / name))  # indexed shards lie where they were
@@ -146,52 +161,13 @@ def write_thumbnails(dataset: Path, names: dict[str, str], folder: Path, progres
             if image is None:
                 raise DataError(f"{url} sample {sample.key}: no image member")
             try:
-                (folder / names[sample.key]).write_bytes(thumbnail(image))
+                (folder / THUMBS / names[sample.key]).write_bytes(thumbnail(image))
+                (folder / ZOOM / names[sample.key]).write_bytes(zoom_view(image))
             except (OSError, ValueError, SyntaxError) as err:  # what PIL raises on bad bytes
                 raise DataError(f"{url} sample {sample.key}: {err}") from err
             todo.discard(sample.key)
     if todo:
         raise DataError(f"{dataset} holds no sample {sorted(todo)[0]} where its manifest says")
-
-
-def _page(rows: list[dict], classes: list[str], run_dir: Path, dataset: Path) -> str:
-    """The static review page: no script, no network, every value HTML-escaped."""
-
-    def esc(value: object) -> str:
-        return html.escape(str(value), quote=True)
-
-    head = "".join(f"<th>{esc(c)}</th>" for c in COLUMNS)
-    body = []
-    for row in rows:
-        cells = []
-        for column in COLUMNS:
-            if column == "thumbnail":
-                cells.append(f'<td><img src="{esc(row[column])}" alt="{esc(row["key"])}"></td>')
-            else:
-                cells.append(f'<td class="{column}">{esc(row[column])}</td>')
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<title>Label review: {esc(run_dir)}</title>
-<style>
-body {{ font-family: sans-serif; margin: 1.5em; }}
-table {{ border-collapse: collapse; }}
-th, td {{ border: 1px solid #bbb; padding: 4px 8px; text-align: left; }}
-td.image {{ font-size: small; word-break: break-all; max-width: 24em; }}
-td.corrected_label {{ min-width: 8em; background: #ffd; }}
-</style></head><body>
-<h1>Label review: the {len(rows)} most suspicious training labels</h1>
-<p>Run {esc(run_dir)}, dataset {esc(dataset)}. Most suspicious first.</p>
-<p><b>To review:</b> fill <code>{CORRECTION_COLUMN}</code> in <code>{REVIEW_CSV}</code> (beside
-this page) with a class name, or <code>{DROP}</code> to remove the image; leave it empty to keep the
-given label. Classes: {", ".join(f"<code>{esc(c)}</code>" for c in classes)}.
-Then: <code>dtrain relabel {esc(dataset)} {REVIEW_CSV} --out NEW_DATASET</code>.</p>
-<table><thead><tr>{head}</tr></thead>
-<tbody>
-{chr(10).join(body)}
-</tbody></table>
-</body></html>
-"""
 
 
 def write_review(
@@ -235,23 +211,32 @@ def write_review(
         }
         for r in chosen
     ]
+    losses = [r.get("loss_score", math.nan) for r in chosen]
+    # the browser keeps a review's work under this id: another run or other images, another id
+    review_id = hashlib.sha256(
+        json.dumps([str(run_dir.resolve()), [r["key"] for r in rows]]).encode()
+    ).hexdigest()[:16]
     staging = new_staging(out)
     try:
         names = {r["key"]: Path(r["thumbnail"]).name for r in rows}
-        write_thumbnails(dataset, names, staging / THUMBS, progress)
+        write_images(dataset, names, staging, progress)
         with open(staging / REVIEW_CSV, "w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=COLUMNS, lineterminator="\n")
             writer.writeheader()
             writer.writerows(rows)
-        (staging / PAGE).write_text(_page(rows, classes, run_dir, dataset), encoding="utf-8")
+        page = render_page(
+            rows, losses, classes, COLUMNS, run_dir, dataset, review_id, total=len(ranked)
+        )
+        (staging / PAGE).write_text(page, encoding="utf-8")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     publish(staging, out)
     print(
         f"wrote {out}: {PAGE} and {REVIEW_CSV}, the {len(rows)} most suspicious of "
-        f"{len(ranked)} training labels; fill {CORRECTION_COLUMN}, then\n"
-        f"  dtrain relabel {dataset} {out / REVIEW_CSV} --out {dataset}_reviewed"
+        f"{len(ranked)} training labels; open {out / PAGE} in a browser, review, export "
+        f"{REVIEW_CSV} (or fill its {CORRECTION_COLUMN} by hand), then\n"
+        f"  dtrain relabel {dataset} {REVIEW_CSV} --out {dataset}_reviewed"
     )
     return out
 
@@ -260,9 +245,10 @@ def add_review_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "review",
         help="a finished run's most suspicious labels as a page and a CSV to correct",
-        description="Write RUN/review/index.html (thumbnails, given and predicted class, "
-        "suspicion; most suspicious first) and review.csv, whose corrected_label column a "
-        "clinician fills for `dtrain relabel`.",
+        description="Write RUN/review/index.html (most suspicious first: each image with its "
+        "given and predicted class, rank and loss; keep, relabel or drop it with one key or "
+        "click, then export the filled review.csv) and review.csv, whose corrected_label "
+        "column `dtrain relabel` applies.",
     )
     p.add_argument("run_dir", help="a finished run folder (holds label_scores.parquet)")
     size = p.add_mutually_exclusive_group()

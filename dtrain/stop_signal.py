@@ -29,6 +29,17 @@ def install_handlers() -> None:
         signal.signal(sig, _on_signal)
 
 
+def leave_to_the_parent() -> None:
+    """In a DataLoader worker: ignore the stop signals. SLURM signals every process of a job step
+    (`scancel --signal=TERM`, `scontrol requeue`, a preemption), and torch's workers die of a
+    TERM that their rank did not send; the rank then crashes ("DataLoader worker ... is killed
+    by signal") instead of checkpointing. The rank handles the signal and ends its workers
+    itself (SIGINT stays as it is: the rank does not checkpoint on it, and a worker's
+    KeyboardInterrupt ends quietly)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def stop_file() -> Path | None:
     """The file whose appearance asks this run to stop, as the job script exported it."""
     path = os.environ.get(STOP_FILE_ENV)

@@ -197,6 +197,24 @@ def test_score_accumulator_sums_counts_and_skips_padding():
     assert "pad" not in acc.rows
 
 
+def test_score_accumulator_leaves_out_the_samples_of_a_skipped_step():
+    """A non-finite step is skipped; its samples' losses are no evidence and would make every
+    later score (and the report's AUROC) NaN."""
+    acc = ScoreAccumulator()
+    add_batches(acc)
+    acc.add(
+        ["a", "b"],
+        torch.tensor([True, True]),
+        torch.tensor([0, 1]),
+        torch.tensor([0, 0]),
+        torch.tensor([float("nan"), 1.0]),
+        torch.tensor([0, 1]),
+        torch.tensor([0.5, float("inf")]),
+    )
+    acc.merge()
+    assert acc.rows == EXPECTED_ROWS
+
+
 def test_score_accumulator_state_round_trip(tmp_path):
     acc = ScoreAccumulator()
     add_batches(acc)
@@ -605,6 +623,7 @@ def test_identity_drops_exactly_the_operational_keys():
         "train.dist_timeout_s",
         "train.compile",
         "train.channels_last",
+        "train.trackers",
     }
     assert set(operational_keys()) == expected
     assert dotted(config.to_dict()) - dotted(config.identity()) == expected

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
@@ -66,7 +67,7 @@ def test_srun_variables_become_torch_variables(monkeypatch):
         "1",
         "127.0.0.1",
     ]
-    assert os.environ["MASTER_PORT"] == str(20000 + 123456 % 20000)
+    assert os.environ["MASTER_PORT"] == "28544"  # slurm_env.job_port: below 32768
     monkeypatch.setattr(os, "environ", {**fake, "RANK": "5"})  # a launcher's variables win
     assert not env_from_slurm()
     assert os.environ["RANK"] == "5" and "MASTER_ADDR" not in os.environ
@@ -105,7 +106,9 @@ def test_gradient_accumulation_equals_the_whole_batch(deepspeed, tmp_path, env):
 def test_accelerate_launch_with_a_config_file(tiny, tmp_path, env):
     """A GPU cluster's usual config (MULTI_GPU, torch elastic underneath); with no GPU the
     trainer runs each process on the CPU over gloo. (Accelerate's MULTI_CPU type would need
-    mpirun.) With a label clean-up round, whose second training reuses the first's engine."""
+    mpirun.) With a label clean-up round, whose second training reuses the first's engine: every
+    rank, not only rank 0, trains round 1 on round 0's corrections (each rank writes the labels
+    it trained with, tests/test_train_rank_labels.py)."""
     config = tmp_path / "accelerate.yaml"
     config.write_text(
         "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_machines: 1\n"
@@ -113,14 +116,20 @@ def test_accelerate_launch_with_a_config_file(tiny, tmp_path, env):
         f"main_process_port: {free_port()}\nmixed_precision: 'no'\nuse_cpu: false\n"
         "gpu_ids: all\n"
     )
-    run_dir = tmp_path / "run"
+    run_dir, seen = tmp_path / "run", tmp_path / "seen"
+    seen.mkdir()
+    overrides = small_overrides(
+        tiny, run_dir, 8, "train.epochs=1", "method.name=ce", "train.refine_rounds=1"
+    )
     result = run(
         [
             str(BIN / "accelerate"),
             "launch",
             "--config_file",
             str(config),
-            *train_args(tiny, run_dir, "train.epochs=1", "method.name=ce", "train.refine_rounds=1"),
+            str(HERE / "test_train_rank_labels.py"),
+            str(seen),
+            *overrides,
         ],
         env,
     )
@@ -132,6 +141,20 @@ def test_accelerate_launch_with_a_config_file(tiny, tmp_path, env):
     assert [r["round"] for r in summary["rounds"]] == [0, 1]
     assert (run_dir / "rounds" / "0" / "corrections.parquet").is_file()
     assert summary["rounds"][1]["labels_corrected_before"] == summary["rounds"][0]["corrections"]
+    corrections = {
+        row["key"]: row["new"]
+        for row in pq.read_table(run_dir / "rounds" / "0" / "corrections.parquet").to_pylist()
+    }
+    assert corrections
+    ranks = [json.loads((seen / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    for rank, rounds in enumerate(ranks):
+        assert [r["relabel"] for r in rounds] == [{}, corrections], rank
+        corrected = corrections.keys() & rounds[1]["seen"].keys()
+        assert corrected, rank  # each rank's share holds corrected samples
+        assert {k: rounds[1]["seen"][k] for k in corrected} == {
+            k: corrections[k] for k in corrected
+        }, rank
+    assert not ranks[0][1]["seen"].keys() & ranks[1][1]["seen"].keys()  # each its own share
 
 
 def deepspeed_launcher(nproc: int, *args: str) -> list[str]:
@@ -155,7 +178,7 @@ def test_deepspeed_zero3_trains_checkpoints_resumes_and_finishes(tiny, tmp_path,
         tiny, run_dir, f"train.deepspeed={ROOT / 'configs' / 'deepspeed' / 'zero3.json'}"
     )
     first = run(launcher(2, *args, "train.stop_after_steps=3"), env)
-    assert "stopped at epoch 0 batch 3" in first.stdout
+    assert "stopped after batch 3 of 6 in epoch 1;" in first.stdout
     assert "2 process(es)" in first.stdout
     assert (run_dir / "deepspeed" / "step3").is_dir()
     second = run(launcher(2, args[0], args[1], args[2], "--resume", *args[3:]), env)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,9 +17,9 @@ from pathlib import Path
 import pytest
 from conftest import catches, small_overrides, stripes_dataset
 
-from dtrain.errors import ConfigError
+from dtrain.errors import ConfigError, DistributedError
 from dtrain.launch import slurm
-from dtrain.launch.slurm_env import first_host, job_exports
+from dtrain.launch.slurm_env import expand_hostlist, first_host, job_exports, job_port
 from dtrain.launch.supervise import stop_file_for, supervise
 from dtrain.stop_signal import STOP_FILE_ENV, acknowledgement
 
@@ -25,28 +27,108 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
-def test_first_host_of_slurm_node_lists():
-    assert first_host("gpu[03-05,09],cpu1") == "gpu03"
-    assert first_host("node7") == "node7"
-    assert first_host("a[1,4]") == "a1"
+HOSTLISTS = {
+    "gpu[03-05,09],cpu1": ["gpu03", "gpu04", "gpu05", "gpu09", "cpu1"],
+    "node7": ["node7"],
+    "a[1,4]": ["a1", "a4"],
+    "node-[1-2]-ib": ["node-1-ib", "node-2-ib"],  # a suffix after the brackets
+    "a[1-2]b[3-4]": ["a1b3", "a1b4", "a2b3", "a2b4"],  # two bracket groups
+    "n[1-2],m[08-10]-z": ["n1", "n2", "m08-z", "m09-z", "m10-z"],
+}
+
+
+@pytest.mark.parametrize("nodelist", HOSTLISTS)
+def test_first_host_keeps_the_whole_name_with_and_without_scontrol(nodelist, monkeypatch):
+    expected = HOSTLISTS[nodelist]
+    assert expand_hostlist(nodelist) == expected
+    assert first_host(nodelist) == expected[0]  # scontrol's answer where SLURM is installed
+    monkeypatch.setenv("PATH", "/nonexistent")  # no scontrol: the parser's
+    assert first_host(nodelist) == expected[0]
+
+
+@pytest.mark.skipif(shutil.which("scontrol") is None, reason="SLURM is not installed here")
+def test_the_hostlist_parser_agrees_with_scontrol(tmp_path):
+    """Where this SLURM expands a list at all (22.05 refuses a suffix after brackets)."""
+    conf = tmp_path / "slurm.conf"
+    conf.write_text(
+        "ClusterName=x\nSlurmctldHost=localhost\nNodeName=n1\nPartitionName=p Nodes=n1\n"
+    )
+    for nodelist in HOSTLISTS:
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "SLURM_CONF": str(conf)},
+        ).stdout.split()
+        assert not out or out == expand_hostlist(nodelist), nodelist
+
+
+@pytest.mark.parametrize("nodelist", ["x[1-2", "a[b]", "a,,b", "a]"])
+def test_a_malformed_hostlist_is_refused(nodelist):
+    with pytest.raises(DistributedError, match="cannot read the SLURM node list"):
+        expand_hostlist(nodelist)
+
+
+def test_the_job_port_stays_below_the_ephemeral_range():
+    """Linux hands out 32768 and up to any outgoing connection: a rendezvous port there may be
+    taken already. One port per job all the same: neighbouring job ids differ."""
+    ports = [job_port(job) for job in range(200_000)]
+    assert min(ports) >= 20000 and max(ports) < 32768
+    assert all(a != b for a, b in zip(ports, ports[1:], strict=False))
+
+
+JOB = {"SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": "123456"}
+STALE = {"MASTER_ADDR": "10.9.9.9", "MASTER_PORT": "29500", "NPROC_PER_NODE": "8"}
 
 
 def test_job_exports_from_slurm_variables():
-    job = {"SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": "123456"}
     # --gres=gpu:4 or a typed --gpus-per-node=a100:4: SLURM_GPUS_ON_NODE is 4 either way
-    gpus = job_exports({**job, "SLURM_GPUS_ON_NODE": "4", "SLURM_CPUS_PER_TASK": "16"}, True)
+    gpus = job_exports({**JOB, "SLURM_GPUS_ON_NODE": "4", "SLURM_CPUS_PER_TASK": "16"}, True)
     assert gpus == {
         "MASTER_ADDR": "127.0.0.1",  # the name resolved: no SLURM here to give a NodeAddr
-        "MASTER_PORT": str(20000 + 123456 % 20000),
+        "MASTER_PORT": str(job_port(123456)),
         "NPROC_PER_NODE": "4",
+        "DTRAIN_EXPORTS_JOB": "123456",
         "OMP_NUM_THREADS": "4",  # the node task's 16 CPUs over its 4 processes
     }
-    cpu = job_exports({**job, "SLURM_CPUS_PER_TASK": "6", "MASTER_ADDR": "10.1.2.3"}, False)
+    cpu = job_exports({**JOB, "SLURM_CPUS_PER_TASK": "6", "DTRAIN_MASTER_ADDR": "10.1.2.3"}, False)
     assert (cpu["NPROC_PER_NODE"], cpu["OMP_NUM_THREADS"], cpu["MASTER_ADDR"]) == (
         "1",
         "6",
         "10.1.2.3",
     )
+
+
+def test_inherited_rendezvous_variables_lose_to_the_jobs_own():
+    """sbatch's default --export=ALL hands the job what the submitting shell exported (an
+    earlier torchrun's, say): the job's values win; DTRAIN_* is how a user chooses one."""
+    exports = job_exports({**JOB, **STALE, "SLURM_GPUS_ON_NODE": "2"}, True)
+    assert (exports["MASTER_ADDR"], exports["MASTER_PORT"], exports["NPROC_PER_NODE"]) == (
+        "127.0.0.1",
+        str(job_port(123456)),
+        "2",
+    )
+    chosen = {"DTRAIN_MASTER_PORT": "23456", "DTRAIN_NPROC_PER_NODE": "1"}
+    exports = job_exports({**JOB, **STALE, **chosen}, True)
+    assert (exports["MASTER_PORT"], exports["NPROC_PER_NODE"]) == ("23456", "1")
+
+
+def test_ranks_under_srun_ignore_inherited_rendezvous_variables(monkeypatch):
+    """Ranks started by srun alone trust MASTER_ADDR / MASTER_PORT only when the job script
+    made them for this very job."""
+    from dtrain.distributed import env_from_slurm
+
+    step = {**JOB, "SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_STEP_ID": "0"}
+    monkeypatch.setattr(os, "environ", {**step, **STALE})  # never touch the real environment
+    assert env_from_slurm()
+    assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == (
+        "127.0.0.1",
+        str(job_port(123456)),
+    )
+    exported = {**step, **STALE, "DTRAIN_EXPORTS_JOB": "123456"}  # the job script's own
+    monkeypatch.setattr(os, "environ", exported)
+    assert env_from_slurm()
+    assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("10.9.9.9", "29500")
 
 
 def test_gres_strings_of_scontrol():
@@ -181,6 +263,51 @@ def test_a_run_folder_holding_a_run_needs_resume_as_train_would(tmp_path):
     assert f"set -- --resume train.run_dir={tmp_path}/run" in resumed.stdout
 
 
+def test_too_few_train_shards_for_the_ranks_are_refused_before_submitting(tiny, tmp_path):
+    """`dtrain launch` knows the ranks (nodes x GPUs) and the dataset: the job would wait in the
+    queue, then fail on every rank."""
+    meta = json.loads((tiny / "dataset.json").read_text())
+    shards = sum(info["split"] == "train" for info in meta["shards"].values())
+    launch = [str(BIN / "dtrain"), "launch", "slurm", "--dry-run", "--nodes", "2"]
+    args = [f"data.path={tiny}", f"train.run_dir={tmp_path}/run"]
+    refused = subprocess.run(
+        [*launch, "--gpus-per-node", "a100:2", *args, f"data.num_workers={shards // 4 + 1}"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert refused.returncode == 2, refused.stderr
+    readers = 4 * (shards // 4 + 1)
+    assert f"{shards} train shards in {tiny} cannot feed 4 ranks x" in refused.stderr
+    assert f"= {readers} readers" in refused.stderr and "#SBATCH" not in refused.stdout
+    fits = subprocess.run(
+        [*launch, "--gpus-per-node", "a100:2", *args, f"data.num_workers={shards // 4}"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert fits.returncode == 0, fits.stderr
+    resampled = ["data.resampled=true", "data.samples_per_epoch=64", "data.num_workers=9"]
+    drawn = subprocess.run([*launch, *args, *resampled], capture_output=True, text=True, cwd=ROOT)
+    assert drawn.returncode == 0, drawn.stderr  # resampled mode draws shards: any count feeds it
+
+
+def test_a_refusal_imports_nothing_heavy():
+    """A refusal comes in about a second: no torch, sklearn, scipy or pandas on the way
+    (checked by what is imported, not by the clock, which a busy login node would bend)."""
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "dtrain.cli", "launch", "slurm", "--dry-run"]
+        + ["optim.lr=-1"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert result.returncode == 2 and "optim.lr=-1" in result.stderr
+    imported = set(re.findall(r"^import time:\s+\d+ \|\s+\d+ \|\s+(\S+)$", result.stderr, re.M))
+    assert "dtrain.launch.cli" in imported
+    assert not imported & {"torch", "sklearn", "scipy", "pandas"}
+
+
 # -- the supervisor -------------------------------------------------------------------------------
 
 # a stand-in for the training ranks: wait for the stop file, then exit as the ranks would
@@ -231,6 +358,15 @@ def test_a_failing_command_fails_the_job_and_is_not_requeued(tmp_path):
     assert not stop.exists() and not acknowledgement(stop).exists()
 
 
+def test_the_supervisor_removes_the_job_scripts_files(tmp_path):
+    """The deepspeed template's hostfile: the script `exec`s the supervisor and cannot."""
+    hostfile = tmp_path / "dtrain-hostfile-7"
+    hostfile.write_text("n1 slots=2\n")
+    env = {"SLURM_JOB_ID": "7", "TMPDIR": str(tmp_path), "PATH": os.environ["PATH"]}
+    assert supervise([sys.executable, "-c", "pass"], env, remove=[hostfile]) == 0
+    assert not hostfile.exists()
+
+
 # -- dtrain train under a stop signal and --resume auto ------------------------------------------
 
 
@@ -264,7 +400,7 @@ def test_a_signal_during_start_up_is_kept_not_fatal(tiny, tmp_path):
     proc.send_signal(signal.SIGUSR1)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
-    assert "stopped at epoch 0 batch 1" in out
+    assert "stopped after batch 1 of 6 in epoch 1" in out  # epochs count from 1
     assert (tmp_path / "run" / "last.pt").is_file()
     assert acknowledgement(stop).exists()  # tells the job's supervisor to requeue
 

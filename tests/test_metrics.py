@@ -56,13 +56,19 @@ def test_balanced_accuracy_weights_each_class_equally():
     assert m["macro_f1"] == pytest.approx(4 / 9)
 
 
-def test_macro_f1_counts_every_model_class():
-    # A four-class model on samples of classes 0, 1 and 2 only, all right: class 3 scores F1 0
-    # (zero_division=0) and still counts, so macro-F1 is (1 + 1 + 1 + 0) / 4.
+def test_macro_f1_averages_over_the_classes_present_like_auroc():
+    # A four-class model on samples of classes 0, 1 and 2 only, all right: class 3 has no
+    # sample and is not scored, so macro-F1 is (1 + 1 + 1) / 3, as AUROC leaves it out too.
     labels = np.array([0, 1, 2, 0, 1, 2])
     m = classification_metrics(probs_predicting(list(labels), 4), labels)
     assert m["accuracy"] == 1.0
-    assert m["macro_f1"] == pytest.approx(0.75)
+    assert m["macro_f1"] == pytest.approx(1.0)
+    # the case: a tumour-only external set, every prediction right
+    tumour_only = classification_metrics(probs_predicting([1] * 5, 2), np.array([1] * 5))
+    assert tumour_only["macro_f1"] == 1.0
+    # a prediction of the absent class still costs the present class its recall: P 1, R 2/3
+    missed = classification_metrics(probs_predicting([1, 1, 0], 2), np.array([1, 1, 1]))
+    assert missed["macro_f1"] == pytest.approx(0.8)
 
 
 def test_auroc_of_a_multi_class_model_on_two_present_classes():

@@ -45,16 +45,19 @@ def test_the_weight_average_is_evaluated_each_epoch_and_can_be_the_selected_mode
     assert not torch.equal(best["ema"][name], best["model"][name])  # an average, not a copy
     assert summary["test_best"] == summary["test_ema_last"] != summary["test_last"]
     assert summary["selection"]["rule"] == "ema_last" and summary["best_epoch"] == 2
+    # the decay the average reached: the plain mean of all steps so far (horizon 3 epochs)
+    steps = torch.load(run / "last.pt", weights_only=True)["state"]["step"]
+    assert summary["selection"]["ema_decay"] == epochs[-1]["ema_decay"] == (steps - 1) / steps
+    # noisy_val_smoothed needs a full window (5 epochs): a 2-epoch run has none to offer
     assert {c["rule"] for c in summary["selection"]["candidates"]} == {
         "last",
         "ema_last",
         "noisy_val",
-        "noisy_val_smoothed",
         "ema_noisy_val",
     }
 
     raw = tmp_path / "raw"
-    summary = Trainer(config(tiny, raw, "train.select=last", "train.ema_decay=0")).fit()
+    summary = Trainer(config(tiny, raw, "train.select=last", "train.ema_epochs=0")).fit()
     best = torch.load(raw / "best.pt", weights_only=True)
     assert best["selected_weights"] == "raw" and best["ema"] is None
     assert summary["test_best"] == summary["test_last"] and summary["test_ema_last"] is None
@@ -130,6 +133,10 @@ def test_rounds_resume_without_repeating_a_finished_round(tiny, tmp_path):
         match=r"finished round\) was trained with a different config \(optim.momentum\)",
     ):
         fit_rounds(changed, resume=True)
+    # a key a resumed run may change, but one that changes the weights: round 0 is not reused
+    faster = config(tiny, run, "train.refine_rounds=1", "train.log_every=2", "optim.lr=0.1")
+    with pytest.raises(RunFolderError, match=r"different config \(optim.lr\)"):
+        fit_rounds(faster, resume=True)
 
 
 def test_a_warm_round_starts_from_the_previous_rounds_weights(tiny, tmp_path):

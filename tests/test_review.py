@@ -7,7 +7,9 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +25,7 @@ from dtrain.prepare import PrepareConfig, prepare
 from dtrain.prepare.noise import transition_matrix
 from dtrain.prepare.shards import sha256
 from dtrain.relabel import relabel
-from dtrain.review import review_size, thumbnail
+from dtrain.review import review_size, thumbnail, zoom_view
 
 # a class name that HTML and CSV must both carry intact
 ODD_CLASS = 'vertical <b>&"co"'
@@ -131,12 +133,23 @@ def test_review_lists_the_most_suspicious_labels_first(trained, tmp_path, capsys
         image = samples[row["key"]]["members"]["png"]  # the page shows this sample's image
         assert (out / row["thumbnail"]).read_bytes() == thumbnail(image)
 
+        zoom = out / "zoom" / Path(row["thumbnail"]).name
+        assert zoom.read_bytes() == zoom_view(image)
+        with Image.open(zoom) as view:  # the 32 px image as it is: the browser enlarges it
+            assert view.format == "PNG" and view.size == (32, 32)
+
     page = (out / "index.html").read_text()
-    assert "<script" not in page.lower() and "http" not in page
-    assert "fill <code>corrected_label</code>" in page and "leave it empty" in page
+    # one inline script, the data as JSON beside it; nothing fetched from anywhere
+    assert page.count("<script>") == 1 and page.count('<script type="application/json"') == 1
+    assert "://" not in page and " src=" not in page.replace(' src="thumbs/', "")
+    assert "default-src 'none'" in page
     at = [page.index(f'<img src="{r["thumbnail"]}"') for r in rows]
     assert at == sorted(at)  # the page's order is the CSV's
     assert ODD_CLASS not in page and "vertical &lt;b&gt;&amp;&quot;co&quot;" in page
+    assert 'vertical \\u003cb\\u003e\\u0026\\"co\\"' in page  # in the JSON block
+    for row, scored in zip(rows, ranked, strict=False):  # a figure that orders ties of suspicion
+        assert f"#{row['rank']} <small>of {len(ranked)}" in page
+        assert f"loss <b>{scored['loss_score']:.3f}</b>" in page
     assert not list(tmp_path.glob(".*"))  # the staging folder was renamed into place
 
 
@@ -358,3 +371,204 @@ def test_relabel_refuses_a_shard_that_changed_since_it_was_written(trained, tmp_
     with pytest.raises(DataError, match=f"shard {shard} has sha256"):
         relabel(data, review, tmp_path / "new", progress=False)
     assert not (tmp_path / "new").exists() and not list(tmp_path.glob(".new*"))
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory) -> Iterator:
+    """Headless Debian Chromium driven through its own WebDriver (no driver download); skips,
+    saying why, where either or selenium is missing (.ci/install-browser installs them)."""
+    chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and chromedriver):
+        pytest.skip("no chromium and chromedriver on PATH: run .ci/install-browser (as root)")
+    webdriver = pytest.importorskip(
+        "selenium.webdriver", reason="selenium is not installed: pip install -e '.[dev]'"
+    )
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    for arg in ("--headless=new", "--no-sandbox", "--window-size=1280,900"):
+        options.add_argument(arg)
+    options.add_argument(f"--user-data-dir={profile}")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=chromedriver))
+    yield driver
+    driver.quit()
+
+
+def open_page(driver, folder: Path) -> None:
+    """Load a review's page and wait until its script has restored the saved work."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get((folder / "index.html").as_uri())
+    WebDriverWait(driver, 10).until(
+        lambda d: d.execute_script("return document.documentElement.dataset.ready === 'true'")
+    )
+
+
+def press(driver, keys: str) -> None:
+    """Type `keys` into the page as the reviewer would."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    ActionChains(driver).send_keys(keys).perform()
+
+
+def page_state(driver) -> dict:
+    """What the reviewer sees: the progress line, each card's decision and state text, which
+    card is highlighted, and whether the zoom is open."""
+    return driver.execute_script(
+        """const cards = Array.from(document.querySelectorAll('#cards > .card'));
+        const kind = (c) => ['keep', 'relabel', 'drop'].find((k) => c.classList.contains(k));
+        return {progress: document.getElementById('progress').textContent,
+                kinds: cards.map((c) => kind(c) || ''),
+                states: cards.map((c) => c.querySelector('.state').textContent),
+                current: cards.findIndex((c) => c.classList.contains('current')),
+                zoomed: !document.getElementById('zoom').hidden};"""
+    )
+
+
+def click_action(driver, card: int, label: str) -> None:
+    """Click the button of card `card` whose text starts with `label`."""
+    from selenium.webdriver.common.by import By
+
+    cards = driver.find_elements(By.CSS_SELECTOR, "#cards > .card")
+    button = next(
+        b
+        for b in cards[card].find_elements(By.CSS_SELECTOR, ".actions button")
+        if b.text.startswith(label)
+    )
+    button.click()
+
+
+def export(driver, folder: Path) -> Path:
+    """Click Export and return the review.csv the browser downloaded into `folder`."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    folder.mkdir()
+    driver.execute_cdp_cmd(
+        "Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(folder)}
+    )
+    driver.find_element(By.ID, "export").click()
+    done = folder / "review.csv"
+    WebDriverWait(driver, 10).until(lambda _: done.is_file() and len(list(folder.iterdir())) == 1)
+    return done
+
+
+def test_a_clinician_works_through_the_page_in_a_browser(trained, browser, tmp_path, capsys):
+    """Keys and clicks decide, progress counts, zoom enlarges, a reload keeps the work, another
+    review starts empty, and the exported CSV makes `dtrain relabel` change exactly the labels
+    decided on the page."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    data, run, classes = trained["data"], trained["run"], trained["classes"]["classes"]
+    out = tmp_path / "review"
+    assert run_cli(capsys, "review", str(run), "--top=8", f"--out={out}", QUIET)[0] == 0
+    rows = read_csv(out / "review.csv")
+    other = {classes[0]: classes[1], classes[1]: classes[0]}
+    open_page(browser, out)
+    state = page_state(browser)
+    assert state["progress"] == "0 of 8 reviewed" and state["current"] == 0
+    first = browser.find_element(By.CSS_SELECTOR, "#cards > .card img")
+    assert browser.execute_script("return arguments[0].naturalWidth", first) == 128
+
+    press(browser, str(classes.index(other[rows[0]["given_label"]]) + 1))  # relabel by key
+    assert page_state(browser)["progress"] == "1 of 8 reviewed"
+    press(browser, "d")
+    press(browser, "k")
+    state = page_state(browser)
+    assert state["progress"] == "3 of 8 reviewed" and state["current"] == 3
+    assert state["kinds"][:4] == ["relabel", "drop", "keep", ""]
+    assert state["states"][0] == f"Relabelled to {other[rows[0]['given_label']]}"
+    press(browser, Keys.ARROW_UP + "u")  # undo the keep, then keep again
+    assert page_state(browser)["progress"] == "2 of 8 reviewed"
+    press(browser, "k")
+    click_action(browser, 3, "Relabel to")  # a second click on a decision undoes it
+    assert page_state(browser)["kinds"][3] == "relabel"
+    click_action(browser, 3, "Relabel to")
+    click_action(browser, 4, "Relabel to")
+    state = page_state(browser)
+    assert state["progress"] == "4 of 8 reviewed" and state["current"] == 5
+    assert state["kinds"] == ["relabel", "drop", "keep", "", "relabel", "", "", ""]
+    assert not browser.find_elements(By.CSS_SELECTOR, ".actions b")  # class names stay text
+
+    press(browser, "z")
+    zoom = browser.find_element(By.ID, "zoom-img")
+    assert page_state(browser)["zoomed"] and zoom.get_attribute("alt") == rows[5]["key"]
+    assert browser.execute_script("return arguments[0].naturalWidth", zoom) == 32
+    fitted = zoom.size["width"]
+    assert fitted >= 600  # the 32 px image fills the screen
+    press(browser, "++")
+    assert browser.find_element(By.ID, "zoom-level").text == "156%"
+    assert zoom.size["width"] == pytest.approx(fitted * 1.5625, abs=2)
+    press(browser, Keys.ESCAPE)
+    assert not page_state(browser)["zoomed"]
+
+    browser.refresh()
+    open_page(browser, out)
+    state = page_state(browser)
+    assert state["progress"] == "4 of 8 reviewed" and state["current"] == 3  # first one left
+    assert state["kinds"] == ["relabel", "drop", "keep", "", "relabel", "", "", ""]
+
+    other_review = tmp_path / "other"  # same run and same first keys, another review
+    assert run_cli(capsys, "review", str(run), "--top=5", f"--out={other_review}", QUIET)[0] == 0
+    open_page(browser, other_review)
+    assert page_state(browser)["progress"] == "0 of 5 reviewed"
+
+    open_page(browser, out)
+    exported = read_csv(export(browser, tmp_path / "downloads"))
+    decided = {
+        rows[0]["key"]: other[rows[0]["given_label"]],
+        rows[1]["key"]: "drop",
+        rows[2]["key"]: rows[2]["given_label"],
+        rows[4]["key"]: other[rows[4]["given_label"]],
+    }
+    assert exported == [{**r, "corrected_label": decided.get(r["key"], "")} for r in rows]
+    assert not [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+
+    new = tmp_path / "new"
+    csv_path = tmp_path / "downloads" / "review.csv"
+    assert run_cli(capsys, "relabel", str(data), str(csv_path), f"--out={new}", QUIET)[0] == 0
+    audit = {r["key"]: (r["old"], r["new"]) for r in read_csv(new / "relabel.csv")}
+    assert audit == {
+        r["key"]: (r["given_label"], decided[r["key"]]) for r in (rows[0], rows[1], rows[4])
+    }
+    before = {
+        r["key"]: r["noisy_label"] for r in pq.read_table(data / "manifest.parquet").to_pylist()
+    }
+    after = {
+        r["key"]: r["noisy_label"] for r in pq.read_table(new / "manifest.parquet").to_pylist()
+    }
+    changed = {k: classes[v] for k, v in after.items() if v != before[k]}
+    assert changed == {k: v for k, v in decided.items() if k in (rows[0]["key"], rows[4]["key"])}
+    assert set(before) - set(after) == {rows[1]["key"]}
+
+
+def test_the_page_shows_hostile_text_as_text(trained, browser, tmp_path, capsys):
+    """A source path made to break out of the HTML, the JSON block or the CSV is shown and
+    exported as the plain text it is, and runs nothing: an export with no decisions is the
+    review.csv `dtrain review` wrote, byte for byte."""
+    from selenium.webdriver.common.by import By
+
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run)
+    hostile = (
+        '</script><script>document.title="pwned"</script>'
+        '<img src=x onerror="document.title=\'pwned\'">, "quoted",\nnext line &amp;'
+    )
+    scores = pq.read_table(run / "label_scores.parquet").to_pylist()
+    first = min(scores, key=lambda r: r["rank"])
+    first["source"] = hostile
+    pq.write_table(pa.Table.from_pylist(scores), run / "label_scores.parquet")
+    out = tmp_path / "review"
+    assert run_cli(capsys, "review", str(run), "--top=3", f"--out={out}", QUIET)[0] == 0
+    open_page(browser, out)
+    assert browser.title.startswith("Label review")
+    path = browser.find_element(By.CSS_SELECTOR, "#cards > .card .path")
+    assert browser.execute_script("return arguments[0].textContent", path) == (
+        f"{first['key']} · {hostile}"
+    )
+    exported = export(browser, tmp_path / "downloads")
+    assert exported.read_bytes() == (out / "review.csv").read_bytes()

@@ -45,16 +45,22 @@ def test_each_rule_picks_its_epoch(rule, epoch):
     assert selection.picks(rule, history(RAW, EMA), window=3) == epoch
 
 
-def test_the_online_decision_matches_the_replayed_pick():
-    """The trainer decides epoch by epoch (score, improves); `picks` replays that."""
-    records = history(RAW, EMA)
-    for rule in selection.RULES:
-        best, chosen = -1.0, 0
-        for end in range(1, len(records) + 1):
-            value = selection.score(rule, records[:end], 3)
-            if selection.improves(rule, value, best):
-                best, chosen = value, end
-        assert chosen == selection.picks(rule, records, 3), rule
+def test_only_full_windows_compete():
+    # the issue's history: a partial window would let epoch 1 (.70 alone) win
+    raw = [0.70, 0.60, 0.62, 0.64, 0.66, 0.68, 0.69, 0.69, 0.69, 0.69]
+    assert selection.picks("noisy_val_smoothed", history(raw, raw), window=5) == 10
+    assert selection.score("noisy_val_smoothed", history(raw, raw)[:4], 5) == -math.inf
+
+
+def test_a_rule_that_never_scores_picks_no_epoch():
+    """An EMA rule over a history without the average's accuracy (e.g. logged before the run
+    kept one) picks nothing, and says so, instead of reporting the last epoch as its own."""
+    records = [{"epoch": e, "val_accuracy": 0.5} for e in (1, 2, 3)]
+    assert selection.picks("ema_noisy_val", records, 3) is None
+    rows = {r["rule"]: r for r in selection.candidates(records, 3, has_ema=True)}
+    assert rows["ema_noisy_val"]["epoch"] is None
+    assert rows["ema_noisy_val"]["val_accuracy"] is None
+    assert rows["noisy_val"]["epoch"] == 1
 
 
 def test_rules_fall_back_where_the_run_cannot_apply_them():
@@ -63,6 +69,11 @@ def test_rules_fall_back_where_the_run_cannot_apply_them():
     assert selection.effective_rule("ema_noisy_val", has_ema=True, has_val=False) == "ema_last"
     assert selection.effective_rule("noisy_val_smoothed", has_ema=True, has_val=False) == "last"
     assert selection.effective_rule("noisy_val", has_ema=True, has_val=True) == "noisy_val"
+    # no full window in the run: the last epoch's weights, as without a val split
+    assert selection.effective_rule("noisy_val_smoothed", True, True, epochs=4, window=5) == "last"
+    assert selection.effective_rule("noisy_val_smoothed", True, True, epochs=5, window=5) == (
+        "noisy_val_smoothed"
+    )
 
 
 def test_candidates_report_each_rule_with_the_clean_numbers_at_its_pick():

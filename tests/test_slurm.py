@@ -14,6 +14,7 @@ import json
 import re
 import shutil
 import signal
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -84,6 +85,9 @@ def test_each_launcher_trains_on_both_nodes(
     assert sorted(r for ranks in by_node.values() for r in ranks) == list(range(2 * ranks_per_node))
     assert all(len(ranks) == ranks_per_node for ranks in by_node.values())
     assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 1
+    # the deepspeed template's hostfile is gone with the job
+    assert not (Path(submit_env.get("TMPDIR", "/tmp")) / f"dtrain-hostfile-{job}").exists()
+    assert "FutureWarning" not in text, text[-3000:]  # the understood ones are silenced
     if gpus:  # SLURM granted the (fake) GPUs: the request reached the job as asked
         assert (
             cluster.job(job)["TresPerNode"]
@@ -97,23 +101,29 @@ def test_each_launcher_trains_on_both_nodes(
 def test_a_shipped_template_runs_with_plain_sbatch(cluster, tiny, submit_env, tmp_path):
     """`sbatch launchers/slurm_torchrun.sbatch ARGS` from the project folder, no hand edits:
     the counts overridden on sbatch's command line as usual (a typed GPU request), the venv
-    found beside the script's submit folder."""
+    found beside the script's submit folder, the log in the checkout's git-ignored logs/ (not
+    in the checkout itself)."""
     run_dir = tmp_path / "run"
-    log = tmp_path / "job.out"
     submitted = cluster.run(
         "sbatch",
         "--parsable",
         "--cpus-per-task=1",
         "--gpus-per-node=a100:1",
-        f"--output={log}",
         "launchers/slurm_torchrun.sbatch",
         *train_args(tiny, run_dir),
         env=submit_env,
         cwd=ROOT,
     )
     job = submitted.stdout.strip()
-    finished(cluster, job, log)
-    assert set(ranks_by_node(log.read_text())) == set(NODES)
+    log = ROOT / "logs" / f"dtrain-{job}.out"
+    try:
+        finished(cluster, job, log)
+        assert set(ranks_by_node(log.read_text())) == set(NODES)
+        assert not (ROOT / f"dtrain-{job}.out").exists()
+        ignored = subprocess.run(["git", "check-ignore", "-q", str(log)], cwd=ROOT)
+        assert ignored.returncode == 0, "logs/ is not ignored by git"
+    finally:
+        log.unlink(missing_ok=True)
     assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 1
 
 
@@ -124,6 +134,8 @@ def test_a_shipped_template_runs_with_plain_sbatch(cluster, tiny, submit_env, tm
         (["--nodes", "3"], "partition debug has 2 node"),
         (["--gpus-per-node", "h100:1"], "1 h100 GPUs per node"),
         (["--partition", "gpu"], "no partition 'gpu'; its partitions: debug"),
+        # 2 nodes x 8 GPUs: 16 ranks for the 12 train shards
+        (["--nodes", "2", "--gres", "gpu:8"], "cannot feed 16 ranks x 1 workers = 16"),
     ],
 )
 def test_a_request_that_cannot_fit_is_refused_before_submitting(

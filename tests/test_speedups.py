@@ -27,13 +27,31 @@ def eager(stripes, tmp_path_factory) -> list[float]:
     return _train(stripes, tmp_path_factory.mktemp("eager") / "run", "train.seed=3")[1]
 
 
-def _train(data: Path, run: Path, *extra: str) -> tuple[dict, list[float]]:
+def _train(
+    data: Path, run: Path, *extra: str, layouts: list[bool] | None = None
+) -> tuple[dict, list[float]]:
+    """The summary and the step losses; with `layouts`, whether each convolution's input and
+    weight were channels-last (NHWC), from the second step on."""
     losses = []
     config = load_config(
         None, small_overrides(data, run, 16, "train.epochs=1", "train.log_every=1", *extra)
     )
-    trainer = Trainer(config, on_step=lambda info: losses.append(info.metrics["loss"]))
+
+    def on_step(info) -> None:
+        losses.append(info.metrics["loss"])
+        if layouts is not None and info.step == 1:
+            for conv in (m for m in trainer.net.modules() if isinstance(m, torch.nn.Conv2d)):
+                conv.register_forward_pre_hook(lambda m, args: layouts.append(nhwc(m, args[0])))
+
+    trainer = Trainer(config, on_step=on_step)
     return trainer.fit(), losses
+
+
+def nhwc(conv: torch.nn.Conv2d, x: torch.Tensor) -> bool:
+    channels_last = torch.channels_last
+    return x.is_contiguous(memory_format=channels_last) and conv.weight.is_contiguous(
+        memory_format=channels_last
+    )
 
 
 # aot_eager: torch.compile's capture and AOT autograd as with inductor, without its code
@@ -44,7 +62,17 @@ def _train(data: Path, run: Path, *extra: str) -> tuple[dict, list[float]]:
     ids=["channels_last", "compile"],
 )
 def test_a_speedup_trains_the_same_and_saves_plain_weights(stripes, eager, tmp_path, speedup):
-    summary, fast = _train(stripes, tmp_path / "fast", "train.seed=3", speedup)
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    layouts: list[bool] = []
+    watch = layouts if "channels_last" in speedup else None  # hooks would change the graph
+    summary, fast = _train(stripes, tmp_path / "fast", "train.seed=3", speedup, layouts=watch)
+    if "compile" in speedup:  # dynamo captured the step and AOT autograd compiled it
+        assert counters["stats"]["unique_graphs"] > 0, dict(counters)
+        assert counters["aot_autograd"]["total"] > 0, dict(counters)
+    else:  # every convolution ran on NHWC inputs and weights (the hooks are eager only)
+        assert layouts and all(layouts), layouts
     assert len(fast) == len(eager) > 3
     # the first loss is the same network on the same batch; after a few updates, rounding
     # differences (other convolution kernels, fused ops) grow, the training does not change

@@ -1,6 +1,7 @@
 """The study's cleanlab anchor scoring (benchmarks/cleanlab_anchor.py), on made-up predictions:
 the detection numbers it reports, and cleanlab itself (an optional extra that setup.sh installs)
-finding flipped labels."""
+finding flipped labels; and the study's report (benchmarks/study_report.py): what its ± means,
+and its tables rewritten from the committed runs.parquet."""
 
 from __future__ import annotations
 
@@ -8,10 +9,16 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
 
 from cleanlab_anchor import _detection  # noqa: E402
+from study_report import rows_from_parquet, rule_table, write_tables  # noqa: E402
+
+from dtrain.train.selection import RULES  # noqa: E402
+
+RESULTS = Path(__file__).parent.parent / "benchmarks" / "results" / "study"
 
 
 def test_detection_reports_auroc_and_precision_at_the_true_count():
@@ -33,3 +40,40 @@ def test_cleanlab_finds_the_labels_its_predictions_contradict():
     labels[flipped] = 1 - labels[flipped]
     issues = find_label_issues(labels, probs, filter_by="prune_by_noise_rate", n_jobs=1)
     assert set(np.flatnonzero(issues)) == set(flipped)
+
+
+def rule_rows(noise: str, method_acc: dict[str, float], seeds: list[int]) -> list[dict]:
+    """Runs whose every rule scores the method's accuracy, +-0.01 between seeds."""
+    rows = []
+    for method, acc in method_acc.items():
+        for seed in seeds:
+            value = acc + 0.01 * (seed - 1)
+            row = {"noise": noise, "method": method, "seed": seed}
+            row |= {f"rule_{rule}_acc": value for rule in RULES}
+            rows.append(row)
+    return rows
+
+
+def test_the_rule_table_spread_is_between_seeds_not_between_methods():
+    """Methods 0.3 apart, seeds 0.01 apart: the ± says how much a rule's number moves with the
+    seed, so it is 0.01, not the methods' spread (0.16 when the 6 runs are pooled)."""
+    rows = rule_rows("sym0.4", {"ce": 0.6, "iam": 0.9}, [0, 1, 2])
+    rows += rule_rows("sym0.2", {"ce": 0.6, "iam": 0.9}, [1])
+    text, stats = rule_table(rows)
+    mean, spread, runs = stats["last/sym0.4"]["acc"]
+    assert (mean, spread, runs) == pytest.approx((0.75, 0.01, 6))
+    assert "sym0.4 (2 methods x 3 seeds)" in text and "sym0.2 (2 methods x 1 seed)" in text
+    last = next(line for line in text.splitlines() if line.startswith("| last |")).rstrip(" |")
+    assert last.split(" | ")[1:3] == ["0.750", "0.000"]  # one seed: no spread to show
+    assert last.split(" | ")[3:5] == ["0.750 ± 0.010", "0.000 ± 0.000"]
+
+
+def test_the_study_tables_come_back_from_runs_parquet(tmp_path):
+    """study.md can be rewritten from the committed runs.parquet alone (no run folders)."""
+    rows = rows_from_parquet(RESULTS / "runs.parquet")
+    assert len(rows) == 82 and all("selected_acc" in r for r in rows)
+    summary = write_tables(rows, [], "ema_last", tmp_path)
+    text = (tmp_path / "study.md").read_text()
+    assert summary["runs"] == 82
+    assert "**sym0.4**, clean test accuracy (mean ± std over seeds)" in text
+    assert "sym0.4 (9 methods x 3 seeds): acc" in text

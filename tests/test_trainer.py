@@ -11,7 +11,14 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import copy_dataset, random_batch, rewrite_shard, small_overrides, stripes_dataset
+from conftest import (
+    copy_dataset,
+    random_batch,
+    rewrite_shard,
+    small_overrides,
+    stripes_dataset,
+    write_stripes,
+)
 from PIL import Image
 
 from dtrain.config import load_config
@@ -34,10 +41,12 @@ def config(data: Path, run_dir: Path, *overrides: str):
     return load_config(None, small_overrides(data, run_dir, 16, *overrides))
 
 
-def test_two_epochs_learn_and_leave_a_report(tiny, tmp_path):
+def test_two_epochs_learn_and_leave_a_report(tiny, tmp_path, capsys):
     epochs_seen = []
     run = tmp_path / "run"
     summary = Trainer(config(tiny, run), on_epoch_end=lambda m, p: epochs_seen.append((m, p))).fit()
+    printed = capsys.readouterr().out
+    assert "(clean 0." in printed and "test (clean labels)" in printed  # injected noise
     assert summary["test_last"]["clean_accuracy"] >= 0.7  # chance is 0.5 on 64 test images
     assert summary["test_last"]["samples"] == 64
     assert [m["epoch"] for m, _ in epochs_seen] == [1, 2]
@@ -70,17 +79,23 @@ def test_two_epochs_learn_and_leave_a_report(tiny, tmp_path):
     assert load_config(run / "config.yaml").to_dict() == config(tiny, run).to_dict()
 
 
-def test_resume_after_a_stop_gives_the_same_weights(tiny, tmp_path):
+@pytest.mark.parametrize("stop_at", [3, 17], ids=["epoch1", "epoch2"])
+def test_resume_after_a_stop_gives_the_same_weights(tiny, tmp_path, capsys, stop_at):
+    """Stopped mid-epoch (14 steps an epoch), resumed: the same weights, and the same epoch
+    records (the resumed epoch's train figures over all of its samples)."""
     straight = tmp_path / "straight"
     Trainer(config(tiny, straight)).fit()
 
     interrupted = tmp_path / "interrupted"
     trainer = Trainer(
         config(tiny, interrupted, "train.log_every=5"),
-        on_step=lambda info: info.step == 3 and trainer.request_stop(),
+        on_step=lambda info: info.step == stop_at and trainer.request_stop(),
     )
     result = trainer.fit()
-    assert result == {"stopped": True, "epoch": 0, "batch": 5}
+    epoch, batch = divmod(stop_at + 5 - stop_at % 5, 14)  # stops at the next log step
+    assert result == {"stopped": True, "epoch": epoch, "batch": batch}
+    # counted from 1, as the epoch lines and progress bars count
+    assert f"stopped after batch {batch} of 14 in epoch {epoch + 1};" in capsys.readouterr().out
     Trainer(config(tiny, interrupted), resume=True).fit()
 
     a = torch.load(straight / "last.pt", weights_only=True)
@@ -90,6 +105,9 @@ def test_resume_after_a_stop_gives_the_same_weights(tiny, tmp_path):
     assert a["state"]["step"] == b["state"]["step"]
     history_a, history_b = (json.loads(c["state"]["history"]) for c in (a, b))
     assert history_a[-1]["val_accuracy"] == history_b[-1]["val_accuracy"]
+    for record_a, record_b in zip(history_a, history_b, strict=True):
+        for key in ("train_loss", "train_accuracy", "train_ce", "corrupt_samples"):
+            assert record_a[key] == record_b[key], (record_a["epoch"], key)
 
 
 def test_mid_epoch_checkpoints_by_time_hold_the_loader_position(tiny, tmp_path):
@@ -250,16 +268,20 @@ def test_cli_rejects_a_bad_key_before_any_work(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-def poisoned_baseline(monkeypatch, poisoned_steps: set[int]) -> None:
-    """Fault injection: the CE step's loss is NaN on the given (1-based) calls."""
+def poisoned_baseline(monkeypatch, poisoned_steps: set[int], kind: str = "loss") -> None:
+    """Fault injection: the CE step's loss is NaN on the given (1-based) calls, or (`input`)
+    one image of its batch, a NaN activation that reaches the batch-norm statistics."""
     from dtrain.train import steps
 
     original, calls = steps.ce_step, [0]
 
-    def step(*args, **kwargs):
+    def step(model, batch, ctx):
         calls[0] += 1
-        out = original(*args, **kwargs)
-        if calls[0] in poisoned_steps:
+        if calls[0] in poisoned_steps and kind == "input":
+            batch = {**batch, "view1": batch["view1"].clone()}
+            batch["view1"][0] = float("nan")
+        out = original(model, batch, ctx)
+        if calls[0] in poisoned_steps and kind == "loss":
             out.loss = out.loss * float("nan")
         return out
 
@@ -286,14 +308,46 @@ def test_divergence_stops_with_the_weights_before_it(tiny, tmp_path, monkeypatch
     poisoned_baseline(monkeypatch, set(range(1, 100)))
     run = tmp_path / "run"
     cfg = config(tiny, run, "method.name=ce", "train.max_nonfinite_steps=3", "train.log_every=1")
-    with pytest.raises(NonFiniteLossError, match="3 steps in a row"):
+    with pytest.raises(NonFiniteLossError, match=r"3 steps in a row \(epoch 1, step 3\)"):
         Trainer(cfg).fit()
     saved = torch.load(run / "last.pt", weights_only=True)
     assert saved["state"]["skipped_steps"] == 3
     seed_everything(0)
     initial = build_model(cfg.model, "ce", num_classes=2, in_chans=1)
-    for name, tensor in initial.named_parameters():  # no step was taken (buffers do move)
-        assert torch.equal(saved["model"][name], tensor.detach()), name
+    # no step was taken: the weights, the batch-norm statistics and the average are the first
+    for name, tensor in initial.state_dict().items():
+        assert torch.equal(saved["model"][name], tensor), name
+        assert torch.equal(saved["ema"][name], tensor.to(saved["ema"][name].dtype)), name
+
+
+def test_a_nonfinite_activation_leaves_the_batchnorm_statistics_finite(tiny, tmp_path, monkeypatch):
+    """A NaN image in step 3: its forward pass made the running statistics NaN before the
+    step was skipped; they are put back, in the network and so in its average. (In the first
+    epoch of two: the mislabel scores of the last one would take the NaN sample loss.)"""
+    poisoned_baseline(monkeypatch, {3}, kind="input")
+    run = tmp_path / "run"
+    summary = Trainer(config(tiny, run, "method.name=ce")).fit()
+    saved = torch.load(run / "last.pt", weights_only=True)
+    assert saved["state"]["skipped_steps"] == 1
+    for part in ("model", "ema"):
+        for name, tensor in saved[part].items():
+            assert not tensor.is_floating_point() or torch.isfinite(tensor).all(), (part, name)
+    assert summary["test_last"]["clean_accuracy"] > 0.5
+
+
+def test_a_dataset_without_injected_noise_reports_no_clean_figures(tmp_path, capsys):
+    """Its clean labels are the labels as shipped: a "clean" figure would only repeat them."""
+    from dtrain.prepare import PrepareConfig, prepare
+
+    write_stripes(tmp_path / "img", 48)
+    data = prepare(
+        PrepareConfig(source=str(tmp_path / "img"), out=str(tmp_path / "ds"), progress=False)
+    )
+    summary = Trainer(config(data, tmp_path / "run", "method.name=ce", "train.epochs=1")).fit()
+    printed = capsys.readouterr().out
+    assert "val acc 0." in printed and "test (as shipped)" in printed
+    assert "clean" not in printed, printed
+    assert summary["test_last"]["samples"] > 0
 
 
 def test_a_corrupt_training_sample_is_counted_in_the_run(tiny, tmp_path):

@@ -5,6 +5,7 @@ torchrun. (A trial killed -9 and retried: tests/faults.)"""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -23,7 +24,7 @@ from conftest import (
     small_overrides,
     stripes_dataset,
 )
-from ray_search import epoch_records, run, tune_command, write_search
+from ray_search import epoch_lines, epoch_records, run, tune_command, write_search
 
 from dtrain.config import load_config
 from dtrain.errors import ConfigError
@@ -93,6 +94,54 @@ def test_an_unknown_objective_metric_is_refused_with_a_suggestion():
 
     with pytest.raises(ConfigError, match="did you mean val_accuracy"):
         SearchSettings(metric="val_acuracy").validate()
+
+
+@pytest.mark.parametrize(
+    "metric, mode, expected",
+    [
+        ("val_accuracy", None, "max"),
+        ("val_ece", None, "min"),
+        ("val_ema_ece", None, "min"),
+        ("train_loss", None, "min"),
+        ("val_ema_accuracy", None, "max"),  # what an EMA rule hands the user
+        ("val_ema_clean_balanced_accuracy", None, "max"),
+        ("val_ece", "max", "max"),  # the user's word wins
+    ],
+)
+def test_the_objective_mode_follows_the_metric(metric, mode, expected):
+    from dtrain.tune.settings import SearchSettings
+
+    settings = SearchSettings(metric=metric, **({"mode": mode} if mode else {}))
+    settings.validate()
+    assert settings.mode == expected
+
+
+@pytest.mark.parametrize(
+    "space, expected",
+    [
+        ({"train.epochs": {"randint": [1, 4]}}, 3),  # randint's upper bound is exclusive
+        ({"train.epochs": {"choice": [2, 3]}}, 3),  # not the base config's 5: no trial runs it
+        ({"method.temperature": {"choice": [0.5]}}, 5),
+    ],
+)
+def test_the_most_epochs_a_trial_runs(tiny, tmp_path, space, expected):
+    from dtrain.tune.settings import load_search, max_epochs_of
+
+    path = write_search(tmp_path / "s.yaml", space)
+    search = load_search(path, None, [f"data.path={tiny}", "train.epochs=5"], {})
+    assert max_epochs_of(search) == expected
+
+
+def test_asha_grace_is_cut_to_the_epochs_before_ray_starts(tiny, tmp_path, capsys):
+    """Ray's ASHA asserts grace_period <= max_t: one epoch under the default grace of 2."""
+    from dtrain.tune.settings import load_search
+
+    path = write_search(tmp_path / "s.yaml", {"method.temperature": {"choice": [0.5]}})
+    search = load_search(path, None, [f"data.path={tiny}", "train.epochs=1"], {})
+    assert search.settings.grace_period == 1
+    assert "search.grace_period=2 cut to the 1 epoch(s)" in capsys.readouterr().out
+    search = load_search(path, None, [f"data.path={tiny}", "train.epochs=3"], {})
+    assert search.settings.grace_period == 2
 
 
 def test_a_reported_checkpoint_comes_back_with_its_deepspeed_shards(tmp_path):
@@ -202,25 +251,51 @@ def env(ray_env) -> dict:
 
 
 def test_asha_search_writes_tables_plots_and_a_best_config(tiny, tmp_path, env):
+    """Each trial's status, epochs and objective are derived here from its own run folder, and
+    the chosen trial must hold the best objective of the finished ones. The objective is the
+    val ECE, which is minimised without being told; train.epochs is searched too (a trial that
+    ran its own epochs is done, whatever the others run; randint's upper bound is exclusive)."""
     space = {
         "method.group_size": {"choice": [2, 4, 8]},
         "method.temperature": {"loguniform": [0.05, 1.0]},
-        "method.mixup_alpha": {"loguniform": [0.1, 4.0]},
+        "train.epochs": {"randint": [1, 3]},
     }
     search = write_search(
-        tmp_path / "search.yaml", space, num_samples=4, max_concurrent=2, grace_period=1
+        tmp_path / "search.yaml",
+        space,
+        num_samples=4,
+        max_concurrent=2,
+        grace_period=1,
+        metric="val_ece",
+        window=2,
     )
     result = run(tune_command(search, tiny, tmp_path / "results"), env)
     folder = tmp_path / "results" / "search"
-    trials = pd.read_parquet(folder / "trials.parquet")
+    trials = pd.read_parquet(folder / "trials.parquet").set_index("trial_id")
     epochs = pd.read_parquet(folder / "epochs.parquet")
-    assert len(trials) == 4 and set(trials["status"]) <= {"done", "stopped"}
-    assert result.stdout.count("tune: trial ") == 4  # one progress line per finished trial
-    assert (trials["status"] == "done").any()
+    assert len(trials) == 4
+    assert set(trials["train.epochs"]) == {1, 2}  # both values the sampler can give (seed 0)
+    for trial_id, trial in trials.iterrows():
+        run_dir = folder / "trials" / trial_id
+        history = [json.loads(line) for line in epoch_lines(run_dir)]
+        ran = [r["epoch"] for r in history]
+        own = int(trial["train.epochs"])
+        assert ran == list(range(1, len(ran) + 1)) and 1 <= len(ran) <= own, (trial_id, ran)
+        status = "done" if len(ran) == own else "stopped"
+        assert (trial["status"], trial["epochs"]) == (status, len(ran)), trial_id
+        line = "done" if status == "done" else "stopped early"
+        assert f"tune: trial {trial_id} {line} after {len(ran)} epoch(s)" in result.stdout
+        ece = [r["val_ece"] for r in history[-2:]]
+        assert trial["objective"] == pytest.approx(sum(ece) / len(ece)), trial_id
+        if status == "done":
+            assert 0 <= trial["test_clean_accuracy_last"] <= 1  # the trial's own test
     done = trials[trials["status"] == "done"]
-    assert done["test_clean_accuracy_last"].between(0, 1).all()  # the trial's own test
-    assert len(epochs) == trials["epochs"].sum() <= 8
-    assert {"objective", "val_accuracy", "val_clean_accuracy"} <= set(epochs.columns)
+    assert len(done)
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["best"]["trial_id"] == done["objective"].idxmin()  # ECE: lower is better
+    assert summary["stopped_early"] == int((trials["status"] == "stopped").sum())
+    assert len(epochs) == trials["epochs"].sum()
+    assert {"objective", "val_ece", "val_accuracy", "val_clean_accuracy"} <= set(epochs.columns)
     assert (folder / "trials.csv").is_file() and (folder / "epochs.csv").is_file()
     for plot in ("objective_vs_params.png", "learning_curves.png"):
         assert (folder / plot).stat().st_size > 10_000
@@ -232,8 +307,7 @@ def test_asha_search_writes_tables_plots_and_a_best_config(tiny, tmp_path, env):
     for start, _ in spans:
         running = sum(s <= start + 0.5 and start + 0.5 < e for s, e in spans)
         assert running <= 2, spans
-    summary = yaml.safe_load((folder / "summary.json").read_text())
-    best = trials.set_index("trial_id").loc[summary["best"]["trial_id"]]
+    best = trials.loc[summary["best"]["trial_id"]]
     best_config = yaml.safe_load((folder / "best.yaml").read_text())
     assert best_config["method"]["temperature"] == pytest.approx(best["method.temperature"])
     assert best_config["train"]["run_dir"] == ""

@@ -7,10 +7,14 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dtrain.errors import ConfigError, RunFolderError
 from dtrain.launch import slurm
 from dtrain.launch.slurm_env import ClusterUnavailable
+
+if TYPE_CHECKING:
+    from dtrain.config import Config
 
 
 def add_launch_parser(sub: argparse._SubParsersAction) -> None:
@@ -57,9 +61,9 @@ def _launch_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _train_folder(args: list[str]) -> Path:
-    """The run folder of `dtrain train ARGS`, after checking them with train's own parser and
-    the config as `train` would."""
+def _train_config(args: list[str]) -> Config:
+    """The config of `dtrain train ARGS`, after checking the arguments with train's own parser,
+    the config as `train` would and that the run folder may be written."""
     from dtrain.config import load_config
     from dtrain.train.cli import add_train_parser, resume_flag_alone
 
@@ -76,7 +80,7 @@ def _train_folder(args: list[str]) -> Path:
         raise RunFolderError(
             f"{folder} already holds a run; add --resume to continue it or set train.run_dir"
         )
-    return folder
+    return config
 
 
 def _search_folder(args: list[str]) -> Path:
@@ -119,7 +123,13 @@ def run_launch(args: argparse.Namespace) -> None:
         job_name=opts.job_name,
         warning_s=opts.warning_seconds,
     )
-    folder = _search_folder(rest) if tune else _train_folder(rest)
+    if tune:
+        folder = _search_folder(rest)
+    else:
+        config = _train_config(rest)
+        folder = config.run_path.absolute()
+        if not config.data.resampled:
+            slurm.check_train_shards(config.data.path, request, config.data.num_workers)
     try:
         partition = slurm.partition_nodes(request.partition)
     except ClusterUnavailable as err:

@@ -8,6 +8,7 @@ the Python environment that rendered it. Everything else in the template stays a
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import subprocess
@@ -160,6 +161,29 @@ def fit_to_partition(request: JobRequest, partition: str, nodes: list[NodeShape]
         raise ConfigError(
             f"--cpus-per-task {request.cpus_per_task} x {tasks} task(s) per node = {need} CPUs: "
             f"the nodes of partition {partition} have at most {most}; lower --cpus-per-task"
+        )
+
+
+def check_train_shards(data_path: str, request: JobRequest, num_workers: int) -> None:
+    """Refuse a job whose ranks would all fail at start: each of its ranks x loader workers
+    reads shards of its own, so the train split needs at least that many. Checked where the
+    dataset's `dataset.json` can be read here (not the embedded default, prepared by the job,
+    nor a folder only the compute nodes see)."""
+    meta = Path(data_path) / "dataset.json" if data_path else None
+    if meta is None or not meta.is_file():
+        return
+    try:
+        shards = json.loads(meta.read_text())["shards"].values()
+        train = sum(info.get("split") == "train" for info in shards)
+    except (OSError, ValueError, KeyError, AttributeError):
+        return  # `dtrain train` says what is wrong with it, with its own checks
+    ranks = request.nodes * max(request.gpus, 1)
+    workers = max(1, num_workers)
+    if train < ranks * workers:
+        raise ConfigError(
+            f"{train} train shards in {data_path} cannot feed {ranks} ranks x {workers} workers "
+            f"= {ranks * workers} readers; ask for fewer nodes or GPUs, lower data.num_workers, "
+            "write more, smaller shards (dtrain prepare --shard-size), or set data.resampled=true"
         )
 
 

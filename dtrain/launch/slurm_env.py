@@ -5,16 +5,22 @@
   often does not resolve, or resolves to the wrong interface, so this is its `NodeAddr` where
   SLURM has one that differs from the name, else (on the first node itself, where the batch
   script runs) the address this node uses to reach the controller, else the name resolved.
-- `MASTER_PORT`: one per job, so that two jobs sharing a node do not collide.
+- `MASTER_PORT`: one per job, so that two jobs sharing a node do not collide, and below Linux's
+  ephemeral ports (32768 and up), which the system hands out to any outgoing connection.
 - `NPROC_PER_NODE`: GPUs granted on this node (`SLURM_GPUS_ON_NODE`, which SLURM sets for
   `--gres=gpu:N`, `--gpus-per-node=N` and typed `a100:N` alike), or 1 on CPU nodes.
-- `OMP_NUM_THREADS`: the task's CPUs shared among the processes it starts.
+- `OMP_NUM_THREADS`: the task's CPUs shared among the processes it starts (kept if set).
+- `DTRAIN_EXPORTS_JOB`: the job these values were made for (dtrain.distributed trusts them only
+  inside that job).
 
-A value already in the environment is kept: set it in the script to override."""
+The first three are always the job's own: sbatch's default `--export=ALL` hands a job whatever
+the submitting shell exported (a stale `MASTER_PORT` from an earlier torchrun, say). To choose
+one, export `DTRAIN_MASTER_ADDR`, `DTRAIN_MASTER_PORT` or `DTRAIN_NPROC_PER_NODE` instead."""
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import re
 import shlex
@@ -24,15 +30,46 @@ import subprocess
 from dtrain.errors import DistributedError
 
 
-def first_host(nodelist: str) -> str:
-    """The first host of a SLURM node list: `gpu[03-05,09],cpu1` -> `gpu03`."""
-    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
-    if not match:
+def expand_hostlist(nodelist: str) -> list[str]:
+    """Every host of a SLURM host list, as `scontrol show hostnames` lists them:
+    `gpu[03-05,09],cpu1` -> gpu03 gpu04 gpu05 gpu09 cpu1; `node-[1-2]-ib` -> node-1-ib node-2-ib;
+    `a[1-2]b[3-4]` -> a1b3 a1b4 a2b3 a2b4."""
+    item = r"(?:[^,\[\]\s]|\[[^\[\]]+\])+"  # names and [ranges], e.g. node-[1-2]-ib
+    if not re.fullmatch(f"{item}(?:,{item})*", nodelist.strip()):
         raise DistributedError(f"cannot read the SLURM node list {nodelist!r}")
-    prefix, ranges = match.groups()
-    if not ranges:
-        return prefix
-    return prefix + ranges.split(",")[0].split("-")[0]
+    hosts: list[str] = []
+    for host in re.findall(item, nodelist):
+        parts = re.split(r"\[([^\]]*)\]", host)  # literal, ranges, literal, ..., literal
+        choices = [
+            [text] if i % 2 == 0 else _expand_ranges(text, nodelist) for i, text in enumerate(parts)
+        ]
+        hosts += ["".join(combo) for combo in itertools.product(*choices)]
+    return hosts
+
+
+def _expand_ranges(ranges: str, nodelist: str) -> list[str]:
+    """`03-05,09` -> 03 04 05 09 (a range keeps its start's zero padding)."""
+    out = []
+    for part in ranges.split(","):
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part.strip())
+        if match is None:
+            raise DistributedError(f"cannot read the SLURM node list {nodelist!r}")
+        start, end = match.group(1), match.group(2) or match.group(1)
+        out += [str(n).zfill(len(start)) for n in range(int(start), int(end) + 1)]
+    return out
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: `scontrol show hostnames`'s where SLURM is installed
+    (it knows every form the cluster's SLURM accepts), else `expand_hostlist`'s."""
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=60
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return expand_hostlist(nodelist)[0]
+    hosts = out.stdout.split()
+    return hosts[0] if out.returncode == 0 and hosts else expand_hostlist(nodelist)[0]
 
 
 class ClusterUnavailable(DistributedError):
@@ -107,7 +144,8 @@ def node_address(node: str, this_node: str | None) -> str:
     if resolved is None:
         raise DistributedError(
             f"node {node!r} has no NodeAddr in SLURM and its name does not resolve; export "
-            "MASTER_ADDR (an address of the first node that the others can reach) in the job script"
+            "DTRAIN_MASTER_ADDR (an address of the first node that the others can reach) in the "
+            "job script"
         )
     return resolved
 
@@ -117,17 +155,37 @@ def head_address(nodelist: str, this_node: str | None) -> str:
     return node_address(first_host(nodelist), this_node)
 
 
+# the job's rendezvous port: at or above 20000 (Ray's worker ports end at 19999), below 32768
+PORT_BASE, EPHEMERAL_PORTS_START = 20000, 32768
+EXPORTS_JOB = "DTRAIN_EXPORTS_JOB"
+
+
+def job_port(job_id: int) -> int:
+    """One port per job, below Linux's ephemeral range: a port in it may already be held by any
+    outgoing connection on the node, and the rendezvous would fail to bind."""
+    return PORT_BASE + job_id % (EPHEMERAL_PORTS_START - PORT_BASE)
+
+
+def rendezvous_exports(env: dict[str, str], nodelist: str) -> dict[str, str]:
+    """MASTER_ADDR and MASTER_PORT of the job in `env`: its first node and its port, or what the
+    user chose with DTRAIN_MASTER_ADDR / DTRAIN_MASTER_PORT; never inherited values."""
+    return {
+        "MASTER_ADDR": env.get("DTRAIN_MASTER_ADDR")
+        or head_address(nodelist, env.get("SLURMD_NODENAME")),
+        "MASTER_PORT": env.get("DTRAIN_MASTER_PORT") or str(job_port(int(env["SLURM_JOB_ID"]))),
+    }
+
+
 def job_exports(env: dict[str, str], per_node_launcher: bool) -> dict[str, str]:
     """The variables of the module docstring, for a job step's environment `env`."""
     if "SLURM_JOB_NODELIST" not in env:
         raise DistributedError("not inside a SLURM job (SLURM_JOB_NODELIST is not set)")
     gpus = int(env.get("SLURM_GPUS_ON_NODE") or 0)
-    nproc = max(gpus, 1)
+    nproc = int(env.get("DTRAIN_NPROC_PER_NODE") or max(gpus, 1))
     out = {
-        "MASTER_ADDR": env.get("MASTER_ADDR")
-        or head_address(env["SLURM_JOB_NODELIST"], env.get("SLURMD_NODENAME")),
-        "MASTER_PORT": env.get("MASTER_PORT") or str(20000 + int(env["SLURM_JOB_ID"]) % 20000),
-        "NPROC_PER_NODE": env.get("NPROC_PER_NODE") or str(nproc),
+        **rendezvous_exports(env, env["SLURM_JOB_NODELIST"]),
+        "NPROC_PER_NODE": str(nproc),
+        EXPORTS_JOB: env["SLURM_JOB_ID"],
     }
     cpus = env.get("SLURM_CPUS_PER_TASK")
     if "OMP_NUM_THREADS" in env:

@@ -17,11 +17,13 @@ checkpointed cleanly)."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from dtrain.launch.slurm_env import ClusterUnavailable, scontrol_show
@@ -63,9 +65,20 @@ def requeue(job_id: str) -> int:
     return result.returncode
 
 
-def supervise(command: list[str], env: dict[str, str], warned: bool = False) -> int:
+def supervise(
+    command: list[str], env: dict[str, str], warned: bool = False, remove: Sequence[Path] = ()
+) -> int:
     """Run `command` with the stop file in its environment; the exit status of the job.
-    `warned`: the batch script caught the warning before the supervisor started."""
+    `warned`: the batch script caught the warning before the supervisor started. `remove`: the
+    job script's own temporary files (it `exec`s the supervisor, so it cannot clean up itself)."""
+    try:
+        return _supervise(command, env, warned)
+    finally:
+        for path in remove:
+            path.unlink(missing_ok=True)
+
+
+def _supervise(command: list[str], env: dict[str, str], warned: bool) -> int:
     stop = stop_file_for(env)
     for path in (stop, acknowledgement(stop)):
         path.unlink(missing_ok=True)
@@ -99,12 +112,18 @@ def supervise(command: list[str], env: dict[str, str], warned: bool = False) -> 
 
 
 def main() -> None:
-    args = sys.argv[1:]
-    warned = args[:1] == ["--warned"]
-    command = args[1:] if warned else args
-    if not command:
-        raise SystemExit("usage: python -m dtrain.launch.supervise [--warned] COMMAND [ARGS...]")
-    sys.exit(supervise(command, dict(os.environ), warned))
+    parser = argparse.ArgumentParser(
+        prog="python -m dtrain.launch.supervise", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--warned", action="store_true", help="warned before the start")
+    parser.add_argument(
+        "--remove", action="append", type=Path, default=[], help="a file to delete at the end"
+    )
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="COMMAND [ARGS...]")
+    args = parser.parse_args()
+    if not args.command:
+        parser.error("no command to supervise")
+    sys.exit(supervise(args.command, dict(os.environ), args.warned, args.remove))
 
 
 if __name__ == "__main__":

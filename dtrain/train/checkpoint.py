@@ -41,6 +41,10 @@ class TrainState:
     corrupt_samples: int = 0
     # why each skipped sample was skipped (shard and member), the first SKIPS_KEPT of them
     skipped: list[str] = field(default_factory=list)
+    # a mid-epoch checkpoint's sums of `epoch` so far, over all ranks (running_sums.MetricSums)
+    epoch_sums: dict[str, float] = field(default_factory=dict)
+    # the tracked run of each tracker but TensorBoard (dtrain.train.trackers), by name
+    tracker_runs: dict[str, str] = field(default_factory=dict)
 
     def note_skipped(self, reasons: list[str]) -> None:
         self.skipped.extend(reasons[: max(0, SKIPS_KEPT - len(self.skipped))])
@@ -131,6 +135,7 @@ class CheckpointSaver:
         self.run_dir = run_dir
         self.engine = engine
         self.shards = run_dir / SHARDS
+        self.listeners: list[Callable[[int], None]] = []  # told each save's step (rank 0)
 
     @property
     def last(self) -> Path:
@@ -199,6 +204,8 @@ class CheckpointSaver:
             if best:
                 link_atomic(pending, self.run_dir / BEST)
             promote(pending, self.last)
+            for listener in self.listeners:
+                listener(step)
             if has_shards:
                 for old in self.shards.iterdir():
                     if old.is_dir() and old.name.startswith("step") and old.name != tag:

@@ -33,6 +33,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from dtrain import stop_signal
 from dtrain.errors import DataError
 from dtrain.train.dataset import (
     CorruptSampleError,
@@ -249,6 +250,11 @@ class ShardStream(IterableDataset):
             chunk = []
 
 
+def _worker_init(worker_id: int) -> None:
+    """Stop signals are the rank's to handle, not its workers' (stop_signal.leave_to_the_parent)."""
+    stop_signal.leave_to_the_parent()
+
+
 class ShardLoader:
     """A DataLoader over a ShardStream, with `set_epoch` and a known length per epoch."""
 
@@ -262,6 +268,7 @@ class ShardLoader:
             pin_memory=pin_memory,
             prefetch_factor=4 if num_workers else None,
             generator=torch.Generator().manual_seed(stream.seed),
+            worker_init_fn=_worker_init,
         )
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:

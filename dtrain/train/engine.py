@@ -1,11 +1,13 @@
 """The backends behind the training loop: one interface, an Accelerate (DDP) and a DeepSpeed
 implementation, so that the loop itself never asks which one it runs on.
 
-Both skip an optimiser step whose gradients are not finite, on every rank alike. The Accelerate
-engine decides on the device, without reading anything back: after DDP's all-reduce every rank
-holds the same gradients and so the same gradient norm, and the fused optimisers take a
-`found_inf` tensor (as under torch's GradScaler) that turns their step into a no-op. DeepSpeed
-reads its own values back every step anyway; its engine checks the loss on the host."""
+Both skip the whole optimiser step of an accumulation window in which any gradient is not
+finite, on every rank alike: weights and optimiser state stay as they were (the trainer's
+`StepGuard` keeps the batch-norm statistics and the weight average). The Accelerate engine
+decides on the device, without reading anything back: after DDP's all-reduce every rank holds
+the same gradients and so the same gradient norm, and the fused optimisers take a `found_inf`
+tensor (as under torch's GradScaler) that turns their step into a no-op. DeepSpeed reads its own
+values back every step anyway; its engine checks the loss on the host."""
 
 from __future__ import annotations
 
@@ -290,15 +292,17 @@ class DeepSpeedEngine(Engine):
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
-        """A non-finite loss on any rank drops this micro-step on every rank: without
-        accumulation the whole step is skipped; inside a window its backward becomes one of a
-        zero loss (DeepSpeed's hooks and counts stay intact, nothing non-finite enters)."""
+        """A non-finite loss on any rank skips the window's step on every rank: without
+        accumulation nothing runs; inside a window its backward becomes one of a NaN loss, so
+        that DeepSpeed's own overflow check skips the step (weights, optimiser state, schedule)
+        and drops the gradients the window's other micro-steps accumulated."""
         finite = not distributed.any_rank(not bool(torch.isfinite(loss)), self.device)
         self._window_finite = self._window_finite and finite
         if finite:
             self.model.backward(loss, scale_wrt_gas=False)
         elif self.accum > 1:
-            self.model.backward(sum(p.sum() for p in self._params) * 0.0, scale_wrt_gas=False)
+            nan = sum(p.sum() for p in self._params) * float("nan")
+            self.model.backward(nan, scale_wrt_gas=False)
 
     def step(self, lr: float) -> torch.Tensor:
         if not self.resolved.builds_scheduler:
@@ -307,6 +311,12 @@ class DeepSpeedEngine(Engine):
         finite, self._window_finite = self._window_finite, True
         if finite or self.accum > 1:
             self.model.step()  # clips (gradient_clipping) and zeroes the gradients itself
+        if not finite and self.accum > 1 and self.model.was_step_applied():
+            raise DistributedError(
+                "DeepSpeed applied an optimiser step with non-finite gradients: this DeepSpeed "
+                "config has no overflow check; use ZeRO stage 1-3 with bf16.check_grad_overflow "
+                "left true"
+            )
         return torch.tensor(finite, device=self.device)
 
     def unwrap(self) -> nn.Module:
@@ -351,6 +361,7 @@ def _join_error(err: BaseException) -> DistributedError:
 def make_engine(config: Config) -> Engine:
     """DeepSpeed when train.deepspeed names a config, else Accelerate; then the preflight."""
     distributed.env_from_slurm()
+    distributed.silence_understood_warnings()
     precision = resolve_precision(config.train.precision)
     engine = (
         DeepSpeedEngine(config, precision)

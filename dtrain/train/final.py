@@ -37,9 +37,12 @@ def finish_run(trainer: Trainer) -> dict:
         "candidates": selection.candidates(
             state.history, cfg.train.select_window, trainer.ema is not None
         ),
+        # the decay the weight average had reached at the last step (train.ema_epochs)
+        "ema_decay": trainer.ema.decay_at(state.step) if trainer.ema is not None else None,
     }
+    clean = report.knows_clean_labels(trainer.meta)
     export_best(trainer.run_dir, trainer.meta["images"]["channels"])  # model.safetensors
-    return report.write_run_report(
+    summary = report.write_run_report(
         trainer.run_dir,
         cfg,
         state.history,
@@ -48,9 +51,11 @@ def finish_run(trainer: Trainer) -> dict:
         test_last=test_last,
         test_ema=test_ema,
         selection=picked,
-        clean_known=trainer.meta.get("noise", {}).get("model", "none") != "none",
+        clean_known=clean,
         test_skipped=trainer.split_notes.get("test"),
         manifest=trainer.data_dir / "manifest.parquet",
         classes=trainer.classes,
         skipped=(state.corrupt_samples, state.skipped),
     )
+    trainer.log.finish(summary, report.selection_table(picked, clean))
+    return summary

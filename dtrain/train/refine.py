@@ -27,6 +27,7 @@ from dtrain.files import write_atomic, write_json_atomic
 from dtrain.train.checkpoint import LAST
 from dtrain.train.engine import Engine, make_engine
 from dtrain.train.scores import ScoreRow
+from dtrain.train.trackers import parent_run
 from dtrain.train.trainer import Trainer
 
 ROUNDS = "rounds"
@@ -131,7 +132,9 @@ def fit_rounds(
         print(f"--resume auto: {'resuming' if resume else 'starting'} {run_dir}")
     # an error leaves the engine as it is: closing waits for every rank, and a rank that
     # failed alone would hang there instead of ending the run with its message
-    result = _run_rounds(config, engine, resume, stop, stop_file)
+    names = config.train.trackers if config.train.refine_rounds else []
+    with parent_run(names, run_dir, engine.is_main):
+        result = _run_rounds(config, engine, resume, stop, stop_file)
     engine.close()
     return result
 
@@ -189,13 +192,13 @@ def _run_rounds(
 
 def _check_same_config(folder: Path, config: Config) -> None:
     """A finished round is reused only for the config it was trained with."""
-    saved = load_config(folder / "config.yaml").identity()
-    wanted = config.identity()
+    saved = load_config(folder / "config.yaml").result_identity()
+    wanted = config.result_identity()
     differ = [
         f"{section}.{key}"
         for section, values in wanted.items()
         for key, value in values.items()
-        if (section, key) != ("train", "run_dir") and saved[section].get(key) != value
+        if saved[section].get(key) != value
     ]
     if differ:
         raise RunFolderError(

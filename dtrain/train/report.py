@@ -18,6 +18,7 @@ from dtrain.train.metrics import auroc
 from dtrain.train.scores import ScoreRow
 
 if TYPE_CHECKING:
+    from dtrain.train.checkpoint import CheckpointSaver, TrainState
     from dtrain.train.trainer import Trainer
 
 SUSPECTS_SHOWN = 10
@@ -53,12 +54,19 @@ def banner(trainer: Trainer) -> str:
     return "\n".join(lines)
 
 
-def epoch_line(record: dict) -> str:
-    val = (
-        f"  val acc {record['val_accuracy']:.3f} (clean {record['val_clean_accuracy']:.3f})"
-        if "val_accuracy" in record
-        else ""
-    )
+def knows_clean_labels(meta: dict) -> bool:
+    """Whether a dataset's clean labels are known: only where its noise was injected on purpose
+    (`dtrain prepare --noise`); elsewhere `clean_label` is the label as shipped, and a "clean"
+    figure would only repeat the other one."""
+    return meta.get("noise", {}).get("model", "none") != "none"
+
+
+def epoch_line(record: dict, clean_known: bool) -> str:
+    val = ""
+    if "val_accuracy" in record:
+        val = f"  val acc {record['val_accuracy']:.3f}"
+        if clean_known:
+            val += f" (clean {record['val_clean_accuracy']:.3f})"
     return (
         f"epoch {record['epoch']:3d}  loss {record['train_loss']:.3f}  "
         f"train acc {record['train_accuracy']:.3f}{val}  {record['images_per_s']:.0f} img/s"
@@ -76,34 +84,61 @@ def no_split_notes(data_dir: Path, run_dir: Path, splits: list[str]) -> dict[str
 
 
 class RunLog:
-    """metrics.jsonl (one JSON record per line, appended) and TensorBoard, on the main rank.
-    Opened at a run's `step` and `epoch` (0, 0 for a fresh start), it first drops the records
-    a crashed attempt logged after that point, so that a resumed run's log has each step once."""
+    """metrics.jsonl (one JSON record per line, appended), TensorBoard and the other trackers of
+    `train.trackers` (`dtrain.train.trackers`), on the main rank. Opened at a run's `state`
+    (step and epoch 0 for a fresh start), it first drops the records a crashed attempt logged
+    after that point, so that a resumed run's log has each step once; it hears of each
+    checkpoint from `saver`."""
 
-    def __init__(self, run_dir: Path, step: int = 0, epoch: int = 0) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
+    def __init__(
+        self, run_dir: Path, state: TrainState, config: Config, saver: CheckpointSaver
+    ) -> None:
         self.path = run_dir / "metrics.jsonl"
         if self.path.exists():
             kept = [
                 line
                 for line in self.path.read_text().splitlines()
-                if _logged_before(line, step, epoch)
+                if _logged_before(line, state.step, state.epoch)
             ]
             write_atomic(self.path, "".join(f"{line}\n" for line in kept))
-        self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+        names = config.train.trackers
+        self.tensorboard = None
+        if "tensorboard" in names:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+        self.trackers = None
+        if set(names) - {"tensorboard"}:
+            from dtrain.train.trackers import Trackers
+
+            self.trackers = Trackers(
+                names, run_dir, config.to_dict(), state.tracker_runs, state.step
+            )
+            saver.listeners.append(self.trackers.saved)
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
+        if self.trackers is not None:
+            self.trackers.write(record)
+        if self.tensorboard is None:
+            return
         where = record["step"] if record["kind"] == "step" else record["epoch"]
         for name, value in record.items():
             numeric = isinstance(value, float) and math.isfinite(value)
             if numeric and name not in ("kind", "step", "epoch"):
                 self.tensorboard.add_scalar(f"{record['kind']}/{name}", value, where)
 
+    def finish(self, summary: dict, selection_text: str) -> None:
+        """The end of a finished run, for the trackers: test metrics, selection, artifacts."""
+        if self.trackers is not None:
+            self.trackers.finish(summary, selection_text)
+
     def close(self) -> None:
-        self.tensorboard.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.trackers is not None:
+            self.trackers.close()
 
 
 def _logged_before(line: str, step: int, epoch: int) -> bool:
@@ -156,7 +191,7 @@ def label_scores(rows: dict[str, ScoreRow], manifest: Path) -> tuple[list[dict],
     return out, aurocs
 
 
-def plot_curves(history: list[dict], path: Path) -> None:
+def plot_curves(history: list[dict], path: Path, clean_known: bool) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -169,14 +204,19 @@ def plot_curves(history: list[dict], path: Path) -> None:
     left.set_title("training loss")
     left.legend()
     right.plot(epochs, [r["train_accuracy"] for r in history], label="train (noisy labels)")
+    labels = "clean" if clean_known else "as shipped"
     if "val_accuracy" in history[-1]:
         right.plot(epochs, [r["val_accuracy"] for r in history], label="val (labels as shipped)")
-        right.plot(epochs, [r["val_clean_accuracy"] for r in history], label="val (clean labels)")
+        if clean_known:
+            right.plot(
+                epochs, [r["val_clean_accuracy"] for r in history], label="val (clean labels)"
+            )
     if "val_ema_accuracy" in history[-1]:
+        ema = "val_ema_clean_accuracy" if clean_known else "val_ema_accuracy"
         right.plot(  # epochs resumed from before the run kept an average have none
             epochs,
-            [r.get("val_ema_clean_accuracy", math.nan) for r in history],
-            label="val, EMA (clean labels)",
+            [r.get(ema, math.nan) for r in history],
+            label=f"val, EMA ({labels} labels)",
         )
     right.set_xlabel("epoch")
     right.set_title("accuracy")
@@ -196,22 +236,33 @@ def figure_png(fig, dpi: int = 110) -> bytes:
     return image.getvalue()
 
 
-def summary_table(summary: dict) -> str:
+def summary_table(summary: dict, clean_known: bool) -> str:
+    """The test metrics of each set of weights, against the clean labels where the dataset
+    knows them, else against the labels as shipped."""
     names = ["accuracy", "balanced_accuracy", "macro_f1", "auroc", "ece"]
-    lines = [f"{'test (clean labels)':22s}" + "".join(f"{n:>19s}" for n in names)]
+    heading, prefix = "test (clean labels)", "clean_"
+    if not clean_known:
+        heading, prefix = "test (as shipped)", ""
+    lines = [f"{heading:22s}" + "".join(f"{n:>19s}" for n in names)]
     rows = {"best": "selected (best.pt)", "last": "last epoch", "ema_last": "last EMA"}
     for which, title in rows.items():
         metrics = summary.get(f"test_{which}")
         if metrics is None:
             continue
-        lines.append(f"{title:22s}" + "".join(f"{metrics['clean_' + n]:19.4f}" for n in names))
+        lines.append(f"{title:22s}" + "".join(f"{metrics[prefix + n]:19.4f}" for n in names))
     return "\n".join(lines)
 
 
 def selection_table(picked: dict, clean_known: bool) -> str:
     """What each selection rule would have picked, the chosen one marked."""
     lines = [
-        f"model selection: {picked['rule']} ({picked['describe']}) picked epoch {picked['epoch']}",
+        f"model selection: {picked['rule']} ({picked['describe']}) picked "
+        + ("no epoch" if picked["epoch"] is None else f"epoch {picked['epoch']}")
+        + (
+            ""
+            if picked.get("ema_decay") is None
+            else f"; weight average decay {picked['ema_decay']:.4f}"
+        ),
         f"  {'rule':20s}{'epoch':>6s}  {'weights':8s}{'val acc (as shipped)':>22s}"
         + (f"{'val acc (clean)':>17s}" if clean_known else ""),
     ]
@@ -222,8 +273,8 @@ def selection_table(picked: dict, clean_known: bool) -> str:
             for k in ("val_accuracy", "val_clean_accuracy")
         )
         lines.append(
-            f"{mark} {row['rule']:20s}{row['epoch']:6d}  {row['weights']:8s}{shipped:>22s}"
-            + (f"{clean:>17s}" if clean_known else "")
+            f"{mark} {row['rule']:20s}{row['epoch'] or 'none':>6}  "
+            f"{row['weights']:8s}{shipped:>22s}" + (f"{clean:>17s}" if clean_known else "")
         )
     return "\n".join(lines)
 
@@ -263,7 +314,7 @@ def write_run_report(
         "skipped_samples": {"count": skipped[0], "which": skipped[1]},
     }
     if history:
-        plot_curves(history, run_dir / "curves.png")
+        plot_curves(history, run_dir / "curves.png", clean_known)
     if scores:
         rows, aurocs = label_scores(scores, manifest)
         sink = pa.BufferOutputStream()
@@ -292,7 +343,7 @@ def write_run_report(
     if selection is not None and "val_accuracy" in history[-1]:
         print(selection_table(selection, clean_known))
     if test_last is not None:
-        print(summary_table(summary))
+        print(summary_table(summary, clean_known))
     if skipped[0]:
         print(f"skipped {skipped[0]} sample(s) the loader could not use; summary.json says which")
     if summary["mislabel_auroc"]:

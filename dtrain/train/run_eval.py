@@ -11,6 +11,7 @@ from pathlib import Path
 from dtrain.errors import DataError
 from dtrain.train.dataset import dataset_splits, read_dataset_json
 from dtrain.train.eval_outputs import write_eval_outputs
+from dtrain.train.metrics import CLASS_AVERAGE_RULE
 from dtrain.train.predict import prediction_metrics
 from dtrain.train.run_folder import run_config, run_dataset
 from dtrain.train.trained import check_classes, dataset_predictions, load_trained
@@ -52,7 +53,7 @@ def evaluate_run(
         strict=config.data.strict,
         show_progress=sys.stderr.isatty(),
     )
-    metrics = prediction_metrics(p)
+    metrics = prediction_metrics(p) | {"class_average": CLASS_AVERAGE_RULE}
     # clean labels only where the dataset kept them apart from injected noise
     with_clean = meta.get("noise", {}).get("model", "none") != "none"
     if not with_clean:

@@ -31,6 +31,10 @@ class MetricSums:
         for name, value in {"loss": out["loss"], **out["terms"]}.items():
             self._add(name, value * count)
 
+    def put(self, name: str, value: float) -> None:
+        """A value of this rank's to sum with the others' (the epoch's stop flag)."""
+        self.values[name] = torch.tensor(value, dtype=torch.float64, device=self.device)
+
     def names(self) -> list[str]:
         """The order of `vector()` (sorted: the same on every rank)."""
         return sorted(self.values)
@@ -48,6 +52,37 @@ class MetricSums:
     def clear(self) -> None:
         """Start a new span (after a log step read it)."""
         self.values = {}
+
+    def resume(self, totals: dict[str, float], main: bool) -> None:
+        """Continue an epoch from a checkpoint's `totals` (the sums over all ranks, `saved()`):
+        the main rank holds them, the others zeros under the same names (the all-reduce needs
+        the same vector on every rank)."""
+        self.values = {
+            name: torch.tensor(value if main else 0.0, dtype=torch.float64, device=self.device)
+            for name, value in totals.items()
+        }
+
+    def saved(self) -> dict[str, float]:
+        """Collective: the sums over all ranks so far, for a mid-epoch checkpoint."""
+        return {k: v for k, v in self.reduce().items() if k != STOP} if self.values else {}
+
+
+STOP = "stop"  # the epoch's stop flag, agreed through the epoch sums' all-reduce
+
+
+def epoch_metrics(totals: dict[str, float], seconds: float, before: float) -> dict[str, float]:
+    """An epoch's train metrics from its sums over all ranks (`stop` taken out): the means per
+    valid sample, and the throughput of the `seconds` this process trained, `before` samples
+    having been trained on before a resume."""
+    totals = dict(totals)
+    seen = max(1.0, totals.pop("valid", 0.0))
+    correct = totals.pop("correct", 0.0)
+    totals.pop("corrupt", None)
+    return {
+        **{f"train_{k}": v / seen for k, v in totals.items()},
+        "train_accuracy": correct / seen,
+        "images_per_s": (seen - before) / seconds,
+    }
 
 
 class NonFiniteCounter:

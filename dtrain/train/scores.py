@@ -94,6 +94,8 @@ class ScoreAccumulator:
         self._local = []
         for records in parts:
             for key, label, noisy, predicted, loss, attention, has_attention in records:
+                if not (math.isfinite(loss) and math.isfinite(attention)):
+                    continue  # a sample of a skipped (non-finite) step: no evidence either way
                 row = self.rows.get(key)
                 if row is None:
                     row = self.rows[key] = ScoreRow(key, int(label), bool(noisy), int(predicted))

@@ -49,13 +49,18 @@ RULES: dict[str, Rule] = {
 }
 
 
-def effective_rule(rule: str, has_ema: bool, has_val: bool) -> str:
+def effective_rule(
+    rule: str, has_ema: bool, has_val: bool, epochs: int | None = None, window: int = 1
+) -> str:
     """The rule a run can apply: without a val split the val rules become the last epoch's,
-    without a weight average (ZeRO-3 partitions the weights) the EMA ones their raw twins."""
+    without a weight average (ZeRO-3 partitions the weights) the EMA ones their raw twins, and
+    a smoothed rule in a run of fewer than `window` epochs (no full window) the last epoch's."""
     if not has_ema and RULES[rule].weights == "ema":
         rule = {"ema_last": "last", "ema_noisy_val": "noisy_val"}[rule]
     if not has_val and RULES[rule].metric is not None:
         rule = "ema_last" if RULES[rule].weights == "ema" else "last"
+    if RULES[rule].smoothed and epochs is not None and epochs < window:
+        rule = "last"
     return rule
 
 
@@ -67,8 +72,9 @@ def score(rule: str, history: list[dict], window: int) -> float:
     # an epoch logged before the run kept an average has no EMA accuracy: never picked
     values = [record.get(spec.metric, -math.inf) for record in history]
     if spec.smoothed:
-        recent = values[-window:]
-        return sum(recent) / len(recent)
+        if len(values) < window:  # only full windows compete: one early epoch is no mean
+            return -math.inf
+        return sum(values[-window:]) / window
     return values[-1]
 
 
@@ -79,26 +85,28 @@ def improves(rule: str, new: float, best: float) -> bool:
     return new > best or (RULES[rule].newer_on_tie and new == best)
 
 
-def picks(rule: str, history: list[dict], window: int) -> int:
-    """The 1-based epoch `rule` selects in a finished history (as the trainer did online)."""
+def picks(rule: str, history: list[dict], window: int) -> int | None:
+    """The 1-based epoch `rule` selects in a finished history (as the trainer did online), or
+    None where no epoch ever scored (e.g. no epoch had an EMA val accuracy)."""
     best, chosen = START, 0
     for end in range(1, len(history) + 1):
         value = score(rule, history[:end], window)
         if improves(rule, value, best):
             best, chosen = value, end
-    return chosen
+    return chosen or None
 
 
 def candidates(history: list[dict], window: int, has_ema: bool) -> list[dict]:
     """What each rule would have picked in this run: the epoch, its weights, and the val
-    accuracy there against the labels as shipped and, where known, the clean ones."""
+    accuracy there against the labels as shipped and, where known, the clean ones (all None
+    for a rule that picked no epoch)."""
     rows = []
     has_val = bool(history) and "val_accuracy" in history[-1]
     for name in RULES:
-        if effective_rule(name, has_ema, has_val) != name:
+        if effective_rule(name, has_ema, has_val, len(history), window) != name:
             continue
         epoch = picks(name, history, window)
-        record = history[epoch - 1]
+        record = history[epoch - 1] if epoch is not None else {}
         prefix = "val_ema_" if RULES[name].weights == "ema" else "val_"
         rows.append(
             {

@@ -30,16 +30,17 @@ from dtrain.train import report, selection
 from dtrain.train.checkpoint import LAST, Cadence, CheckpointSaver, TrainState, load_checkpoint
 from dtrain.train.data import ShardLoader, make_loader
 from dtrain.train.dataset import read_dataset_json, resolve_data_dir, split_urls, training_splits
-from dtrain.train.ema import WeightAverage
+from dtrain.train.ema import WeightAverage, horizon_steps
 from dtrain.train.engine import Engine, make_engine
 from dtrain.train.final import finish_run
 from dtrain.train.losses import rank_weight
 from dtrain.train.model import build_model
 from dtrain.train.predict import evaluate
 from dtrain.train.rng import rng_states_of_all_ranks, seed_everything
-from dtrain.train.running_sums import MetricSums, NonFiniteCounter
+from dtrain.train.running_sums import STOP, MetricSums, NonFiniteCounter, epoch_metrics
 from dtrain.train.schedule import lr_factor
 from dtrain.train.scores import ScoreAccumulator
+from dtrain.train.step_guard import StepGuard
 from dtrain.train.steps import TrainStep, forget_rate
 
 
@@ -155,10 +156,13 @@ class Trainer:
         self.engine.prepare(model)
         t = cfg.train
         # ZeRO-3 partitions the weights over the ranks: no rank could average them whole
-        average = t.ema_decay > 0 and self.engine.holds_full_weights
-        self.ema = WeightAverage(self.net, t.ema_decay) if average else None
+        average = t.ema_epochs > 0 and self.engine.holds_full_weights
+        steps_per_epoch = -(-len(self.train_loader) // t.grad_accum_steps)
+        horizon = horizon_steps(t.ema_epochs, steps_per_epoch)
+        self.ema = WeightAverage(self.net, horizon) if average else None
+        self.guard = StepGuard(self.net, self.ema)  # what a skipped step must leave as it was
         self.rule = selection.effective_rule(
-            t.select, self.ema is not None, self.val_loader is not None
+            t.select, self.ema is not None, self.val_loader is not None, t.epochs, t.select_window
         )
         self.state = TrainState()
         self.scores = ScoreAccumulator()
@@ -182,7 +186,7 @@ class Trainer:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.config, self.run_dir / "config.yaml")
-            self.log = report.RunLog(self.run_dir, self.state.step, self.state.epoch)
+            self.log = report.RunLog(self.run_dir, self.state, self.config, self.saver)
 
     def _payload(self) -> dict:
         return {
@@ -200,6 +204,8 @@ class Trainer:
 
     def _save(self, best: bool = False) -> Path:
         self.scores.merge()
+        # mid-epoch: the epoch's sums so far, so that a resumed epoch's record covers all of it
+        self.state.epoch_sums = self._epoch_sums.saved() if self.state.batch else {}
         path = self.saver.save(self._payload, self.state.step, best)
         self.cadence.saved(self.state.step)
         return path
@@ -232,6 +238,9 @@ class Trainer:
         world = engine.num_processes
         scoring = state.epoch >= cfg.train.epochs - cfg.method.score_epochs
         epoch_sums, window = MetricSums(engine.device), MetricSums(engine.device)
+        before = state.epoch_sums.get("valid", 0.0)  # samples trained on before a resume
+        epoch_sums.resume(state.epoch_sums, self.is_main)
+        self._epoch_sums = epoch_sums
         nonfinite = NonFiniteCounter(engine.device, state)
         started, first_batch = time.perf_counter(), state.batch
         bar = report.progress(
@@ -248,6 +257,8 @@ class Trainer:
             boundary = (index + 1) % accum == 0 or index + 1 == num_batches
             micro_steps = min(accum, num_batches - index + index % accum)  # in this window
             valid = batch["valid"]
+            if index % accum == 0:
+                self.guard.open()
             # this rank's share of the global mean, averaged over the window's micro-steps
             weight = rank_weight(valid, header[0], world) / micro_steps
             with engine.accumulating(boundary):
@@ -259,10 +270,10 @@ class Trainer:
             if boundary:
                 progress = state.epoch + index / num_batches
                 lr = cfg.optim.lr * lr_factor(progress, cfg.optim.warmup_epochs, cfg.train.epochs)
-                nonfinite.update(engine.step(lr))
+                taken = engine.step(lr)
+                nonfinite.update(taken)
                 state.step += 1
-                if self.ema is not None:
-                    self.ema.update(self.net, state.step)
+                self.guard.settle(taken, state.step)
             for sums in (epoch_sums, window):
                 sums.add_step(out, batch)
             state.note_skipped(batch.get("skipped", []))
@@ -301,19 +312,12 @@ class Trainer:
         bar.close()
         nonfinite.read()
         # a stop requested after the last log step is agreed here, with the epoch's sums
-        epoch_sums.values["stop"] = torch.tensor(
-            float(self._stop_requested()), dtype=torch.float64, device=engine.device
-        )
+        epoch_sums.put(STOP, float(self._stop_requested()))
         totals = epoch_sums.reduce()
-        self._stopping = self._stopping or totals.pop("stop") > 0
-        seen = max(1.0, totals.pop("valid", 0.0))
-        correct, corrupt = totals.pop("correct", 0.0), totals.pop("corrupt", 0.0)
-        state.corrupt_samples += int(corrupt)
-        return {
-            **{f"train_{k}": v / seen for k, v in totals.items()},
-            "train_accuracy": correct / seen,
-            "images_per_s": seen / (time.perf_counter() - started),
-        }
+        self._stopping = self._stopping or totals.pop(STOP) > 0
+        if not self._stopping or state.batch == num_batches:  # else the epoch goes on later
+            state.corrupt_samples += int(totals.get("corrupt", 0.0))
+        return epoch_metrics(totals, time.perf_counter() - started, before)
 
     def _log_step(
         self,
@@ -349,7 +353,7 @@ class Trainer:
             self._save()
             raise NonFiniteLossError(
                 f"the gradients were not finite for {state.nonfinite_in_a_row} steps in a row "
-                f"(epoch {state.epoch}, step {state.step}); the weights before them are in "
+                f"(epoch {state.epoch + 1}, step {state.step}); the weights before them are in "
                 f"{self.saver.last}. Lower optim.lr or raise optim.warmup_epochs, then --resume"
             )
         return record, stop, due
@@ -374,8 +378,8 @@ class Trainer:
                 self._save()
                 if self.is_main:
                     print(
-                        f"stopped at epoch {state.epoch} batch {state.batch}; "
-                        f"checkpoint {self.saver.last}"
+                        f"stopped after batch {state.batch} of {len(self.train_loader)} in "
+                        f"epoch {state.epoch + 1}; checkpoint {self.saver.last}"
                     )
                 return self._close({"stopped": True, "epoch": state.epoch, "batch": state.batch})
             val = self.evaluate(self.val_loader) if self.val_loader is not None else {}
@@ -390,6 +394,7 @@ class Trainer:
                 **{f"val_{k}": v for k, v in val.items()},
                 "skipped_steps": state.skipped_steps,
                 "corrupt_samples": state.corrupt_samples,
+                **({"ema_decay": self.ema.decay_at(state.step)} if self.ema is not None else {}),
             }
             state.history.append(record)
             state.epoch += 1
@@ -400,14 +405,11 @@ class Trainer:
             path = self._save(best=improved)
             if self.is_main:
                 self.log.write(record)
-                print(report.epoch_line(record))
+                print(report.epoch_line(record, report.knows_clean_labels(self.meta)))
             if self.on_epoch_end is not None:
                 self.on_epoch_end(record, path)
             if self._stopping and state.epoch < cfg.train.epochs:  # else only the test is left
                 return self._close({"stopped": True, "epoch": state.epoch, "batch": 0})
-        return self._finish()
-
-    def _finish(self) -> dict:
         return self._close(finish_run(self))
 
     def _close(self, result: dict) -> dict:

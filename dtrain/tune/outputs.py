@@ -13,7 +13,7 @@ import pandas as pd
 
 from dtrain.config import config_from_dict, save_config, set_key
 from dtrain.files import write_atomic, write_json_atomic
-from dtrain.tune.settings import Search, max_epochs_of
+from dtrain.tune.settings import Search, epochs_of
 from dtrain.tune.trial import OBJECTIVE
 
 TOP = 5
@@ -22,7 +22,6 @@ CLEAN = "val_clean_accuracy"
 
 def _trial_rows(search: Search, grid) -> tuple[list[dict], list[dict]]:
     """One row per trial and one per (trial, epoch), from Ray's results and the run folders."""
-    max_epochs = max_epochs_of(search)
     trials, epochs = [], []
     for result in grid:
         metrics = result.metrics or {}
@@ -33,7 +32,8 @@ def _trial_rows(search: Search, grid) -> tuple[list[dict], list[dict]]:
             frame = frame.drop_duplicates("epoch", keep="last").sort_values("epoch")
             history = frame.to_dict("records")
         done = int(history[-1]["epoch"]) if history else 0
-        status = "failed" if result.error else ("done" if done >= max_epochs else "stopped")
+        finished = done >= epochs_of(search.base.train.epochs, result.config)
+        status = "failed" if result.error else ("done" if finished else "stopped")
         last = history[-1] if history else {}
         row = {
             "trial_id": trial_id,
@@ -141,6 +141,10 @@ def write_outputs(search: Search, grid) -> dict:
     _write_table(epochs, folder, "epochs")
     best = pick_best(trials, search.settings.mode)
     best_yaml = _write_best(search, best) if best is not None else None
+    if best is not None and "mlflow" in search.base.train.trackers:
+        from dtrain.train.trackers import tag_best_trial
+
+        tag_best_trial(folder / "trials" / best["trial_id"])
     _plots(search, trials, epochs, best)
     summary = {
         "trials": len(trials),

@@ -14,14 +14,22 @@ from dtrain.errors import ConfigError
 from dtrain.train.metrics import METRIC_NAMES
 from dtrain.tune.space import Dimension, parse_space
 
-# what the objective may average: the val metrics on the labels as shipped, or (where the
-# dataset keeps them, e.g. to study the search itself) on the clean labels; or the train loss
-OBJECTIVE_METRICS = (
-    *(f"val_{m}" for m in METRIC_NAMES),
-    *(f"val_clean_{m}" for m in METRIC_NAMES),
-    "train_loss",
-    "train_accuracy",
-)
+# what the objective may average: the val metrics on the labels as shipped, of the net or of
+# its weight average (`val_ema_*`, the model a run hands over under an EMA rule), or (where
+# the dataset keeps them, e.g. to study the search itself) on the clean labels; or the train loss
+OBJECTIVE_METRICS = tuple(
+    f"val_{weights}{labels}{m}"
+    for weights in ("", "ema_")
+    for labels in ("", "clean_")
+    for m in METRIC_NAMES
+) + ("train_loss", "train_accuracy")
+# metrics where lower is better: the objective's mode unless the user gives one
+LOWER_IS_BETTER = ("ece", "loss")
+
+
+def mode_of(metric: str) -> str:
+    """The mode a metric is optimised in: losses and calibration error down, the rest up."""
+    return "min" if metric.endswith(LOWER_IS_BETTER) else "max"
 
 
 def flag(default: Any, help: str) -> Any:
@@ -42,7 +50,9 @@ class SearchSettings:
     grace_period: int = flag(2, "ASHA: epochs every trial runs before it may be stopped")
     reduction_factor: float = flag(2.0, "ASHA: keep 1/this of the trials at each rung")
     metric: str = flag("val_accuracy", "epoch record key the objective averages")
-    mode: Literal["max", "min"] = flag("max", "whether a higher metric is better")
+    mode: Literal["auto", "max", "min"] = flag(
+        "auto", "whether a higher metric is better (auto: min for losses and ECE, else max)"
+    )
     window: int = flag(3, "objective: the metric averaged over this many last epochs")
     workers_per_trial: int = flag(1, "processes per trial (2+: Ray Train's TorchTrainer)")
     cpus_per_trial: float = flag(1.0, "CPUs per worker process")
@@ -80,6 +90,8 @@ class SearchSettings:
                 f"search.metric={self.metric!r} is not an epoch metric{hint} "
                 f"(one of {', '.join(OBJECTIVE_METRICS)})"
             )
+        if self.mode == "auto":
+            self.mode = mode_of(self.metric)
         if self.algorithm == "tpe":
             try:
                 import optuna  # noqa: F401
@@ -155,7 +167,18 @@ def load_search(
     _absolute_paths(base)  # last: it may prepare the embedded set
     if settings.algorithm == "tpe" and settings.num_samples < 2:
         raise ConfigError("search.algorithm=tpe needs search.num_samples >= 2")
-    return Search(settings, space, base, str(path))
+    search = Search(settings, space, base, str(path))
+    _bound_grace(search)
+    return search
+
+
+def _bound_grace(search: Search) -> None:
+    """ASHA refuses a grace period past the last epoch (Ray's `grace_period must be <= max_t`);
+    as no trial runs longer, the grace is bounded by the epochs, with a note."""
+    s, most = search.settings, max_epochs_of(search)
+    if s.scheduler == "asha" and s.grace_period > most:
+        print(f"tune: search.grace_period={s.grace_period} cut to the {most} epoch(s) trials run")
+        s.grace_period = most
 
 
 def _one_round(base: Config) -> None:
@@ -171,6 +194,15 @@ def _one_round(base: Config) -> None:
 
 
 def max_epochs_of(search: Search) -> int:
-    """The most epochs any trial runs (train.epochs may itself be searched)."""
-    searched = [max(d.values) for d in search.space if d.key == "train.epochs"]
-    return max([search.base.train.epochs, *searched])
+    """The most epochs any trial runs: the base config's, or the most a searched train.epochs
+    gives (randint's upper bound is exclusive)."""
+    for d in search.space:
+        if d.key == "train.epochs":
+            return d.values[1] - 1 if d.kind == "randint" else int(max(d.values))
+    return search.base.train.epochs
+
+
+def epochs_of(base_epochs: int, values: dict) -> int:
+    """The epochs of the trial with these sampled values: a trial that ran them all is done,
+    whatever the others run."""
+    return int(values.get("train.epochs", base_epochs))

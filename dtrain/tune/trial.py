@@ -99,8 +99,10 @@ def run_in_process(config: Config, job: TrialJob, resume: bool, report_fn) -> No
     """One process's part of a trial (the trial itself, or one Ray Train worker). The last
     epoch is reported after the run's test evaluation, with the test metrics beside it: a
     scheduler ends a trial at its last report, which would otherwise cut off the test."""
+    from dtrain.train.trackers import track_under_search
     from dtrain.train.trainer import Trainer
 
+    track_under_search(Path(job.folder).name)
     trainer: Trainer
     final: list[dict] = []
 

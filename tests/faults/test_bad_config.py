@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -85,11 +86,12 @@ BAD_VALUES: dict[str, tuple[str, ...] | None] = {
     "train.deepspeed": ("{tmp}/zero9.json",),
     "train.select": ("best_val",),
     "train.select_window": ("0",),
-    "train.ema_decay": ("1", "-0.1"),
+    "train.ema_epochs": ("-0.1",),
     "train.refine_rounds": ("-1", "11"),
     "train.refine_init": ("hot",),
     "train.compile": ("indcutor",),
     "train.channels_last": None,  # a bool
+    "train.trackers": ("tensorboard,mlfow", "[]x"),
 }
 
 
@@ -111,6 +113,10 @@ def wrong_values(kind: typing.Any) -> list[tuple[str, typing.Any]]:
             return [("yaml", [1, 2]), ("yaml", {"a": 1})]
         (option,) = options
         return [("override", "abc"), *wrong_values(option)]
+    if origin is list:  # each item of the item type; one bad item refuses the list
+        (item,) = typing.get_args(kind)
+        items = wrong_values(item)
+        return [("yaml", {"a": 1}), *((w, v if w == "override" else [v]) for w, v in items)]
     if origin is typing.Literal:
         first = typing.get_args(kind)[0]
         return [("override", "not-a-choice"), ("yaml", "not-a-choice"), ("yaml", [first])]
@@ -336,9 +342,31 @@ def test_a_commented_out_section_is_no_error(tmp_path):
     assert config.optim.lr == 0.001  # YAML 1.1 reads 1e-3 as a string; dtrain as a number
 
 
-def test_help_is_unchanged(cli):
-    code, _ = cli("train", "--help")
-    assert code == 0
+def test_help_lists_every_method_rule_and_key(capsys):
+    """`dtrain train --help` is where a user finds the methods, the rules for best.pt and the
+    keys that choose them: every one the registries hold, each beside its own description."""
+    from dtrain.registry import METHODS
+    from dtrain.train.selection import RULES
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: dtrain train [-h] [--config CONFIG] [--resume [{yes,auto}]]")
+    entries = {
+        **{n: m.summary for n, m in METHODS.items()},
+        **{n: r.describe for n, r in RULES.items()},
+    }
+    for name, summary in entries.items():
+        assert re.search(rf"^  {re.escape(name)} +{re.escape(summary)}$", text, re.M), name
+    for section in (
+        "methods (method.name=...",
+        "best.pt holds (train.select=...",
+        "(train.refine_rounds=N)",
+    ):
+        assert section in text
+    for option in ("--config CONFIG", "--resume [{yes,auto}]", "key=value"):
+        assert re.search(rf"^  {re.escape(option)}", text, re.M), option
 
 
 # -- through a real process: the exit code and stderr a shell sees ------------------------------

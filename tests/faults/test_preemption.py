@@ -55,7 +55,10 @@ def test_three_warnings_requeue_three_times_and_end_with_the_uninterrupted_weigh
         runs[name] = (finished(cluster, job, log, 400), log.read_text())
     info, text = runs["warned"]
     assert runs["straight"][0]["Restarts"] == "0" and info["Restarts"] == "3", text[-3000:]
-    stops = re.findall(r"stopped at epoch (\d+) batch (\d+)", text)
+    stops = [  # (epoch, batch)
+        (epoch, batch)
+        for batch, epoch in re.findall(r"stopped after batch (\d+) of \d+ in epoch (\d+)", text)
+    ]
     assert len(stops) == 3 and len(set(stops)) == 3, stops  # three different points
     # the warning during start-up was kept, not fatal: it stopped at the first log step
     assert stops[1] == (stops[0][0], str(int(stops[0][1]) + 2)), stops
