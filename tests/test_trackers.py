@@ -125,6 +125,36 @@ def test_an_unknown_tracker_is_refused_with_the_nearest_name(tmp_path):
     assert load_config(None, []).train.trackers == ["tensorboard"]
 
 
+def test_a_tracker_whose_client_is_missing_is_refused_with_the_install_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # what an import finds when it is absent
+    with pytest.raises(ConfigError, match=r"needs the wandb client.*pip install 'dtrain\[track\]'"):
+        load_config(None, ["train.trackers=[tensorboard,wandb]"])
+
+
+@pytest.mark.slow
+def test_in_two_processes_only_rank_0_logs(tiny, tmp_path, mlflow_server, cpu_env):
+    """One tracked run for a 2-process job, holding rank 0's metrics.jsonl once."""
+    from mlflow import MlflowClient
+
+    env = {**cpu_env, "MLFLOW_TRACKING_URI": mlflow_server, "MLFLOW_EXPERIMENT_NAME": "ranks"}
+    run_dir = tmp_path / "ranks"
+    args = small_overrides(tiny, run_dir, 8, "train.epochs=1", "train.trackers=[mlflow]")
+    torchrun = Path(sys.executable).parent / "torchrun"
+    done = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "dtrain.cli", "train", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = MlflowClient(mlflow_server)
+    run = the_run(client, "ranks")  # a second rank logging would start a second run
+    expected = expected_history(run_dir)
+    assert mlflow_history(client, run.info.run_id, expected) == expected
+
+
 @pytest.mark.slow
 def test_mlflow_run_holds_the_config_the_metrics_and_the_artifacts(
     tiny, tmp_path, mlflow_server, monkeypatch
