@@ -33,7 +33,7 @@ def run(method: str, seed: int, args: argparse.Namespace) -> dict:
         command = [
             sys.executable,
             "-m",
-            "dtrain.cli",
+            "dtrain.commands.main",
             "train",
             "--config",
             str(preset(method)),

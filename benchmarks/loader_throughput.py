@@ -21,9 +21,9 @@ from pathlib import Path
 from common import RESULTS, Column, Table, write_result
 from PIL import Image
 
+from dtrain.dataset.format import read_dataset_json, shard_dir, shard_entries, split_urls
+from dtrain.dataset.loader import make_loader
 from dtrain.prepare import PrepareConfig, prepare
-from dtrain.train.data import make_loader
-from dtrain.train.dataset import read_dataset_json, shard_dir, shard_entries, split_urls
 
 
 def jpeg_bytes(urls: list[str]) -> list[bytes]:

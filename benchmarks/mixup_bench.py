@@ -18,8 +18,8 @@ import time
 import torch
 from common import Column, Table, device_name, slug, write_result
 
-from dtrain.train import mixup_kernels as mk
-from dtrain.train.losses import make_groups
+from dtrain.methods import mixup_kernels as mk
+from dtrain.methods.losses import make_groups
 
 
 def timed(fn, repeats: int) -> float:

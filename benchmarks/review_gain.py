@@ -31,8 +31,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from common import RESULTS, Column, Table, write_result
 
-from dtrain.prepare.shards import sha256
-from dtrain.train.run_folder import run_dataset
+from dtrain.prepare.shard_writer import sha256
+from dtrain.runs.run_folder import run_dataset
 
 
 def dtrain(*argv: str, log: list[str], skip: bool = False) -> None:
@@ -43,7 +43,7 @@ def dtrain(*argv: str, log: list[str], skip: bool = False) -> None:
         print(f"finished already, reused: {log[-1]}", flush=True)
         return
     print(f"$ {log[-1]}", flush=True)
-    subprocess.run([sys.executable, "-m", "dtrain.cli", *argv], check=True)
+    subprocess.run([sys.executable, "-m", "dtrain.commands.main", *argv], check=True)
 
 
 def fill_from_clean_labels(review_csv: Path, dataset: Path) -> tuple[int, int]:

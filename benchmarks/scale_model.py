@@ -23,9 +23,9 @@ from pathlib import Path
 from common import RESULTS, Column, Table, preset, write_result
 
 from dtrain.config import load_config
+from dtrain.dataset.format import read_dataset_json
+from dtrain.methods.model import build_model
 from dtrain.prepare import PrepareConfig, prepare
-from dtrain.train.dataset import read_dataset_json
-from dtrain.train.model import build_model
 
 ASSUMED_GPU_RATES = (1000, 3000, 10000)  # images/s per GPU, when no GPU measured one
 MAX_SHARD_BYTES = 1e9  # webdataset's advice: shards of 100 MB - 1 GB

@@ -10,7 +10,7 @@ trainer's parts: `Trainer.build()` gives the streaming loader at the default wor
 Accelerate engine and the optimiser. Phases are timed with a synchronising timer around each
 (data wait: blocked on the loader; forward; backward; optimizer step). The contrastive loss and
 the mixup live inside the forward and backward: their share comes from a profile of the same
-steps (the `dtrain.contrastive` / `dtrain.mixup` ranges in `dtrain.train.steps`, their backward
+steps (the `dtrain.contrastive` / `dtrain.mixup` ranges in `dtrain.methods.steps`, their backward
 found through autograd's sequence numbers), as a fraction of the op time of forward and backward
 (CPU time on the CPU, kernel time on a GPU). End-to-end images/s comes from separate steps
 without the per-phase synchronisation. Repeats run the configs round-robin (drift hits all

@@ -22,30 +22,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from common import REPO, RESULTS, preset, write_result
+from study_cells import EXTRA_NOISES, MAIN_NOISES, METHODS, NOISES, WARM_VARIANT
 
 from dtrain.config import TrainConfig
 
-NOISES = {  # name: dtrain prepare options
-    "sym0.4": ["--noise", "symmetric", "--noise-rate", "0.4"],
-    "inst0.3": ["--noise", "instance", "--noise-rate", "0.3"],
-    "sym0.2": ["--noise", "symmetric", "--noise-rate", "0.2"],
-    # one-way: 20% of the tumours labelled "no" (a two-way map would be symmetric noise)
-    "asym0.2": ["--noise", "asymmetric", "--noise-rate", "0.2", "--noise-map", "0,0"],
-}
-MAIN_NOISES, EXTRA_NOISES = ("sym0.4", "inst0.3"), ("sym0.2", "asym0.2")
-METHODS = {  # name in the tables: (preset, extra overrides)
-    "ce": ("ce", []),
-    "mixup": ("mixup", []),
-    "gce": ("gce", []),
-    "sce": ("sce", []),
-    "coteaching": ("coteaching", []),
-    "afm": ("afm", []),
-    "iam_no_con": ("iam_no_con", []),
-    "iam_no_mixup": ("iam_no_mixup", []),
-    "iam": ("iam", []),
-    "iam+rounds": ("iam", ["train.refine_rounds=1"]),
-}
-WARM_VARIANT = {"iam+rounds(warm)": ("iam", ["train.refine_rounds=1", "train.refine_init=warm"])}
 OUT = RESULTS / "study"
 
 
@@ -53,7 +33,7 @@ def prepare(noise: str, data_root: Path) -> Path:
     """The study's copy of the embedded set with this noise, images stored at 40 px."""
     out = data_root / noise
     if not (out / "dataset.json").is_file():
-        command = [sys.executable, "-m", "dtrain.cli", "prepare", "--out", str(out)]
+        command = [sys.executable, "-m", "dtrain.commands.main", "prepare", "--out", str(out)]
         command += [*NOISES[noise], "--resize", "40", "--no-progress"]
         subprocess.run(command, check=True)
     return out

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from cleanlab_anchor import anchor_table
 from cleanlab_anchor import collect as collect_anchor
+from study_cells import METHODS, WARM_VARIANT
 from study_run import rule_scores
 
 from dtrain.config import TrainConfig
@@ -237,7 +238,6 @@ def write_report(runs: Path, default_rule: str, out: Path) -> dict:
 
 def write_tables(rows: list[dict], cleanlab: list[dict], default_rule: str, out: Path) -> dict:
     """study.md and study.png from the runs' rows (and the cleanlab anchor's results)."""
-    from study import METHODS, WARM_VARIANT
 
     methods = [*METHODS, *WARM_VARIANT]
     parts = [

@@ -16,7 +16,7 @@ from pathlib import Path
 from dtrain.config import load_config
 from dtrain.files import write_json_atomic
 from dtrain.train import selection
-from dtrain.train.refine import fit_rounds
+from dtrain.train.rounds import fit_rounds
 from dtrain.train.trainer import Trainer
 
 CLEAN = ("clean_accuracy", "clean_balanced_accuracy")

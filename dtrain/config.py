@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +21,7 @@ import yaml
 from dtrain.config_values import coerce, read_yaml_mapping
 from dtrain.errors import ConfigError
 from dtrain.files import write_atomic
-from dtrain.registry import METHODS, MethodName
-from dtrain.train.selection import SelectRule
+from dtrain.methods.registry import METHODS, MethodName
 
 
 def operational(default: Any, alters_result: bool = False) -> Any:
@@ -34,6 +34,8 @@ def operational(default: Any, alters_result: bool = False) -> Any:
     return field(default=default, metadata=metadata)
 
 
+# the rules of dtrain.train.selection: which weights become best.pt
+SelectRule = Literal["last", "ema_last", "noisy_val", "noisy_val_smoothed", "ema_noisy_val"]
 TrackerName = Literal["tensorboard", "mlflow", "wandb"]
 
 
@@ -57,7 +59,7 @@ class DataConfig:
 class ModelConfig:
     backbone: str = "resnet10t"  # any timm model name
     # false; true: the hub's weights (needs the network); or a local weights file / hub download
-    # folder (dtrain.train.pretrained), a state dict of the backbone as timm saves it
+    # folder (dtrain.methods.pretrained), a state dict of the backbone as timm saves it
     pretrained: bool | str = False
     # imagenet: the backbone's own stem; small: 3x3 stride-1 stem, no max-pool (<= 32 px)
     stem: Literal["imagenet", "small"] = "imagenet"
@@ -72,7 +74,7 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    name: MethodName = "iam"  # dtrain.registry.METHODS; `dtrain train --help` lists them
+    name: MethodName = "iam"  # dtrain.methods.registry.METHODS; `dtrain train --help` lists them
     group_size: int = 8  # K
     temperature: float = 0.5  # tau of NT-Xent
     mixup_alpha: float = 1.0  # Beta(alpha, alpha) prior; 0 means lam = 0.5
@@ -133,7 +135,7 @@ class TrainConfig:
     # a moving average of the weights, kept beside them and evaluated each epoch, over about
     # this many epochs (dtrain.train.ema); 0: none
     ema_epochs: float = 3.0
-    # label clean-up rounds (dtrain.train.refine): after a round, the samples the ranking
+    # label clean-up rounds (dtrain.train.rounds): after a round, the samples the ranking
     # suspects most and the model disagrees with are relabelled to its prediction, and the next
     # round trains on the corrected labels; 0: train once
     refine_rounds: int = 0
@@ -240,14 +242,12 @@ class Config:
             t.channels_last,
             "false under DeepSpeed (train.deepspeed), whose flat weight buffers drop the layout",
         )
-        from dtrain.train.trackers import check_installed
-
-        check_installed(t.trackers)
+        _check_trackers_installed(t.trackers)
         _check_backbone(mo.backbone)  # these last: they import timm and torch
         if isinstance(t.compile, str):
             _check_compile_backend(t.compile)
         if isinstance(mo.pretrained, str):
-            from dtrain.train.pretrained import checked_weights_file
+            from dtrain.methods.pretrained import checked_weights_file
 
             checked_weights_file(mo.pretrained, mo.backbone)
 
@@ -293,6 +293,16 @@ def _check_compile_backend(name: str) -> None:
             f"train.compile={name!r} is invalid: must be true, false or a torch.compile backend "
             f"({', '.join(backends)})"
         )
+
+
+def _check_trackers_installed(names: list[str]) -> None:
+    """Refuse, in one line, a tracker whose client is missing (dtrain.train.trackers)."""
+    for name in names:
+        if name != "tensorboard" and importlib.util.find_spec(name) is None:
+            raise ConfigError(
+                f"train.trackers={name!r} needs the {name} client, which is not installed: "
+                "pip install 'dtrain[track]'"
+            )
 
 
 def _check_backbone(name: str) -> None:
@@ -378,7 +388,7 @@ def set_key(config: Config, key: str, value: Any) -> None:
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     """Defaults, then the YAML file, then `section.key=value` overrides, then what the method
-    implies for keys left unset (dtrain.registry); not yet validated."""
+    implies for keys left unset (dtrain.methods.registry); not yet validated."""
     config = Config()
     valid = config_keys()
     if path:
@@ -400,7 +410,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
 
 
 def apply_method_implies(config: Config) -> None:
-    """What the method implies (dtrain.registry), for the keys the user left unset."""
+    """What the method implies (dtrain.methods.registry), for the keys the user left unset."""
     for key, value in METHODS[config.method.name].implies.items():
         if key not in config.explicit_keys:
             set_key(config, key, value)

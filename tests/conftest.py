@@ -159,7 +159,7 @@ def refresh_checksum(path: Path) -> None:
     """Record a shard's current sha256 (and nothing else) in the `dataset.json` beside it."""
     import json
 
-    from dtrain.prepare.shards import sha256
+    from dtrain.prepare.shard_writer import sha256
 
     meta_path = path.parent / "dataset.json"
     if meta_path.is_file():

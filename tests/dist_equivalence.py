@@ -14,10 +14,10 @@ import torch
 
 from dtrain.config import load_config
 from dtrain.distributed import sum_over_ranks
+from dtrain.methods.losses import rank_weight
+from dtrain.methods.model import build_model
+from dtrain.methods.steps import TrainStep
 from dtrain.train.engine import make_engine
-from dtrain.train.losses import rank_weight
-from dtrain.train.model import build_model
-from dtrain.train.steps import TrainStep
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()

@@ -4,12 +4,12 @@ writes what it saw as JSON: used by test_loader.py to check exactly-once coverag
 import json
 import sys
 
-from dtrain.train.data import make_loader
+from dtrain.dataset.loader import make_loader
 
 if __name__ == "__main__":
     dataset, rank, world, train, out = sys.argv[1:6]
     shards = int(sys.argv[6]) if len(sys.argv) > 6 else None  # only the first N shards
-    from dtrain.train.data import split_urls
+    from dtrain.dataset.loader import split_urls
 
     loader = make_loader(
         split_urls(dataset, "train")[:shards],

@@ -19,14 +19,14 @@ from torch import nn
 
 from dtrain.config import load_config, operational_keys
 from dtrain.errors import ConfigError
-from dtrain.registry import METHODS, MethodName
-from dtrain.train import losses
-from dtrain.train.ds_config import resolve_deepspeed_config
-from dtrain.train.model import GroupAttention, build_model
+from dtrain.methods import losses
+from dtrain.methods.model import GroupAttention, build_model
+from dtrain.methods.registry import METHODS, MethodName
+from dtrain.methods.steps import forget_rate, training_step
+from dtrain.train.deepspeed_config import resolve_deepspeed_config
+from dtrain.train.label_scores import ScoreAccumulator, ScoreRow
+from dtrain.train.lr_schedule import lr_factor
 from dtrain.train.report import label_scores
-from dtrain.train.schedule import lr_factor
-from dtrain.train.scores import ScoreAccumulator, ScoreRow
-from dtrain.train.steps import forget_rate, training_step
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 NO_MANIFEST = Path("/nonexistent/dtrain-test/manifest.parquet")

@@ -15,7 +15,7 @@ import torch
 import yaml
 from conftest import free_port, small_overrides, stripes_dataset
 
-from dtrain.distributed import env_from_slurm
+from dtrain.launch.slurm_env import env_from_slurm
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
@@ -34,7 +34,7 @@ def env(cpu_env) -> dict:
 
 
 def train_args(data: Path, run_dir: Path, *extra: str) -> list[str]:
-    return ["-m", "dtrain.cli", "train", *small_overrides(data, run_dir, 8, *extra)]
+    return ["-m", "dtrain.commands.main", "train", *small_overrides(data, run_dir, 8, *extra)]
 
 
 def run(command: list[str], env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -191,7 +191,16 @@ def test_deepspeed_zero3_trains_checkpoints_resumes_and_finishes(tiny, tmp_path,
     tags = [p.name for p in (run_dir / "deepspeed").iterdir() if p.is_dir()]
     assert tags == [state["deepspeed_tag"]]  # older shards removed once last.pt moved on
     evaluated = run(
-        [sys.executable, "-m", "dtrain.cli", "eval", str(run_dir), "--checkpoint", "last"], env
+        [
+            sys.executable,
+            "-m",
+            "dtrain.commands.main",
+            "eval",
+            str(run_dir),
+            "--checkpoint",
+            "last",
+        ],
+        env,
     )
     assert json.loads(evaluated.stdout[evaluated.stdout.index("{") :])["samples"] == 26
 

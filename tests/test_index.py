@@ -18,10 +18,10 @@ import pytest
 from conftest import small_overrides, stripes
 from PIL import Image
 
-from dtrain.cli import main
+from dtrain.commands.main import main
+from dtrain.dataset.loader import make_loader, read_dataset_json, split_urls
 from dtrain.errors import DataError
 from dtrain.index.scan import index_shards
-from dtrain.train.data import make_loader, read_dataset_json, split_urls
 
 # split -> shards -> samples per shard; uneven on purpose
 LAYOUT = {"train": [10, 7], "val": [6], "test": [6]}

@@ -26,12 +26,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import dtrain
-from dtrain.cli import main
+from dtrain.commands.main import main
 from dtrain.config import load_config
 from dtrain.errors import DataError
 from dtrain.prepare import PrepareConfig, prepare
+from dtrain.runs.evaluate import evaluate_run
 from dtrain.train.checkpoint import selected_weights
-from dtrain.train.run_eval import evaluate_run
 from dtrain.train.trainer import Trainer
 
 CLASSES = ["horizontal", "vertical"]

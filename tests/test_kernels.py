@@ -16,10 +16,10 @@ import torch
 from conftest import random_batch
 
 from dtrain.config import load_config
-from dtrain.train import mixup_kernels as mk
-from dtrain.train.losses import make_groups
-from dtrain.train.model import build_model
-from dtrain.train.steps import training_step
+from dtrain.methods import mixup_kernels as mk
+from dtrain.methods.losses import make_groups
+from dtrain.methods.model import build_model
+from dtrain.methods.steps import training_step
 
 # The reference runs in float64 on the same (rounded) inputs. fp32 must match to rtol 1e-5;
 # half-precision outputs are rounded once at the end (the kernel accumulates in fp32), so they

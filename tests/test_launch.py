@@ -116,7 +116,7 @@ def test_inherited_rendezvous_variables_lose_to_the_jobs_own():
 def test_ranks_under_srun_ignore_inherited_rendezvous_variables(monkeypatch):
     """Ranks started by srun alone trust MASTER_ADDR / MASTER_PORT only when the job script
     made them for this very job."""
-    from dtrain.distributed import env_from_slurm
+    from dtrain.launch.slurm_env import env_from_slurm
 
     step = {**JOB, "SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_STEP_ID": "0"}
     monkeypatch.setattr(os, "environ", {**step, **STALE})  # never touch the real environment
@@ -296,7 +296,16 @@ def test_a_refusal_imports_nothing_heavy():
     """A refusal comes in about a second: no torch, sklearn, scipy or pandas on the way
     (checked by what is imported, not by the clock, which a busy login node would bend)."""
     result = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "dtrain.cli", "launch", "slurm", "--dry-run"]
+        [
+            sys.executable,
+            "-X",
+            "importtime",
+            "-m",
+            "dtrain.commands.main",
+            "launch",
+            "slurm",
+            "--dry-run",
+        ]
         + ["optim.lr=-1"],
         capture_output=True,
         text=True,
@@ -304,7 +313,7 @@ def test_a_refusal_imports_nothing_heavy():
     )
     assert result.returncode == 2 and "optim.lr=-1" in result.stderr
     imported = set(re.findall(r"^import time:\s+\d+ \|\s+\d+ \|\s+(\S+)$", result.stderr, re.M))
-    assert "dtrain.launch.cli" in imported
+    assert "dtrain.commands.launch" in imported
     assert not imported & {"torch", "sklearn", "scipy", "pandas"}
 
 

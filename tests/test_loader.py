@@ -15,12 +15,12 @@ import torch
 import webdataset as wds
 from conftest import copy_dataset, rewrite_shard, write_folder
 
+from dtrain.dataset import loader as data_module
+from dtrain.dataset.loader import CorruptSampleError, make_loader, split_urls
+from dtrain.dataset.loader_plan import worker_order, worker_skips
 from dtrain.errors import DataError
 from dtrain.prepare import PrepareConfig, prepare
-from dtrain.train import data as data_module
-from dtrain.train.data import CorruptSampleError, make_loader, split_urls
-from dtrain.train.dataset import resolve_data_dir
-from dtrain.train.plan import worker_order, worker_skips
+from dtrain.prepare.data_folder import resolve_data_dir
 
 HERE = Path(__file__).parent
 

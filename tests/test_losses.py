@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from dtrain.train import losses
-from dtrain.train.model import GroupAttention
+from dtrain.methods import losses
+from dtrain.methods.model import GroupAttention
 
 
 def log_softmax(row: list[float]) -> list[float]:

@@ -18,9 +18,9 @@ import pytest
 from conftest import make_image, write_folder
 from PIL import Image
 
+from dtrain.commands.prepare import add_prepare_parser, config_from_args
 from dtrain.errors import ConfigError, DataError
 from dtrain.prepare import PrepareConfig, prepare
-from dtrain.prepare.cli import add_prepare_parser, config_from_args
 
 
 def read_shards(out: Path) -> dict[str, dict]:
@@ -258,7 +258,7 @@ def test_cli_reports_errors_without_a_traceback(tmp_path):
         [
             sys.executable,
             "-m",
-            "dtrain.cli",
+            "dtrain.commands.main",
             "prepare",
             str(tmp_path / "nope"),
             "--out",
@@ -301,7 +301,7 @@ def test_bad_requests_are_config_errors(image_folder, tmp_path, kw, match):
 
 def test_cli_refuses_a_noise_map_that_moves_nothing(image_folder, tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "dtrain.cli", "prepare", str(image_folder), "--out"]
+        [sys.executable, "-m", "dtrain.commands.main", "prepare", str(image_folder), "--out"]
         + [str(tmp_path / "ds"), "--noise", "asymmetric", "--noise-map", "0,1,2"],
         capture_output=True,
         text=True,

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import write_folder
 
-from dtrain.cli import main
+from dtrain.commands.main import main
 from dtrain.errors import ConfigError, DataError
 from dtrain.prepare import PrepareConfig, prepare
 
@@ -223,7 +223,7 @@ def test_group_column_needs_a_manifest(hospital, tmp_path):
 
 
 def test_test_only_split_is_read_by_the_loader(hospital, tmp_path, capsys):
-    from dtrain.train.data import make_loader, split_urls
+    from dtrain.dataset.loader import make_loader, split_urls
 
     out = run(hospital, tmp_path / "ds", split=(0, 0, 1), noise="instance", noise_rate=0.2)
     meta = json.loads((out / "dataset.json").read_text())

@@ -17,7 +17,7 @@ from timm.models import adapt_input_conv
 
 from dtrain.config import Config, ModelConfig, config_from_dict, load_config
 from dtrain.errors import ConfigError
-from dtrain.train.model import make_encoder
+from dtrain.methods.model import make_encoder
 
 BACKBONE = "test_resnet"  # timm's tiny ResNet: a deep stem whose first conv is conv1.0
 FIRST_CONV = "conv1.0.weight"
@@ -190,7 +190,7 @@ def test_the_small_stem_replaces_a_deep_stem_too():
     import torch
 
     from dtrain.config import ModelConfig
-    from dtrain.train.model import make_encoder
+    from dtrain.methods.model import make_encoder
 
     encoder = make_encoder(ModelConfig(backbone="test_resnet", stem="small"), in_chans=1)
     assert isinstance(encoder.conv1, torch.nn.Conv2d) and encoder.conv1.stride == (1, 1)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from dtrain.config import load_config
 from dtrain.errors import ConfigError, RunFolderError
-from dtrain.train.refine import fit_rounds
+from dtrain.train.rounds import fit_rounds
 from dtrain.train.trainer import Trainer
 from dtrain.tune.settings import _one_round
 

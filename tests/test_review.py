@@ -19,13 +19,13 @@ import pytest
 from conftest import copy_dataset, small_overrides, write_stripes
 from PIL import Image
 
-from dtrain.cli import main
+from dtrain.commands.main import main
+from dtrain.prepare.shard_writer import sha256
 from dtrain.errors import DataError
 from dtrain.prepare import PrepareConfig, prepare
 from dtrain.prepare.noise import transition_matrix
-from dtrain.prepare.shards import sha256
-from dtrain.relabel import relabel
-from dtrain.review import review_size, thumbnail, zoom_view
+from dtrain.runs.relabel import relabel
+from dtrain.runs.review import review_size, thumbnail, zoom_view
 
 # a class name that HTML and CSV must both carry intact
 ODD_CLASS = 'vertical <b>&"co"'
@@ -281,7 +281,7 @@ def test_relabel_writes_a_new_version_with_exactly_the_reviewed_changes(
     audit = {r["key"]: (r["split"], r["old"], r["new"]) for r in read_csv(new / "relabel.csv")}
     assert audit == changes
 
-    from dtrain.train.data import make_loader, split_urls
+    from dtrain.dataset.loader import make_loader, split_urls
 
     labels = {r["key"]: r["noisy_label"] for r in manifest}
     for split in ("train", "val", "test"):

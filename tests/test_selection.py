@@ -8,8 +8,8 @@ import math
 import pytest
 
 from dtrain.train import selection
-from dtrain.train.refine import propose
-from dtrain.train.scores import ScoreRow
+from dtrain.train.label_scores import ScoreRow
+from dtrain.train.rounds import propose
 
 
 def history(raw: list[float], ema: list[float]) -> list[dict]:

@@ -11,8 +11,8 @@ from conftest import small_overrides, stripes_dataset
 
 from dtrain.config import load_config, operational_keys
 from dtrain.errors import ConfigError
+from dtrain.methods.model import build_model
 from dtrain.train.checkpoint import load_checkpoint
-from dtrain.train.model import build_model
 from dtrain.train.trainer import Trainer
 
 

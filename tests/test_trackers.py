@@ -141,7 +141,15 @@ def test_in_two_processes_only_rank_0_logs(tiny, tmp_path, mlflow_server, cpu_en
     args = small_overrides(tiny, run_dir, 8, "train.epochs=1", "train.trackers=[mlflow]")
     torchrun = Path(sys.executable).parent / "torchrun"
     done = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "dtrain.cli", "train", *args],
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "dtrain.commands.main",
+            "train",
+            *args,
+        ],
         env=env,
         cwd=ROOT,
         capture_output=True,
@@ -208,7 +216,7 @@ def test_a_killed_and_resumed_run_continues_its_mlflow_run_with_each_step_once(
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert max(r["step"] for r in records(run_dir) if r["kind"] == "step") == 20
     resumed = subprocess.run(
-        [sys.executable, "-m", "dtrain.cli", "train", "--resume", *args],
+        [sys.executable, "-m", "dtrain.commands.main", "train", "--resume", *args],
         env=env,
         cwd=ROOT,
         capture_output=True,
@@ -295,7 +303,7 @@ def test_each_cleanup_round_is_a_run_nested_under_the_main_run(
 ):
     from mlflow import MlflowClient
 
-    from dtrain.train.refine import fit_rounds
+    from dtrain.train.rounds import fit_rounds
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "rounds")

@@ -45,7 +45,7 @@ def record_trainings(rounds: list[dict]) -> None:
 if __name__ == "__main__":
     out, rounds = Path(sys.argv[1]), []
     record_trainings(rounds)
-    from dtrain.cli import main
+    from dtrain.commands.main import main
 
     try:
         main(["train", *sys.argv[2:]])

@@ -22,7 +22,7 @@ BIN = Path(sys.executable).parent
 
 def poison(kind: str, calls: set[int]) -> None:
     """Fault injection into the CE step of this process."""
-    from dtrain.train import steps
+    from dtrain.methods import steps
 
     original, count = steps.ce_step, [0]
 

@@ -23,9 +23,9 @@ from PIL import Image
 
 from dtrain.config import load_config
 from dtrain.errors import ConfigError, RunFolderError
-from dtrain.registry import METHODS
-from dtrain.train.model import build_model
-from dtrain.train.steps import training_step
+from dtrain.methods.model import build_model
+from dtrain.methods.registry import METHODS
+from dtrain.methods.steps import training_step
 from dtrain.train.trainer import Trainer
 
 CONFIGS = Path(__file__).parent.parent / "configs"
@@ -155,7 +155,7 @@ def test_eval_command_reports_the_best_checkpoint(tiny, tmp_path):
     run = tmp_path / "run"
     summary = Trainer(config(tiny, run, "train.epochs=1", "method.name=ce")).fit()
     result = subprocess.run(
-        [sys.executable, "-m", "dtrain.cli", "eval", str(run)],
+        [sys.executable, "-m", "dtrain.commands.main", "eval", str(run)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -254,7 +254,7 @@ def test_cli_rejects_a_bad_key_before_any_work(tmp_path):
         [
             sys.executable,
             "-m",
-            "dtrain.cli",
+            "dtrain.commands.main",
             "train",
             f"train.run_dir={tmp_path / 'r'}",
             "method.group_szie=4",
@@ -271,7 +271,7 @@ def test_cli_rejects_a_bad_key_before_any_work(tmp_path):
 def poisoned_baseline(monkeypatch, poisoned_steps: set[int], kind: str = "loss") -> None:
     """Fault injection: the CE step's loss is NaN on the given (1-based) calls, or (`input`)
     one image of its batch, a NaN activation that reaches the batch-norm statistics."""
-    from dtrain.train import steps
+    from dtrain.methods import steps
 
     original, calls = steps.ce_step, [0]
 

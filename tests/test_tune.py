@@ -28,7 +28,7 @@ from ray_search import epoch_lines, epoch_records, run, tune_command, write_sear
 
 from dtrain.config import load_config
 from dtrain.errors import ConfigError
-from dtrain.tune.outputs import pick_best
+from dtrain.tune.search_outputs import pick_best
 from dtrain.tune.space import parse_space
 from dtrain.tune.trial import objective
 
@@ -191,7 +191,7 @@ def test_a_broken_search_file_is_refused_naming_the_file(tmp_path, text, message
 
 
 def test_overrides_after_flags_reach_the_base_config(tmp_path, capsys):
-    from dtrain.cli import main
+    from dtrain.commands.main import main
 
     search = write_search(tmp_path / "s.yaml", {"method.temperature": {"choice": [0.5]}})
     with pytest.raises(SystemExit) as exit_info:
@@ -414,7 +414,7 @@ def test_a_two_worker_trial_equals_the_same_run_under_torchrun(tiny, tmp_path, e
             "--standalone",
             "--nproc_per_node=2",
             "-m",
-            "dtrain.cli",
+            "dtrain.commands.main",
             "train",
             *overrides,
         ],

@@ -15,8 +15,10 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from dtrain.dataset.format import IMAGE_EXTS, expand_urls, label_index, raw_label
+from dtrain.dataset.shard_reader import ShardScan
 from dtrain.errors import ConfigError, DataError
-from dtrain.prepare.config import FORMAT_VERSION
+from dtrain.prepare.prepare_config import FORMAT_VERSION
 from dtrain.prepare.dedup import BadImageError, decode_thumbnail
 from dtrain.prepare.folder import new_staging, publish
 from dtrain.prepare.records import (
@@ -27,8 +29,6 @@ from dtrain.prepare.records import (
     write_manifest,
 )
 from dtrain.prepare.split import SPLITS
-from dtrain.train.dataset import IMAGE_EXTS, expand_urls, label_index, raw_label
-from dtrain.train.shards import ShardScan
 
 CHANNEL_SAMPLES = 32  # images decoded to tell grayscale from colour, spread over the shards
 

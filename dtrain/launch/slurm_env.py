@@ -176,6 +176,28 @@ def rendezvous_exports(env: dict[str, str], nodelist: str) -> dict[str, str]:
     }
 
 
+def env_from_slurm() -> bool:
+    """Started by `srun` directly (no torchrun / accelerate / deepspeed launcher): derive RANK,
+    WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT from SLURM's variables, as open_clip does.
+    Returns whether it did. A launcher's own variables always win; MASTER_ADDR and MASTER_PORT
+    are kept only where the job script made them for this job (`job_exports`'s
+    DTRAIN_EXPORTS_JOB)."""
+    env = os.environ
+    if "RANK" in env or "SLURM_PROCID" not in env or "SLURM_STEP_ID" not in env:
+        return False
+    if int(env.get("SLURM_NTASKS", "1")) < 2:
+        return False
+    env["RANK"] = env["SLURM_PROCID"]
+    env["WORLD_SIZE"] = env["SLURM_NTASKS"]
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    # the job script's exports (launchers/) are this job's; any other MASTER_ADDR or MASTER_PORT
+    # may have been inherited from the submitting shell (sbatch's --export=ALL): not trusted
+    if EXPORTS_JOB not in env or env[EXPORTS_JOB] != env.get("SLURM_JOB_ID"):
+        nodelist = env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "localhost"))
+        env.update(rendezvous_exports({"SLURM_JOB_ID": "0", **env}, nodelist))
+    return True
+
+
 def job_exports(env: dict[str, str], per_node_launcher: bool) -> dict[str, str]:
     """The variables of the module docstring, for a job step's environment `env`."""
     if "SLURM_JOB_NODELIST" not in env:

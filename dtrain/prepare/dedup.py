@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from dtrain.images import open_image, to_8bit
+from dtrain.dataset.images import open_image, to_8bit
 from dtrain.prepare.split import number_by_first_appearance
 
 THUMB_SIDE = 16

@@ -22,6 +22,7 @@ from torch import nn
 from dtrain import distributed
 from dtrain.config import Config, OptimConfig
 from dtrain.errors import ConfigError, DistributedError
+from dtrain.launch import slurm_env
 
 
 def build_optimizer(config: OptimConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -248,7 +249,7 @@ class DeepSpeedEngine(Engine):
 
     def __init__(self, config: Config, precision: str) -> None:
         super().__init__(config, precision)
-        from dtrain.train.ds_config import resolve_deepspeed_config
+        from dtrain.train.deepspeed_config import resolve_deepspeed_config
 
         world = int(os.environ.get("WORLD_SIZE", "1"))
         self.resolved = resolve_deepspeed_config(config.train.deepspeed, config, precision, world)
@@ -360,7 +361,7 @@ def _join_error(err: BaseException) -> DistributedError:
 
 def make_engine(config: Config) -> Engine:
     """DeepSpeed when train.deepspeed names a config, else Accelerate; then the preflight."""
-    distributed.env_from_slurm()
+    slurm_env.env_from_slurm()
     distributed.silence_understood_warnings()
     precision = resolve_precision(config.train.precision)
     engine = (

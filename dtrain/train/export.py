@@ -18,7 +18,7 @@ FORMAT = "dtrain-model/1"
 
 
 def preprocessing(image_size: int, channels: int) -> dict:
-    """The evaluation transform (dtrain.train.transforms.eval_view), in words and numbers."""
+    """The evaluation transform (dtrain.dataset.transforms.eval_view), in words and numbers."""
     return {
         "image_size": image_size,
         "channels": channels,

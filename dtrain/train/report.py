@@ -14,12 +14,11 @@ import numpy as np
 
 from dtrain.config import Config
 from dtrain.files import write_atomic
+from dtrain.train.label_scores import ScoreRow
 from dtrain.train.metrics import auroc
-from dtrain.train.scores import ScoreRow
 
 if TYPE_CHECKING:
     from dtrain.train.checkpoint import CheckpointSaver, TrainState
-    from dtrain.train.trainer import Trainer
 
 SUSPECTS_SHOWN = 10
 
@@ -36,22 +35,6 @@ def progress(total: int, desc: str, enabled: bool, initial: int = 0):
         leave=False,
         dynamic_ncols=True,
     )
-
-
-def banner(trainer: Trainer) -> str:
-    """What a run is about to do: method, data, processes, engine, loader, missing splits."""
-    engine = trainer.engine
-    lines = [
-        f"run {trainer.run_dir}: {trainer.config.method.name} on {trainer.data_dir}, "
-        f"{engine.num_processes} process(es) on {engine.device}, {engine.precision}, "
-        f"{type(engine).__name__}",
-        *(f"engine: {note}" for note in engine.notes),
-        f"train: {trainer.train_loader.describe()}",
-        *trainer.split_notes.values(),
-    ]
-    if trainer.relabel:
-        lines.append(f"train: {len(trainer.relabel)} label(s) corrected by earlier rounds")
-    return "\n".join(lines)
 
 
 def knows_clean_labels(meta: dict) -> bool:

@@ -14,8 +14,6 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-SelectRule = Literal["last", "ema_last", "noisy_val", "noisy_val_smoothed", "ema_noisy_val"]
-
 
 @dataclass(frozen=True)
 class Rule:

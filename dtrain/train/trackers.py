@@ -13,7 +13,6 @@ checkpoint (`TrainState.tracker_runs`), so that a resumed run continues the same
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import math
 import os
@@ -22,21 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from dtrain.errors import ConfigError
 from dtrain.files import write_json_atomic
-
-TRACKERS = ("tensorboard", "mlflow", "wandb")
-INSTALL = "pip install 'dtrain[track]'"
-
-
-def check_installed(names: list[str]) -> None:
-    """Refuse, in one line, a tracker whose client is missing."""
-    for name in names:
-        if name != "tensorboard" and importlib.util.find_spec(name) is None:
-            raise ConfigError(
-                f"train.trackers={name!r} needs the {name} client, which is not installed: "
-                f"{INSTALL}"
-            )
 
 
 def flatten(values: dict, prefix: str = "") -> dict[str, Any]:

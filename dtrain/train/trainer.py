@@ -3,7 +3,7 @@
 One epoch streams the train shards and takes a step of the configured method per batch, then
 evaluates val with the trained weights and their moving average (model selection,
 `dtrain.train.selection`, on the val labels as shipped, noisy like a real user's; the clean
-labels beside). At the end (`dtrain.train.final`): test metrics of the selected, the last and
+labels beside). At the end (`_finish`): test metrics of the selected, the last and
 the averaged weights, the mislabel ranking, curves. The backend (Accelerate or DeepSpeed) is
 behind `Engine`; checkpoints behind `CheckpointSaver`; the mislabel scores behind
 `ScoreAccumulator`.
@@ -25,23 +25,32 @@ import torch
 
 from dtrain import distributed
 from dtrain.config import Config, save_config
+from dtrain.dataset.format import read_dataset_json, split_urls, training_splits
+from dtrain.dataset.loader import ShardLoader, make_loader
 from dtrain.errors import NonFiniteLossError
+from dtrain.methods.losses import rank_weight
+from dtrain.methods.model import build_model
+from dtrain.methods.steps import TrainStep, forget_rate
+from dtrain.prepare.data_folder import resolve_data_dir
 from dtrain.train import report, selection
-from dtrain.train.checkpoint import LAST, Cadence, CheckpointSaver, TrainState, load_checkpoint
-from dtrain.train.data import ShardLoader, make_loader
-from dtrain.train.dataset import read_dataset_json, resolve_data_dir, split_urls, training_splits
+from dtrain.train.checkpoint import (
+    BEST,
+    LAST,
+    Cadence,
+    CheckpointSaver,
+    TrainState,
+    load_checkpoint,
+    selected_weights,
+)
 from dtrain.train.ema import WeightAverage, horizon_steps
 from dtrain.train.engine import Engine, make_engine
-from dtrain.train.final import finish_run
-from dtrain.train.losses import rank_weight
-from dtrain.train.model import build_model
-from dtrain.train.predict import evaluate
+from dtrain.train.evaluation import evaluate
+from dtrain.train.export import export_best
+from dtrain.train.label_scores import ScoreAccumulator
+from dtrain.train.lr_schedule import lr_factor
 from dtrain.train.rng import rng_states_of_all_ranks, seed_everything
 from dtrain.train.running_sums import STOP, MetricSums, NonFiniteCounter, epoch_metrics
-from dtrain.train.schedule import lr_factor
-from dtrain.train.scores import ScoreAccumulator
 from dtrain.train.step_guard import StepGuard
-from dtrain.train.steps import TrainStep, forget_rate
 
 
 @dataclass
@@ -62,7 +71,7 @@ class Trainer:
     it), `on_step(StepInfo)` after each optimiser step; `request_stop()` (a preemption signal),
     a set `stop` event or the appearance of `stop_file` (a SLURM job's warning) makes `fit`
     checkpoint and return at the next log step (`train.log_every`), on every rank at the same
-    step. Label clean-up rounds (`dtrain.train.refine`) hand over an `engine` to share, the
+    step. Label clean-up rounds (`dtrain.train.rounds`) hand over an `engine` to share, the
     training labels they corrected (`relabel`, by sample key) and the weights to start from
     (`init_weights`, a checkpoint)."""
 
@@ -89,7 +98,8 @@ class Trainer:
         self._owns_engine = engine is None
         self.engine = engine or make_engine(config)
         self.relabel, self.init_weights = relabel, init_weights
-        config.validate()  # again: a DeepSpeed file may have set values (dtrain.train.ds_config)
+        # again: a DeepSpeed file may have set values (dtrain.train.deepspeed_config)
+        config.validate()
         self.run_dir = config.run_path
 
     def request_stop(self) -> None:
@@ -371,7 +381,7 @@ class Trainer:
         cfg, state = self.config, self.state
         self._first_step = state.step
         if self.is_main:
-            print(report.banner(self))
+            print(self._banner())
         while state.epoch < cfg.train.epochs:
             train_metrics = self._train_epoch()
             if self._stopping and state.batch < len(self.train_loader):
@@ -410,7 +420,70 @@ class Trainer:
                 self.on_epoch_end(record, path)
             if self._stopping and state.epoch < cfg.train.epochs:  # else only the test is left
                 return self._close({"stopped": True, "epoch": state.epoch, "batch": 0})
-        return self._close(finish_run(self))
+        return self._close(self._finish())
+
+    def _banner(self) -> str:
+        """What a run is about to do: method, data, processes, engine, loader, missing splits."""
+        engine = self.engine
+        lines = [
+            f"run {self.run_dir}: {self.config.method.name} on {self.data_dir}, "
+            f"{engine.num_processes} process(es) on {engine.device}, {engine.precision}, "
+            f"{type(engine).__name__}",
+            *(f"engine: {note}" for note in engine.notes),
+            f"train: {self.train_loader.describe()}",
+            *self.split_notes.values(),
+        ]
+        if self.relabel:
+            lines.append(f"train: {len(self.relabel)} label(s) corrected by earlier rounds")
+        return "\n".join(lines)
+
+    def _finish(self) -> dict:
+        """The end of a run: the test split scored with the selected weights (best.pt), the last
+        ones and their moving average (collective); then, on the main rank, `model.safetensors`
+        and the report with what each selection rule would have picked. Returns the summary."""
+        test, state, cfg = self.test_loader, self.state, self.config
+        test_last = self.evaluate(test) if test is not None else None
+        has_ema = test is not None and self.ema is not None
+        test_ema = self.evaluate(test, self.ema.net) if has_ema else None
+        test_best = None  # under ZeRO-3 `dtrain eval RUN_DIR` scores best.pt
+        if test is not None and self.engine.holds_full_weights:
+            self.net.load_state_dict(selected_weights(load_checkpoint(self.run_dir / BEST)))
+            test_best = self.evaluate(test)
+        if not self.is_main:
+            return {}
+        rule = self.rule
+        chosen = selection.picks(rule, state.history, cfg.train.select_window)
+        picked = {
+            "rule": rule,
+            "asked": cfg.train.select,  # differs where the run could not apply it (no val, no EMA)
+            "describe": selection.RULES[rule].describe,
+            "epoch": chosen,
+            "weights": selection.RULES[rule].weights,
+            "candidates": selection.candidates(
+                state.history, cfg.train.select_window, self.ema is not None
+            ),
+            # the decay the weight average had reached at the last step (train.ema_epochs)
+            "ema_decay": self.ema.decay_at(state.step) if self.ema is not None else None,
+        }
+        clean = report.knows_clean_labels(self.meta)
+        export_best(self.run_dir, self.meta["images"]["channels"])  # model.safetensors
+        summary = report.write_run_report(
+            self.run_dir,
+            cfg,
+            state.history,
+            self.scores.rows,
+            test_best=test_best,
+            test_last=test_last,
+            test_ema=test_ema,
+            selection=picked,
+            clean_known=clean,
+            test_skipped=self.split_notes.get("test"),
+            manifest=self.data_dir / "manifest.parquet",
+            classes=self.classes,
+            skipped=(state.corrupt_samples, state.skipped),
+        )
+        self.log.finish(summary, report.selection_table(picked, clean))
+        return summary
 
     def _close(self, result: dict) -> dict:
         if self.is_main:

@@ -102,7 +102,7 @@ class SearchSettings:
 def _absolute_paths(config: Config) -> None:
     """Trials run in Ray's own working folders (and on other nodes): every path they read must
     be absolute. The embedded set is prepared here, once, not by each trial."""
-    from dtrain.train.dataset import resolve_data_dir
+    from dtrain.prepare.data_folder import resolve_data_dir
 
     set_key(config, "data.path", str(resolve_data_dir(config.data.path, progress=True).resolve()))
     if config.train.deepspeed:

@@ -20,7 +20,7 @@ import numpy as np
 
 from dtrain.config import Config, apply_method_implies, config_keys, set_key
 from dtrain.errors import ConfigError
-from dtrain.registry import METHODS
+from dtrain.methods.registry import METHODS
 
 KINDS = ("choice", "uniform", "loguniform", "randint")
 

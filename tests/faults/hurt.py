@@ -87,7 +87,7 @@ def main() -> None:
     register_optimizer_step_post_hook(after_step)
     register_module_forward_pre_hook(before_forward)
     torch.save = half_save
-    from dtrain.cli import main as dtrain_main
+    from dtrain.commands.main import main as dtrain_main
 
     dtrain_main(["train", *args])
 

@@ -25,7 +25,7 @@ from conftest import small_overrides, stripes_dataset
 
 from dtrain import config as config_module
 from dtrain import stop_signal
-from dtrain.cli import main
+from dtrain.commands.main import main
 from dtrain.config import config_keys, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -290,7 +290,8 @@ def test_contradicting_keys_are_refused(cli, tmp_path, overrides, names):
 def test_a_deepspeed_file_that_contradicts_the_config_is_refused(
     cli, tmp_path, deepspeed, override, names
 ):
-    """Refused before DeepSpeed is imported or a process group exists (dtrain.train.ds_config)."""
+    """Refused before DeepSpeed is imported or a process group exists
+    (dtrain.train.deepspeed_config)."""
     path = tmp_path / "ds.json"
     path.write_text(deepspeed if isinstance(deepspeed, str) else json.dumps(deepspeed))
     overrides = [f"train.deepspeed={path}", "model.backbone=test_resnet", override]
@@ -345,7 +346,7 @@ def test_a_commented_out_section_is_no_error(tmp_path):
 def test_help_lists_every_method_rule_and_key(capsys):
     """`dtrain train --help` is where a user finds the methods, the rules for best.pt and the
     keys that choose them: every one the registries hold, each beside its own description."""
-    from dtrain.registry import METHODS
+    from dtrain.methods.registry import METHODS
     from dtrain.train.selection import RULES
 
     with pytest.raises(SystemExit) as exit_info:
@@ -381,7 +382,7 @@ def test_help_lists_every_method_rule_and_key(capsys):
 )
 def test_a_real_process_exits_2_with_one_line(tmp_path, argv, name):
     result = subprocess.run(
-        [sys.executable, "-m", "dtrain.cli", argv[0], *guards(tmp_path, ""), *argv[1:]],
+        [sys.executable, "-m", "dtrain.commands.main", argv[0], *guards(tmp_path, ""), *argv[1:]],
         capture_output=True,
         text=True,
         timeout=120,
@@ -474,7 +475,7 @@ def test_deepspeed_zero3_without_a_launcher_runs_in_one_process(stopped_run, tmp
     launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     env = {k: v for k, v in os.environ.items() if k not in launcher}
     result = subprocess.run(
-        [sys.executable, "-m", "dtrain.cli", "train", *overrides],
+        [sys.executable, "-m", "dtrain.commands.main", "train", *overrides],
         capture_output=True,
         text=True,
         timeout=300,

@@ -54,7 +54,14 @@ def test_the_survivor_names_the_dead_rank_within_seconds_and_resume_finishes(tin
         "train.checkpoint_every_steps=2",
         "train.dist_timeout_s=300",
     )
-    command = [str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "dtrain.cli", "train"]
+    command = [
+        str(TORCHRUN),
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "dtrain.commands.main",
+        "train",
+    ]
     job = subprocess.Popen(
         [*command, *args],
         env=env,

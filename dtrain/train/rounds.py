@@ -26,7 +26,7 @@ from dtrain.errors import RunFolderError
 from dtrain.files import write_atomic, write_json_atomic
 from dtrain.train.checkpoint import LAST
 from dtrain.train.engine import Engine, make_engine
-from dtrain.train.scores import ScoreRow
+from dtrain.train.label_scores import ScoreRow
 from dtrain.train.trackers import parent_run
 from dtrain.train.trainer import Trainer
 

@@ -1,6 +1,6 @@
 """`dtrain review RUN`: a finished run's most suspicious training labels as work a clinician can
 do: `index.html`, a page to work in (one click or key per image to keep, relabel or drop it,
-zoom, progress, work kept across reloads, an export of the filled CSV; see dtrain.review_page),
+zoom, progress, work kept across reloads, an export of the filled CSV; see dtrain.runs.review_page),
 and `review.csv` with an empty `corrected_label` column to fill (a class name, `drop`, or nothing
 to keep the label), which `dtrain relabel` turns into a new dataset version. A review a person
 has started filling is never replaced without `--overwrite`."""
@@ -19,8 +19,8 @@ from pathlib import Path
 from dtrain.errors import ConfigError, DataError, RunFolderError
 from dtrain.prepare.folder import new_staging, publish
 from dtrain.prepare.records import DATASET_JSON, MANIFEST
-from dtrain.relabel import CORRECTION_COLUMN
-from dtrain.review_page import ZOOM, ZOOM_SIDE, render_page
+from dtrain.runs.relabel import CORRECTION_COLUMN
+from dtrain.runs.review_page import ZOOM, ZOOM_SIDE, render_page
 
 REVIEW_CSV = "review.csv"
 PAGE = "index.html"
@@ -110,7 +110,7 @@ def zoom_view(data: bytes) -> bytes:
 def _fitted_png(data: bytes, side: int, enlarge: bool) -> bytes:
     from PIL import Image, ImageOps
 
-    from dtrain.images import open_image, to_8bit
+    from dtrain.dataset.images import open_image, to_8bit
 
     image = open_image(data)
     image.draft(None, (side, side))  # JPEG: decode at the smallest scale that fits
@@ -131,8 +131,8 @@ def write_images(dataset: Path, names: dict[str, str], folder: Path, progress: b
     import pyarrow.parquet as pq
     from tqdm.auto import tqdm
 
-    from dtrain.train.dataset import IMAGE_EXTS, check_command_url, read_dataset_json
-    from dtrain.train.shards import read_shard
+    from dtrain.dataset.format import IMAGE_EXTS, check_command_url, read_dataset_json
+    from dtrain.dataset.shard_reader import read_shard
 
     meta = read_dataset_json(str(dataset))
     manifest = pq.read_table(dataset / MANIFEST, columns=["key", "shard"]).to_pydict()
@@ -183,7 +183,7 @@ def write_review(
     RUN/review; built in a hidden sibling folder, moved into place at the end); return `out`."""
     import pyarrow.parquet as pq
 
-    from dtrain.train.run_folder import run_dataset
+    from dtrain.runs.run_folder import run_dataset
 
     run_dir = Path(run_dir)
     out = Path(out) if out else run_dir / "review"

@@ -9,7 +9,7 @@ from dtrain import stop_signal
 
 
 def add_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from dtrain.registry import methods_help
+    from dtrain.methods.registry import methods_help
     from dtrain.train.selection import RULES
 
     selection_help = "\n".join(f"  {name:20s}{rule.describe}" for name, rule in RULES.items())
@@ -90,7 +90,7 @@ def run_train(args: argparse.Namespace) -> None:
     config = load_config(args.config, args.overrides)
     config.validate()
     # torch and the trainer only once the config is known to be good
-    from dtrain.train.refine import fit_rounds, has_progress
+    from dtrain.train.rounds import fit_rounds, has_progress
 
     # SIGTERM / SIGUSR1 (the CLI's first act installed the handlers) or the job's stop file:
     # checkpoint at the next log step and exit 0; `--resume` continues.
@@ -108,6 +108,6 @@ def run_train(args: argparse.Namespace) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> None:
-    from dtrain.train.run_eval import evaluate_run
+    from dtrain.runs.evaluate import evaluate_run
 
     evaluate_run(args.run_dir, args.split, args.checkpoint, args.data, args.out)

@@ -19,9 +19,9 @@ from torch.profiler import record_function
 
 from dtrain.config import Config, MethodConfig
 from dtrain.errors import ConfigError
-from dtrain.registry import METHODS
-from dtrain.train import losses
-from dtrain.train.model import CoTeachingNet, NoiseRobustNet
+from dtrain.methods import losses
+from dtrain.methods.model import CoTeachingNet, NoiseRobustNet
+from dtrain.methods.registry import METHODS
 
 CONTRASTIVE, MIXUP = "dtrain.contrastive", "dtrain.mixup"  # profiler range names
 

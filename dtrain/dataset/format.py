@@ -1,5 +1,5 @@
 """Dataset folders written by `dtrain prepare`: their `dataset.json`, the shards of a split, the
-samples in them, and which folder a run trains on."""
+samples in them (`dtrain.prepare.data_folder` says which folder a run trains on)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,11 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 import webdataset as wds
 
+from dtrain.dataset.shard_reader import RawSample
+from dtrain.dataset.transforms import decode_image
 from dtrain.errors import DataError
-from dtrain.train.shards import RawSample
-from dtrain.train.transforms import decode_image
 
 
 def expand_urls(urls: str | Sequence[str]) -> list[str]:
@@ -209,28 +208,3 @@ def _decode_member(members: dict, ext: str, member: str, channels: int, min_side
         return decode_image(members[ext], channels, min_side)
     except Exception as err:  # PIL raises OSError, ValueError, SyntaxError... on bad bytes
         raise CorruptSampleError(f"{member}.{ext}: cannot decode ({err})") from err
-
-
-def resolve_data_dir(path: str, progress: bool) -> Path:
-    """The dataset folder `path`, which must hold a `dataset.json`; or, when `path` is empty, the
-    embedded Br35H set, prepared by rank 0 if missing while the other ranks wait for it."""
-    if path:
-        folder = Path(path)
-        if not (folder / "dataset.json").is_file():
-            raise DataError(
-                f"data.path={folder} holds no dataset.json; create it with `dtrain prepare` "
-                "(or `dtrain index` for shards of your own)"
-            )
-        return folder
-    from dtrain.distributed import world
-    from dtrain.prepare import PrepareConfig, default_out, prepare
-    from dtrain.prepare.sources import from_embedded
-
-    prep = PrepareConfig(progress=progress)
-    folder = default_out(prep, from_embedded())
-    rank, size = world()
-    if rank == 0:
-        prepare(prep)  # a no-op when the folder already holds this exact dataset
-    if size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-    return folder

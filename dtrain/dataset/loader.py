@@ -34,8 +34,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dtrain import stop_signal
-from dtrain.errors import DataError
-from dtrain.train.dataset import (
+from dtrain.dataset.format import (
     CorruptSampleError,
     decode_sample,
     expand_urls,
@@ -44,9 +43,10 @@ from dtrain.train.dataset import (
     shard_entries,
     split_urls,
 )
-from dtrain.train.plan import EpochPlan, plan_epoch, worker_skips
-from dtrain.train.shards import RawSample, read_shard
-from dtrain.train.transforms import collate, decode_side
+from dtrain.dataset.loader_plan import EpochPlan, plan_epoch, worker_skips
+from dtrain.dataset.shard_reader import RawSample, read_shard
+from dtrain.dataset.transforms import collate, decode_side
+from dtrain.errors import DataError
 
 __all__ = [
     "CorruptSampleError",

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from dtrain import distributed
-from dtrain.train.data import ShardLoader
+from dtrain.dataset.loader import ShardLoader
 from dtrain.train.engine import Engine
 from dtrain.train.metrics import classification_metrics
 from dtrain.train.report import progress

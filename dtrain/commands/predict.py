@@ -40,7 +40,7 @@ def _positive(text: str) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> None:
-    from dtrain.inference import predict_source
+    from dtrain.runs.inference import predict_source
 
     predict_source(
         args.run_dir,

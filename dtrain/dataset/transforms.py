@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import RandomResizedCrop
 
-from dtrain.images import open_image, to_8bit
+from dtrain.dataset.images import open_image, to_8bit
 
 CROP_SCALE = (0.35, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dtrain.prepare.config import comma_list
+from dtrain.prepare.prepare_config import comma_list
 from dtrain.prepare.split import SPLITS
 
 DESCRIPTION = (

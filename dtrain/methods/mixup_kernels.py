@@ -8,8 +8,8 @@
     the mixed logits, computed with its gradients to Z and w in the same pass, never
     materialising mixed features.
 
-The pair weights w come from the attention and lam (dtrain.train.losses.pair_weight) in plain torch:
-they are G*K(K-1)/2 numbers, so autograd carries dw on to the attention. Triton runs for CUDA
+The pair weights w come from the attention and lam (dtrain.methods.losses.pair_weight) in plain
+torch: they are G*K(K-1)/2 numbers, so autograd carries dw on to the attention. Triton runs for CUDA
 tensors; CPU tensors use the torch reference, unless `backend="triton"` forces the kernels
 through Triton's interpreter (TRITON_INTERPRET=1 before import, as the tests do). Inputs may
 be fp32, fp16 or bf16; accumulation is fp32.
@@ -70,7 +70,7 @@ def check_shapes(
 
 
 def pair_tables(k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Within-group member positions of every unordered pair, in dtrain.train.losses order."""
+    """Within-group member positions of every unordered pair, in dtrain.methods.losses order."""
     first, second = torch.triu_indices(k, k, offset=1, device=device)
     return first.to(torch.int32).contiguous(), second.to(torch.int32).contiguous()
 
@@ -334,7 +334,8 @@ class PairMixLoss(torch.autograd.Function):
 def pair_mix(
     h: torch.Tensor, groups: torch.Tensor, w: torch.Tensor, backend: str = "auto"
 ) -> torch.Tensor:
-    """Mixed features [G*P, D] of every pair of every group (pair order of dtrain.train.losses)."""
+    """Mixed features [G*P, D] of every pair of every group (pair order of
+    dtrain.methods.losses)."""
     check_shapes(h, groups, w, MAX_FEATURES, "feature size")
     if use_triton(h, backend):
         return PairMix.apply(h, groups, w)

@@ -12,13 +12,13 @@ import numpy as np
 import torch
 
 from dtrain.config import config_from_dict
+from dtrain.dataset.format import read_dataset_json, split_urls
+from dtrain.dataset.loader import make_loader
 from dtrain.errors import DataError, RunFolderError
+from dtrain.methods.model import build_model
 from dtrain.train.checkpoint import load_checkpoint, selected_weights
-from dtrain.train.data import make_loader
-from dtrain.train.dataset import read_dataset_json, split_urls
+from dtrain.train.evaluation import predict
 from dtrain.train.export import MODEL_FILE, read_model_file
-from dtrain.train.model import build_model
-from dtrain.train.predict import predict
 
 CHECKPOINTS = ("best", "last")
 
@@ -83,7 +83,7 @@ def load_trained(
 
 def _dataset_channels(run_dir: Path) -> int:
     """For a checkpoint written before checkpoints recorded their channels."""
-    from dtrain.train.run_folder import run_dataset
+    from dtrain.runs.run_folder import run_dataset
 
     return read_dataset_json(str(run_dataset(run_dir)))["images"]["channels"]
 

@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from dtrain.prepare.shard_writer import sha256
 from dtrain.errors import DataError
 from dtrain.files import link_atomic
 from dtrain.prepare.folder import holds_request, new_staging, publish
 from dtrain.prepare.records import DATASET_JSON, MANIFEST, split_stats, write_description
-from dtrain.prepare.shards import sha256
 from dtrain.prepare.split import SPLITS
 
 if TYPE_CHECKING:
@@ -144,7 +144,7 @@ def rewrite_shard(
     was written fails the relabel, whose staging folder is then removed."""
     import webdataset as wds
 
-    from dtrain.train.shards import read_shard
+    from dtrain.dataset.shard_reader import read_shard
 
     count, seen = 0, set()
     with wds.TarWriter(str(target), mtime=0) as writer:

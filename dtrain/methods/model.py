@@ -12,8 +12,8 @@ from torch import nn
 
 from dtrain.config import ModelConfig
 from dtrain.errors import ConfigError
-from dtrain.registry import METHODS
-from dtrain.train.pretrained import timm_pretrained_args
+from dtrain.methods.pretrained import timm_pretrained_args
+from dtrain.methods.registry import METHODS
 
 
 class GroupAttention(nn.Module):
@@ -58,7 +58,7 @@ class GroupAttention(nn.Module):
 
 def make_encoder(config: ModelConfig, in_chans: int) -> nn.Module:
     """A timm backbone without its classifier (pooled features out). Pretrained weights (the hub,
-    or a local file: dtrain.train.pretrained) are loaded by timm, which adapts the first conv to
+    or a local file: dtrain.methods.pretrained) are loaded by timm, which adapts the first conv to
     `in_chans` and drops the classifier. model.stem=small then replaces the stem, so the
     pretrained stem (conv1) is dropped and trains from scratch."""
     encoder = timm.create_model(

@@ -38,7 +38,7 @@ class MethodSpec:
 
 
 def _steps(name: str) -> str:
-    return f"dtrain.train.steps:{name}"
+    return f"dtrain.methods.steps:{name}"
 
 
 METHODS: dict[str, MethodSpec] = {

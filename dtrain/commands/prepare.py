@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import Field, fields
 from typing import Any, Literal
 
-from dtrain.prepare.config import PrepareConfig
+from dtrain.prepare.prepare_config import PrepareConfig
 from dtrain.prepare.pipeline import prepare
 
 DESCRIPTION = (

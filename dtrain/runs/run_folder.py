@@ -21,6 +21,6 @@ def run_config(run_dir: str | Path) -> Config:
 def run_dataset(run_dir: str | Path) -> Path:
     """The dataset folder the run trained on (the embedded set's default folder when
     `data.path` was left empty)."""
-    from dtrain.train.dataset import resolve_data_dir
+    from dtrain.prepare.data_folder import resolve_data_dir
 
     return resolve_data_dir(run_config(run_dir).data.path, progress=False)

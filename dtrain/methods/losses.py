@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from dtrain.distributed import all_gather_with_grad, world
-from dtrain.train.mixup_kernels import pair_mix, pair_mix_loss
+from dtrain.methods.mixup_kernels import pair_mix, pair_mix_loss
 
 
 def wide(x: torch.Tensor) -> torch.Tensor:

@@ -64,8 +64,8 @@ def _launch_parser() -> argparse.ArgumentParser:
 def _train_config(args: list[str]) -> Config:
     """The config of `dtrain train ARGS`, after checking the arguments with train's own parser,
     the config as `train` would and that the run folder may be written."""
+    from dtrain.commands.train import add_train_parser, resume_flag_alone
     from dtrain.config import load_config
-    from dtrain.train.cli import add_train_parser, resume_flag_alone
 
     p = argparse.ArgumentParser(prog="dtrain launch slurm ...")
     add_train_parser(p.add_subparsers(dest="command"))
@@ -87,7 +87,7 @@ def _search_folder(args: list[str]) -> Path:
     """The folder of `dtrain tune ARGS`, after checking the search as `tune` would."""
     from dataclasses import fields
 
-    from dtrain.tune.cli import add_tune_parser
+    from dtrain.commands.tune import add_tune_parser
     from dtrain.tune.settings import SearchSettings, load_search
 
     p = argparse.ArgumentParser(prog="dtrain launch slurm ... tune")

@@ -45,7 +45,8 @@ def byte_size(text: str) -> int:
 
 
 def option(default: Any, help: str, **cli: Any) -> Any:
-    """A PrepareConfig field and its command-line option (see `dtrain.prepare.cli`). `cli` keys:
+    """A PrepareConfig field and its command-line option (see `dtrain.commands.prepare`).
+    `cli` keys:
     `parse` (text -> value; from the field's type when absent), `flag` (the spelling, where it is
     not `--field-name`; a bool field that is on by default needs one, the flag turning it off),
     `positional`, `default_help` (the default in words, where its value alone says too little)."""

@@ -12,7 +12,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from dtrain.images import open_image
+from dtrain.dataset.images import open_image
 from dtrain.prepare.sources import Source
 
 TAR_BLOCK = 512

@@ -1,7 +1,7 @@
 """A trained run on new images: `dtrain.load` (the network and its preprocessing, for your own
 code) and `dtrain predict` (an image folder, a CSV/Parquet manifest or a prepared dataset to a
 table of class probabilities). Both decode, crop and normalise exactly as `dtrain eval` does
-(dtrain.train.transforms: JPEGs downscaled while decoding, the centre square, [-1, 1]), so the
+(dtrain.dataset.transforms: JPEGs downscaled while decoding, the centre square, [-1, 1]), so the
 same image gets the same probabilities from all three."""
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dtrain.dataset.format import dataset_splits, read_dataset_json
+from dtrain.dataset.transforms import decode_image, decode_side, eval_view, to_channels
 from dtrain.errors import DataError
 from dtrain.prepare.sources import IMAGE_SUFFIXES, from_folder, from_manifest
-from dtrain.train.dataset import dataset_splits, read_dataset_json
-from dtrain.train.eval_outputs import predictions_table, write_parquet
+from dtrain.runs.load import TrainedModel, check_classes, dataset_predictions, load_trained
+from dtrain.runs.eval_outputs import predictions_table, write_parquet
 from dtrain.train.report import progress
-from dtrain.train.trained import TrainedModel, check_classes, dataset_predictions, load_trained
-from dtrain.train.transforms import decode_image, decode_side, eval_view, to_channels
 
 ImageInput = Image.Image | str | Path | bytes
 

@@ -22,21 +22,21 @@ class OneLineParser(argparse.ArgumentParser):
 def main(argv: list[str] | None = None) -> None:
     # first of all: a stop signal that arrives while dtrain imports torch must not kill it
     stop_signal.install_handlers()
-    from dtrain.errors import DtrainError
-    from dtrain.index.cli import add_index_parser, run_index
-    from dtrain.launch.cli import add_launch_parser, run_launch
-    from dtrain.predict_cli import add_predict_parser, run_predict
-    from dtrain.prepare.cli import add_prepare_parser, run_prepare
-    from dtrain.relabel import add_relabel_parser, run_relabel
-    from dtrain.review import add_review_parser, run_review
-    from dtrain.train.cli import (
+    from dtrain.commands.index import add_index_parser, run_index
+    from dtrain.commands.launch import add_launch_parser, run_launch
+    from dtrain.commands.predict import add_predict_parser, run_predict
+    from dtrain.commands.prepare import add_prepare_parser, run_prepare
+    from dtrain.commands.train import (
         add_eval_parser,
         add_train_parser,
         resume_flag_alone,
         run_eval,
         run_train,
     )
-    from dtrain.tune.cli import add_tune_parser, run_tune
+    from dtrain.commands.tune import add_tune_parser, run_tune
+    from dtrain.errors import DtrainError
+    from dtrain.runs.relabel import add_relabel_parser, run_relabel
+    from dtrain.runs.review import add_review_parser, run_review
 
     parser = OneLineParser(prog="dtrain", description=__doc__)
     # the deepspeed launcher passes --local_rank=N first; LOCAL_RANK in the environment says

@@ -1,0 +1,1 @@
+"""The `dtrain` command line (`main`), one module per command."""
