@@ -131,10 +131,11 @@ class StepRunner:
 
     def __init__(self, method: str, overrides: list[str]) -> None:
         from dtrain.config import load_config
+        from dtrain.train.resolve import resolve
         from dtrain.train.trainer import Trainer
 
         config = load_config(preset(method), overrides)
-        self.trainer = Trainer(config)
+        self.trainer = Trainer(resolve(config))
         self.trainer.build()
         self.engine = self.trainer.engine
         self.cuda = self.engine.device.type == "cuda"

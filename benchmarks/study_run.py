@@ -15,8 +15,8 @@ from pathlib import Path
 
 from dtrain.config import load_config
 from dtrain.files import write_json_atomic
-from dtrain.train import selection
-from dtrain.train.rounds import fit_rounds
+from dtrain.train import selection, train
+from dtrain.train.resolve import resolve
 from dtrain.train.trainer import Trainer
 
 CLEAN = ("clean_accuracy", "clean_balanced_accuracy")
@@ -34,7 +34,7 @@ def train_with_epoch_tests(config) -> tuple[dict, list[dict]]:
             row |= {f"ema_{k}": ema[k] for k in CLEAN}
         tests.append(row)
 
-    trainer = Trainer(config, on_epoch_end=on_epoch_end)
+    trainer = Trainer(resolve(config), on_epoch_end=on_epoch_end)
     return trainer.fit(), tests
 
 
@@ -56,7 +56,7 @@ def main() -> None:
     config = load_config(preset, [*overrides, f"train.run_dir={run_dir}", "train.progress=false"])
     started = time.perf_counter()
     if config.train.refine_rounds:
-        summary, rules = fit_rounds(config), {}
+        summary, rules = train(config), {}
     else:
         summary, tests = train_with_epoch_tests(config)
         history = [

@@ -10,8 +10,8 @@ the variants so that drift on a shared machine hits both alike. Step time: the i
 between consecutive optimiser steps of one epoch (`on_step`), past the run's first 5 steps; the
 mean includes the log steps, the median is a plain step's. A tracker's step records are held
 back until a checkpoint covers them and go out with it (at each epoch's end here), so most of
-their cost lands in the run time. Run time: `Trainer.fit()` end to end, the tracked run's start,
-its end (test metrics, artifacts) and the test evaluation included. The ratio column is each
+their cost lands in the run time. Run time: `dtrain.train.train` end to end, the tracked run's
+start, its end (test metrics, artifacts) and the test evaluation included. The ratio column is each
 variant's median over repeats divided by the default's, measured in the same run.
 Writes benchmarks/results/tracker_overhead_<device>.json.
 """
@@ -41,15 +41,14 @@ SKIP_STEPS = 5  # the first steps pay for the loader's start and the allocator's
 def measure_one(overrides: list[str]) -> dict:
     """One training in this process: its step intervals and the fit's wall time."""
     from dtrain.config import load_config
-    from dtrain.train.trainer import Trainer
+    from dtrain.train import train
 
     stamps: list[tuple[int, float]] = []  # (epoch counted from 1, time) after each step
-    trainer = Trainer(
+    started = time.perf_counter()
+    train(
         load_config(None, overrides),
         on_step=lambda info: stamps.append((math.ceil(info.epoch), time.perf_counter())),
     )
-    started = time.perf_counter()
-    trainer.fit()
     run_s = time.perf_counter() - started
     # within an epoch only: the first step of the next one waits for val and the checkpoint
     intervals = [b - a for (ea, a), (eb, b) in itertools.pairwise(stamps[SKIP_STEPS:]) if ea == eb]

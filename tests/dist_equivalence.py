@@ -18,6 +18,7 @@ from dtrain.methods.losses import rank_weight
 from dtrain.methods.model import build_model
 from dtrain.methods.steps import TrainStep
 from dtrain.train.engine import make_engine
+from dtrain.train.resolve import resolve
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
@@ -43,7 +44,7 @@ if __name__ == "__main__":
             "train.precision=fp32",
         ],
     )
-    engine = make_engine(cfg)
+    engine = make_engine(resolve(cfg))
     torch.manual_seed(0)
     net = build_model(cfg.model, method, num_classes=3, in_chans=1)
     # batch-norm statistics are per rank under DDP by design (SyncBatchNorm needs CUDA); with

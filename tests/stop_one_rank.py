@@ -7,6 +7,7 @@ import os
 import sys
 
 from dtrain.config import load_config
+from dtrain.train.resolve import resolve
 from dtrain.train.trainer import Trainer
 
 if __name__ == "__main__":
@@ -17,7 +18,7 @@ if __name__ == "__main__":
         if rank == 1 and info.step == at_step:
             trainer.request_stop()
 
-    trainer = Trainer(load_config(None, overrides), on_step=on_step)
+    trainer = Trainer(resolve(load_config(None, overrides)), on_step=on_step)
     # one write that starts its own line: the two ranks share torchrun's stdout, and a result
     # appended to the other rank's unfinished line could not be read back
     sys.stdout.write("\nRESULT " + json.dumps({"rank": rank, **trainer.fit()}) + "\n")

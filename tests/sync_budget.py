@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from dtrain.config import load_config
-from dtrain.train.trainer import Trainer
+from dtrain.train import train
 
 counts: Counter = Counter()
 
@@ -41,7 +41,7 @@ if __name__ == "__main__":
         per_step[info.step] = {**counts, "log": info.metrics is not None}
         counts.clear()
 
-    Trainer(load_config(None, overrides), on_step=on_step).fit()
+    train(load_config(None, overrides), on_step=on_step)
     if os.environ.get("RANK", "0") == "0":  # the process group is closed by now
         with open(out, "w") as handle:
             json.dump(per_step, handle)

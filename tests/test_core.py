@@ -287,7 +287,7 @@ def test_deepspeed_auto_values_are_filled_from_dtrain(tmp_path):
     config = load_config(
         None, ["data.batch_size=16", "train.grad_accum_steps=3", "optim.grad_clip=2.0"]
     )
-    resolved = resolve_deepspeed_config(ds_file(tmp_path, AUTO), config, "fp32", 4)
+    resolved, config = resolve_deepspeed_config(ds_file(tmp_path, AUTO), config, "fp32", 4)
     ds = resolved.config
     assert ds["train_micro_batch_size_per_gpu"] == 16
     assert ds["gradient_accumulation_steps"] == 3
@@ -303,16 +303,17 @@ def test_deepspeed_auto_values_are_filled_from_dtrain(tmp_path):
     )
     # defaults fill them the same way; bf16 follows the precision
     config = load_config(None, [])
-    ds = resolve_deepspeed_config(ds_file(tmp_path, AUTO), config, "bf16", 2).config
+    ds = resolve_deepspeed_config(ds_file(tmp_path, AUTO), config, "bf16", 2)[0].config
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (64, 1)
     assert (ds["gradient_clipping"], ds["train_batch_size"]) == (5.0, 128)
     assert ds["bf16"]["enabled"] is True
 
 
 def test_deepspeed_values_win_over_defaults_the_user_never_set(tmp_path):
-    config = load_config(None, [])
+    given = load_config(None, [])
     path = ds_file(tmp_path, USUAL)
-    resolved = resolve_deepspeed_config(path, config, "fp32", 1)
+    resolved, config = resolve_deepspeed_config(path, given, "fp32", 1)
+    assert given.optim.lr == load_config(None, []).optim.lr != 0.001  # the given one untouched
     assert config.optim.lr == 0.001
     assert config.optim.grad_clip == 1.0
     assert config.optim.weight_decay == 0.01
@@ -348,7 +349,7 @@ def test_deepspeed_values_that_contradict_user_settings_are_refused(tmp_path, ov
 
 def test_deepspeed_train_batch_size_must_match(tmp_path):
     config = load_config(None, ["data.batch_size=16"])
-    ok = resolve_deepspeed_config(ds_file(tmp_path, {"train_batch_size": 32}), config, "fp32", 2)
+    ok, _ = resolve_deepspeed_config(ds_file(tmp_path, {"train_batch_size": 32}), config, "fp32", 2)
     assert ok.config["train_batch_size"] == 32
     with pytest.raises(ConfigError, match="train_batch_size"):
         resolve_deepspeed_config(ds_file(tmp_path, {"train_batch_size": 100}), config, "fp32", 2)
@@ -366,15 +367,14 @@ def test_deepspeed_fp16_is_refused_and_scheduler_is_honoured(tmp_path):
     with pytest.raises(ConfigError, match="fp16"):
         resolve_deepspeed_config(ds_file(tmp_path, {"fp16": {"enabled": True}}), config, "fp32", 1)
     scheduler = {"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 10}}}
-    resolved = resolve_deepspeed_config(ds_file(tmp_path, scheduler), config, "fp32", 1)
+    resolved, _ = resolve_deepspeed_config(ds_file(tmp_path, scheduler), config, "fp32", 1)
     assert resolved.builds_scheduler and not resolved.builds_optimizer
     assert any("DeepSpeed's WarmupLR" in note for note in resolved.notes)
 
 
 def test_deepspeed_bf16_wins_unless_the_user_set_the_precision(tmp_path):
     path = ds_file(tmp_path, {"bf16": {"enabled": True}})
-    config = load_config(None, [])
-    resolved = resolve_deepspeed_config(path, config, "fp32", 1)
+    resolved, config = resolve_deepspeed_config(path, load_config(None, []), "fp32", 1)
     assert config.train.precision == "bf16" and resolved.config["bf16"]["enabled"] is True
     with pytest.raises(ConfigError, match="train.precision"):
         resolve_deepspeed_config(path, load_config(None, ["train.precision=fp32"]), "fp32", 1)
@@ -382,7 +382,7 @@ def test_deepspeed_bf16_wins_unless_the_user_set_the_precision(tmp_path):
 
 def test_deepspeed_precision_change_is_reported(tmp_path):
     path = ds_file(tmp_path, {"bf16": {"enabled": True}})
-    resolved = resolve_deepspeed_config(path, load_config(None, []), "fp32", 1)
+    resolved, _ = resolve_deepspeed_config(path, load_config(None, []), "fp32", 1)
     assert any("train.precision" in note for note in resolved.notes)
 
 
@@ -636,7 +636,7 @@ def test_identity_drops_exactly_the_operational_keys():
 def test_deepspeed_train_batch_size_alone_sets_the_per_rank_batch(tmp_path):
     path = ds_file(tmp_path, {"train_batch_size": 256})
     config = load_config(None, ["train.grad_accum_steps=2"])
-    resolved = resolve_deepspeed_config(path, config, "fp32", 4)
+    resolved, config = resolve_deepspeed_config(path, config, "fp32", 4)
     assert config.data.batch_size == 32
     assert resolved.config["train_micro_batch_size_per_gpu"] == 32
     assert any("data.batch_size=32" in note for note in resolved.notes)

@@ -31,8 +31,8 @@ from dtrain.config import load_config
 from dtrain.errors import DataError
 from dtrain.prepare import PrepareConfig, prepare
 from dtrain.runs.evaluate import evaluate_run
+from dtrain.train import train
 from dtrain.train.checkpoint import selected_weights
-from dtrain.train.trainer import Trainer
 
 CLASSES = ["horizontal", "vertical"]
 
@@ -69,7 +69,7 @@ def data(tmp_path_factory) -> Path:
 def run(data, tmp_path_factory) -> Path:
     """One tiny training (1 epoch) that every test here uses."""
     run_dir = tmp_path_factory.mktemp("runs") / "run"
-    Trainer(load_config(None, small_overrides(data, run_dir, 16, "train.epochs=1"))).fit()
+    train(load_config(None, small_overrides(data, run_dir, 16, "train.epochs=1")))
     return run_dir
 
 
@@ -223,10 +223,10 @@ def test_a_dataset_without_val_and_test_trains_and_skips_the_test(tmp_path, caps
     train_only = prepare(config)
     run = tmp_path / "run"
     overrides = small_overrides(train_only, run, 16)
-    Trainer(load_config(None, [*overrides, "train.stop_after_steps=1"])).fit()
+    train(load_config(None, [*overrides, "train.stop_after_steps=1"]))
     assert not (run / "model.safetensors").exists()  # written when the run finishes
     capsys.readouterr()
-    Trainer(load_config(None, overrides), resume=True).fit()
+    train(load_config(None, overrides), resume=True)
     printed = capsys.readouterr().out
     assert printed.count(f"no test split in {train_only}: the final test is skipped") == 1
     assert printed.count(f"no val split in {train_only}: best.pt follows the last epoch") == 1
@@ -244,7 +244,6 @@ def test_a_dataset_without_val_and_test_trains_and_skips_the_test(tmp_path, caps
 
 def test_a_test_only_dataset_is_refused_for_training(other, tmp_path):
     test_only = other[1]
-    trainer = Trainer(load_config(None, small_overrides(test_only, tmp_path / "run", 16)))
     with pytest.raises(DataError, match=f"{test_only} has no train split: it is test-only"):
-        trainer.fit()
+        train(load_config(None, small_overrides(test_only, tmp_path / "run", 16)))
     assert not (tmp_path / "run").exists()

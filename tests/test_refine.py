@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 from dtrain.config import load_config
 from dtrain.errors import ConfigError, RunFolderError
-from dtrain.train.rounds import fit_rounds
+from dtrain.train import train
+from dtrain.train.resolve import resolve
 from dtrain.train.trainer import Trainer
 from dtrain.tune.settings import _one_round
 
@@ -33,7 +34,7 @@ def config(data: Path, run_dir: Path, *overrides: str):
 
 def test_the_weight_average_is_evaluated_each_epoch_and_can_be_the_selected_model(tiny, tmp_path):
     run = tmp_path / "ema"
-    summary = Trainer(config(tiny, run, "train.select=ema_last")).fit()
+    summary = train(config(tiny, run, "train.select=ema_last"))
     epochs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in epochs if r["kind"] == "epoch"]
     assert {"val_ema_accuracy", "val_ema_clean_accuracy"} <= set(epochs[0])
@@ -57,7 +58,7 @@ def test_the_weight_average_is_evaluated_each_epoch_and_can_be_the_selected_mode
     }
 
     raw = tmp_path / "raw"
-    summary = Trainer(config(tiny, raw, "train.select=last", "train.ema_epochs=0")).fit()
+    summary = train(config(tiny, raw, "train.select=last", "train.ema_epochs=0"))
     best = torch.load(raw / "best.pt", weights_only=True)
     assert best["selected_weights"] == "raw" and best["ema"] is None
     assert summary["test_best"] == summary["test_last"] and summary["test_ema_last"] is None
@@ -66,13 +67,15 @@ def test_the_weight_average_is_evaluated_each_epoch_and_can_be_the_selected_mode
 
 def test_the_weight_average_resumes_exactly(tiny, tmp_path):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    Trainer(config(tiny, straight, "train.epochs=1")).fit()
-    trainer = Trainer(
+    train(config(tiny, straight, "train.epochs=1"))
+    stop = threading.Event()
+    stopped = train(
         config(tiny, interrupted, "train.epochs=1", "train.log_every=2"),
-        on_step=lambda info: info.step == 3 and trainer.request_stop(),
+        on_step=lambda info: info.step == 3 and stop.set(),
+        stop=stop,
     )
-    assert trainer.fit()["stopped"]
-    Trainer(config(tiny, interrupted, "train.epochs=1"), resume=True).fit()
+    assert stopped["stopped"]
+    train(config(tiny, interrupted, "train.epochs=1"), resume=True)
     a, b = (torch.load(r / "last.pt", weights_only=True) for r in (straight, interrupted))
     for name, tensor in a["ema"].items():
         assert torch.equal(tensor, b["ema"][name]), name
@@ -80,7 +83,7 @@ def test_the_weight_average_resumes_exactly(tiny, tmp_path):
 
 def test_a_round_corrects_labels_and_the_next_round_trains_on_them(tiny, tmp_path):
     run = tmp_path / "run"
-    summary = fit_rounds(config(tiny, run, "train.refine_rounds=1"))
+    summary = train(config(tiny, run, "train.refine_rounds=1"))
     corrections = pq.read_table(run / "rounds" / "0" / "corrections.parquet").to_pylist()
     assert corrections, "a 2-epoch model on 20% noise disagrees with some labels"
     assert all(c["old"] != c["new"] for c in corrections)
@@ -108,7 +111,7 @@ def test_rounds_resume_without_repeating_a_finished_round(tiny, tmp_path):
     run = tmp_path / "run"
     cfg = config(tiny, run, "train.refine_rounds=1", "train.log_every=2")
     with pytest.raises(RunFolderError, match="holds no run to resume"):
-        fit_rounds(cfg, resume=True)
+        train(cfg, resume=True)
     stop_file, done = tmp_path / "stop", run / "rounds" / "0" / "corrections.parquet"
 
     def stop_in_round_one():  # what a SLURM warning does, once round 0 has finished
@@ -117,13 +120,13 @@ def test_rounds_resume_without_repeating_a_finished_round(tiny, tmp_path):
         stop_file.touch()
 
     threading.Thread(target=stop_in_round_one, daemon=True).start()
-    assert fit_rounds(cfg, stop_file=stop_file)["stopped"]
+    assert train(cfg, stop_file=stop_file)["stopped"]
     before = {p.name: p.stat().st_mtime_ns for p in done.parent.iterdir() if p.is_file()}
     assert (run / "last.pt").is_file() and not (run / "summary.json").exists()
     with pytest.raises(RunFolderError, match="already holds a run"):
-        fit_rounds(cfg)
+        train(cfg)
     stop_file.unlink()
-    summary = fit_rounds(cfg, resume=True)
+    summary = train(cfg, resume=True)
     after = {p.name: p.stat().st_mtime_ns for p in done.parent.iterdir() if p.is_file()}
     assert after == before  # round 0 was not run again
     assert [r["round"] for r in summary["rounds"]] == [0, 1]
@@ -132,17 +135,17 @@ def test_rounds_resume_without_repeating_a_finished_round(tiny, tmp_path):
         RunFolderError,
         match=r"finished round\) was trained with a different config \(optim.momentum\)",
     ):
-        fit_rounds(changed, resume=True)
+        train(changed, resume=True)
     # a key a resumed run may change, but one that changes the weights: round 0 is not reused
     faster = config(tiny, run, "train.refine_rounds=1", "train.log_every=2", "optim.lr=0.1")
     with pytest.raises(RunFolderError, match=r"different config \(optim.lr\)"):
-        fit_rounds(faster, resume=True)
+        train(faster, resume=True)
 
 
 def test_a_warm_round_starts_from_the_previous_rounds_weights(tiny, tmp_path):
     first = tmp_path / "first"
-    Trainer(config(tiny, first, "train.stop_after_steps=1")).fit()
-    trainer = Trainer(config(tiny, tmp_path / "next"), init_weights=first / "last.pt")
+    train(config(tiny, first, "train.stop_after_steps=1"))
+    trainer = Trainer(resolve(config(tiny, tmp_path / "next")), init_weights=first / "last.pt")
     trainer.build()
     saved = torch.load(first / "last.pt", weights_only=True)["model"]
     for name, tensor in trainer.net.state_dict().items():

@@ -20,10 +20,10 @@ from conftest import copy_dataset, small_overrides, write_stripes
 from PIL import Image
 
 from dtrain.commands.main import main
-from dtrain.prepare.shard_writer import sha256
 from dtrain.errors import DataError
 from dtrain.prepare import PrepareConfig, prepare
 from dtrain.prepare.noise import transition_matrix
+from dtrain.prepare.shard_writer import sha256
 from dtrain.runs.relabel import relabel
 from dtrain.runs.review import review_size, thumbnail, zoom_view
 
@@ -37,7 +37,7 @@ def trained(tmp_path_factory) -> dict:
     """A 48-image two-class dataset in 8-sample shards, with an extra manifest column (as other
     tools add), and one epoch of training on it."""
     from dtrain.config import load_config
-    from dtrain.train.trainer import Trainer
+    from dtrain.train import train
 
     root = tmp_path_factory.mktemp("review")
     images = write_stripes(root / "img", 24)
@@ -56,7 +56,7 @@ def trained(tmp_path_factory) -> dict:
     patients = pa.array([f"p{i % 7}" for i in range(manifest.num_rows)])
     pq.write_table(manifest.append_column("patient_id", patients), data / "manifest.parquet")
     run = root / "run"
-    Trainer(load_config(None, small_overrides(data, run, 8, "train.epochs=1"))).fit()
+    train(load_config(None, small_overrides(data, run, 8, "train.epochs=1")))
     return {"data": data, "run": run, "classes": json.loads((data / "dataset.json").read_text())}
 
 

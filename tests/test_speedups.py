@@ -13,6 +13,7 @@ from dtrain.config import load_config, operational_keys
 from dtrain.errors import ConfigError
 from dtrain.methods.model import build_model
 from dtrain.train.checkpoint import load_checkpoint
+from dtrain.train.resolve import resolve
 from dtrain.train.trainer import Trainer
 
 
@@ -43,7 +44,7 @@ def _train(
             for conv in (m for m in trainer.net.modules() if isinstance(m, torch.nn.Conv2d)):
                 conv.register_forward_pre_hook(lambda m, args: layouts.append(nhwc(m, args[0])))
 
-    trainer = Trainer(config, on_step=on_step)
+    trainer = Trainer(resolve(config), on_step=on_step)
     return trainer.fit(), losses
 
 

@@ -19,8 +19,8 @@ from conftest import small_overrides, stripes_dataset
 
 from dtrain.config import load_config
 from dtrain.errors import ConfigError
+from dtrain.train import train
 from dtrain.train.trackers import flatten, metric_values
-from dtrain.train.trainer import Trainer
 
 ROOT = Path(__file__).parents[1]
 HURT = Path(__file__).parent / "faults" / "hurt.py"
@@ -173,7 +173,7 @@ def test_mlflow_run_holds_the_config_the_metrics_and_the_artifacts(
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "two-epochs")
     run_dir = tmp_path / "run"
     config = load_config(None, small_overrides(tiny, run_dir, 16, "train.trackers=[mlflow]"))
-    summary = Trainer(config).fit()
+    summary = train(config)
     assert not (run_dir / "tensorboard").exists()  # only what was asked for
     client = MlflowClient(mlflow_server)
     run = the_run(client, "two-epochs")
@@ -241,7 +241,7 @@ def test_wandb_offline_run_file_holds_the_metric_history(tiny, tmp_path, monkeyp
     monkeypatch.setenv("WANDB_SILENT", "true")
     run_dir = tmp_path / "run"
     config = load_config(None, small_overrides(tiny, run_dir, 16, "train.trackers=[wandb]"))
-    Trainer(config).fit()
+    train(config)
     (run_file,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
     history = defaultdict(list)
     for data in wandb_log_records(run_file):
@@ -303,13 +303,13 @@ def test_each_cleanup_round_is_a_run_nested_under_the_main_run(
 ):
     from mlflow import MlflowClient
 
-    from dtrain.train.rounds import fit_rounds
+    from dtrain.train import train
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "rounds")
     run_dir = tmp_path / "run"
     overrides = ["train.trackers=[mlflow]", "train.refine_rounds=1", "train.epochs=1"]
-    fit_rounds(load_config(None, small_overrides(tiny, run_dir, 16, *overrides)))
+    train(load_config(None, small_overrides(tiny, run_dir, 16, *overrides)))
     client = MlflowClient(mlflow_server)
     runs = client.search_runs([client.get_experiment_by_name("rounds").experiment_id])
     (main,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]

@@ -41,6 +41,7 @@ def poison(kind: str, calls: set[int]) -> None:
 
 def train(out: str, kind: str, calls: str, overrides: list[str]) -> None:
     from dtrain.config import load_config
+    from dtrain.train.resolve import resolve
     from dtrain.train.trainer import Trainer
 
     if os.environ.get("RANK", "0") == "0":
@@ -57,7 +58,7 @@ def train(out: str, kind: str, calls: str, overrides: list[str]) -> None:
             }
         )
 
-    trainer = Trainer(load_config(None, overrides), on_step=record)
+    trainer = Trainer(resolve(load_config(None, overrides)), on_step=record)
     trainer.fit()
     if os.environ.get("RANK", "0") == "0":
         torch.save(states, out)

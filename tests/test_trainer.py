@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -26,7 +27,7 @@ from dtrain.errors import ConfigError, RunFolderError
 from dtrain.methods.model import build_model
 from dtrain.methods.registry import METHODS
 from dtrain.methods.steps import training_step
-from dtrain.train.trainer import Trainer
+from dtrain.train import train
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 
@@ -44,7 +45,7 @@ def config(data: Path, run_dir: Path, *overrides: str):
 def test_two_epochs_learn_and_leave_a_report(tiny, tmp_path, capsys):
     epochs_seen = []
     run = tmp_path / "run"
-    summary = Trainer(config(tiny, run), on_epoch_end=lambda m, p: epochs_seen.append((m, p))).fit()
+    summary = train(config(tiny, run), on_epoch_end=lambda m, p: epochs_seen.append((m, p)))
     printed = capsys.readouterr().out
     assert "(clean 0." in printed and "test (clean labels)" in printed  # injected noise
     assert summary["test_last"]["clean_accuracy"] >= 0.7  # chance is 0.5 on 64 test images
@@ -84,19 +85,20 @@ def test_resume_after_a_stop_gives_the_same_weights(tiny, tmp_path, capsys, stop
     """Stopped mid-epoch (14 steps an epoch), resumed: the same weights, and the same epoch
     records (the resumed epoch's train figures over all of its samples)."""
     straight = tmp_path / "straight"
-    Trainer(config(tiny, straight)).fit()
+    train(config(tiny, straight))
 
     interrupted = tmp_path / "interrupted"
-    trainer = Trainer(
+    stop = threading.Event()
+    result = train(
         config(tiny, interrupted, "train.log_every=5"),
-        on_step=lambda info: info.step == stop_at and trainer.request_stop(),
+        on_step=lambda info: info.step == stop_at and stop.set(),
+        stop=stop,
     )
-    result = trainer.fit()
     epoch, batch = divmod(stop_at + 5 - stop_at % 5, 14)  # stops at the next log step
     assert result == {"stopped": True, "epoch": epoch, "batch": batch}
     # counted from 1, as the epoch lines and progress bars count
     assert f"stopped after batch {batch} of 14 in epoch {epoch + 1};" in capsys.readouterr().out
-    Trainer(config(tiny, interrupted), resume=True).fit()
+    train(config(tiny, interrupted), resume=True)
 
     a = torch.load(straight / "last.pt", weights_only=True)
     b = torch.load(interrupted / "last.pt", weights_only=True)
@@ -120,7 +122,7 @@ def test_mid_epoch_checkpoints_by_time_hold_the_loader_position(tiny, tmp_path):
 
     cfg = config(tiny, run, "train.epochs=1", "train.log_every=2")
     cfg.train.checkpoint_every_minutes = 1e-4
-    Trainer(cfg, on_step=on_step).fit()
+    train(cfg, on_step=on_step)
     assert (seen["epoch"], seen["batch"], seen["step"]) == (0, 4, 4)
 
 
@@ -130,30 +132,30 @@ def test_a_run_killed_before_its_first_checkpoint_starts_over_under_resume(tiny,
     (run / "metrics.jsonl").write_text('{"kind": "step", "step": 2}\n{"kind": "st')
     cfg = config(tiny, run, "train.epochs=1")
     with pytest.raises(RunFolderError, match="holds no run to resume"):
-        Trainer(cfg, resume=True).fit()
+        train(cfg, resume=True)
     from dtrain.config import save_config
 
     save_config(config(tiny, run, "train.epochs=1", "method.name=ce"), run / "config.yaml")
     with pytest.raises(RunFolderError, match="config.yaml was written with a different config"):
-        Trainer(cfg, resume=True).fit()
+        train(cfg, resume=True)
     save_config(cfg, run / "config.yaml")
-    Trainer(cfg, resume=True).fit()  # what a killed first attempt left: its config, a log
+    train(cfg, resume=True)  # what a killed first attempt left: its config, a log
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in steps if r["kind"] == "step"] == [10]  # the old lines are gone
 
 
 def test_an_existing_run_is_never_overwritten(tiny, tmp_path):
     run = tmp_path / "run"
-    Trainer(config(tiny, run, "train.epochs=1")).fit()
+    train(config(tiny, run, "train.epochs=1"))
     before = (run / "last.pt").read_bytes()
     with pytest.raises(RunFolderError, match="--resume"):
-        Trainer(config(tiny, run, "train.epochs=1")).fit()
+        train(config(tiny, run, "train.epochs=1"))
     assert (run / "last.pt").read_bytes() == before
 
 
 def test_eval_command_reports_the_best_checkpoint(tiny, tmp_path):
     run = tmp_path / "run"
-    summary = Trainer(config(tiny, run, "train.epochs=1", "method.name=ce")).fit()
+    summary = train(config(tiny, run, "train.epochs=1", "method.name=ce"))
     result = subprocess.run(
         [sys.executable, "-m", "dtrain.commands.main", "eval", str(run)],
         capture_output=True,
@@ -291,7 +293,7 @@ def poisoned_baseline(monkeypatch, poisoned_steps: set[int], kind: str = "loss")
 def test_a_nonfinite_step_is_skipped_and_training_goes_on(tiny, tmp_path, monkeypatch):
     poisoned_baseline(monkeypatch, {1, 3})  # the very first step too: no state exists yet
     run = tmp_path / "run"
-    summary = Trainer(config(tiny, run, "method.name=ce", "train.epochs=1")).fit()
+    summary = train(config(tiny, run, "method.name=ce", "train.epochs=1"))
     state = torch.load(run / "last.pt", weights_only=True)["state"]
     assert state["skipped_steps"] == 2 and state["step"] == 14
     assert all(
@@ -309,7 +311,7 @@ def test_divergence_stops_with_the_weights_before_it(tiny, tmp_path, monkeypatch
     run = tmp_path / "run"
     cfg = config(tiny, run, "method.name=ce", "train.max_nonfinite_steps=3", "train.log_every=1")
     with pytest.raises(NonFiniteLossError, match=r"3 steps in a row \(epoch 1, step 3\)"):
-        Trainer(cfg).fit()
+        train(cfg)
     saved = torch.load(run / "last.pt", weights_only=True)
     assert saved["state"]["skipped_steps"] == 3
     seed_everything(0)
@@ -326,7 +328,7 @@ def test_a_nonfinite_activation_leaves_the_batchnorm_statistics_finite(tiny, tmp
     epoch of two: the mislabel scores of the last one would take the NaN sample loss.)"""
     poisoned_baseline(monkeypatch, {3}, kind="input")
     run = tmp_path / "run"
-    summary = Trainer(config(tiny, run, "method.name=ce")).fit()
+    summary = train(config(tiny, run, "method.name=ce"))
     saved = torch.load(run / "last.pt", weights_only=True)
     assert saved["state"]["skipped_steps"] == 1
     for part in ("model", "ema"):
@@ -343,7 +345,7 @@ def test_a_dataset_without_injected_noise_reports_no_clean_figures(tmp_path, cap
     data = prepare(
         PrepareConfig(source=str(tmp_path / "img"), out=str(tmp_path / "ds"), progress=False)
     )
-    summary = Trainer(config(data, tmp_path / "run", "method.name=ce", "train.epochs=1")).fit()
+    summary = train(config(data, tmp_path / "run", "method.name=ce", "train.epochs=1"))
     printed = capsys.readouterr().out
     assert "val acc 0." in printed and "test (as shipped)" in printed
     assert "clean" not in printed, printed
@@ -364,7 +366,7 @@ def test_a_corrupt_training_sample_is_counted_in_the_run(tiny, tmp_path):
 
     rewrite_shard(shard, truncate_first)
     run = tmp_path / "run"
-    Trainer(config(data, run, "method.name=ce", "train.epochs=1")).fit()
+    train(config(data, run, "method.name=ce", "train.epochs=1"))
     history = json.loads(torch.load(run / "last.pt", weights_only=True)["state"]["history"])
     assert history[0]["corrupt_samples"] == 1
     skipped = json.loads((run / "summary.json").read_text())["skipped_samples"]

@@ -11,8 +11,8 @@ from collections.abc import Callable
 from dataclasses import Field, fields
 from typing import Any, Literal
 
-from dtrain.prepare.prepare_config import PrepareConfig
 from dtrain.prepare.pipeline import prepare
+from dtrain.prepare.prepare_config import PrepareConfig
 
 DESCRIPTION = (
     "Turn a labelled image source into {train,val,test}-%06d.tar WebDataset shards, a "

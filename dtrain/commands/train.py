@@ -88,15 +88,15 @@ def run_train(args: argparse.Namespace) -> None:
     from dtrain.config import load_config
 
     config = load_config(args.config, args.overrides)
-    config.validate()
-    # torch and the trainer only once the config is known to be good
-    from dtrain.train.rounds import fit_rounds, has_progress
+    config.validate()  # a bad key is refused before torch is imported
+    from dtrain.train import train
+    from dtrain.train.rounds import has_progress
 
     # SIGTERM / SIGUSR1 (the CLI's first act installed the handlers) or the job's stop file:
     # checkpoint at the next log step and exit 0; `--resume` continues.
     stop_file = stop_signal.stop_file()
     resume = args.resume == "yes" or (args.resume == "auto" and has_progress(config))
-    result = fit_rounds(
+    result = train(
         config,
         resume=resume,
         stop=stop_signal.requested,

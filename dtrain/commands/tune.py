@@ -42,8 +42,8 @@ def add_tune_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run_tune(args: argparse.Namespace) -> None:
-    from dtrain.tune.search_outputs import write_outputs
     from dtrain.tune.search import run_search
+    from dtrain.tune.search_outputs import write_outputs
     from dtrain.tune.settings import load_search
 
     flags = {f.name: getattr(args, f.name) for f in fields(SearchSettings)}

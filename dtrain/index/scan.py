@@ -18,9 +18,9 @@ import numpy as np
 from dtrain.dataset.format import IMAGE_EXTS, expand_urls, label_index, raw_label
 from dtrain.dataset.shard_reader import ShardScan
 from dtrain.errors import ConfigError, DataError
-from dtrain.prepare.prepare_config import FORMAT_VERSION
 from dtrain.prepare.dedup import BadImageError, decode_thumbnail
 from dtrain.prepare.folder import new_staging, publish
+from dtrain.prepare.prepare_config import FORMAT_VERSION
 from dtrain.prepare.records import (
     DATASET_JSON,
     print_summary,

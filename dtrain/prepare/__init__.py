@@ -7,7 +7,7 @@ with the clean label kept beside the noisy one, a `manifest.parquet` and a `data
 
 from __future__ import annotations
 
-from dtrain.prepare.prepare_config import PrepareConfig, default_out
 from dtrain.prepare.pipeline import prepare
+from dtrain.prepare.prepare_config import PrepareConfig, default_out
 
 __all__ = ["PrepareConfig", "default_out", "prepare"]

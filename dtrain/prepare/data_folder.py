@@ -9,8 +9,8 @@ import torch
 
 from dtrain.distributed import world
 from dtrain.errors import DataError
-from dtrain.prepare.prepare_config import PrepareConfig, default_out
 from dtrain.prepare.pipeline import prepare
+from dtrain.prepare.prepare_config import PrepareConfig, default_out
 from dtrain.prepare.sources import from_embedded
 
 

@@ -9,9 +9,9 @@ import json
 import shutil
 from pathlib import Path
 
-from dtrain.prepare.shard_writer import sha256
 from dtrain.errors import DataError
 from dtrain.prepare.records import DATASET_JSON
+from dtrain.prepare.shard_writer import sha256
 
 
 def holds_request(out: Path, request: dict, overwrite: bool) -> bool:

@@ -11,12 +11,11 @@ from typing import TypeVar
 
 import numpy as np
 
-from dtrain.prepare.shard_writer import sha256, write_shards
 from dtrain.errors import DataError
-from dtrain.prepare.prepare_config import PrepareConfig, default_out
 from dtrain.prepare.dedup import BadImageError, decode_thumbnail, near_duplicate_groups
 from dtrain.prepare.folder import holds_request, new_staging, publish
 from dtrain.prepare.noise import apply_noise, check_noise
+from dtrain.prepare.prepare_config import PrepareConfig, default_out
 from dtrain.prepare.records import (
     describe,
     kept_columns,
@@ -24,6 +23,7 @@ from dtrain.prepare.records import (
     write_description,
     write_manifest,
 )
+from dtrain.prepare.shard_writer import sha256, write_shards
 from dtrain.prepare.sources import SPLIT_COLUMN, Source, open_source
 from dtrain.prepare.split import (
     SPLITS,

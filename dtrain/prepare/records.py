@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from dtrain.errors import DataError
-from dtrain.prepare.prepare_config import FORMAT_VERSION, PrepareConfig
 from dtrain.prepare.noise import transition_matrix
+from dtrain.prepare.prepare_config import FORMAT_VERSION, PrepareConfig
 from dtrain.prepare.sources import SPLIT_COLUMN, Source
 from dtrain.prepare.split import SPLITS
 

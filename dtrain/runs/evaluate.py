@@ -10,9 +10,9 @@ from pathlib import Path
 
 from dtrain.dataset.format import dataset_splits, read_dataset_json
 from dtrain.errors import DataError
-from dtrain.runs.run_folder import run_config, run_dataset
-from dtrain.runs.load import check_classes, dataset_predictions, load_trained
 from dtrain.runs.eval_outputs import write_eval_outputs
+from dtrain.runs.load import check_classes, dataset_predictions, load_trained
+from dtrain.runs.run_folder import run_config, run_dataset
 from dtrain.train.evaluation import prediction_metrics
 from dtrain.train.metrics import CLASS_AVERAGE_RULE
 

@@ -18,8 +18,8 @@ from dtrain.dataset.format import dataset_splits, read_dataset_json
 from dtrain.dataset.transforms import decode_image, decode_side, eval_view, to_channels
 from dtrain.errors import DataError
 from dtrain.prepare.sources import IMAGE_SUFFIXES, from_folder, from_manifest
-from dtrain.runs.load import TrainedModel, check_classes, dataset_predictions, load_trained
 from dtrain.runs.eval_outputs import predictions_table, write_parquet
+from dtrain.runs.load import TrainedModel, check_classes, dataset_predictions, load_trained
 from dtrain.train.report import progress
 
 ImageInput = Image.Image | str | Path | bytes

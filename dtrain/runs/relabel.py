@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from dtrain.prepare.shard_writer import sha256
 from dtrain.errors import DataError
 from dtrain.files import link_atomic
 from dtrain.prepare.folder import holds_request, new_staging, publish
 from dtrain.prepare.records import DATASET_JSON, MANIFEST, split_stats, write_description
+from dtrain.prepare.shard_writer import sha256
 from dtrain.prepare.split import SPLITS
 
 if TYPE_CHECKING:

@@ -142,9 +142,11 @@ class CheckpointSaver:
         return self.run_dir / LAST
 
     def resume_point(self, resume: bool, identity: dict) -> dict | None:
-        """The checkpoint a run continues from, or None to start it from the beginning. Refuses
-        to overwrite a run, and to resume one written with a different config. A run folder
-        with its config but no checkpoint yet (killed before its first save) starts over."""
+        """The checkpoint a run continues from, or None to start it from the beginning; refuses
+        to resume one written with a different config. Whether the folder may be started or
+        resumed at all was decided before (`dtrain.train.rounds.fit_rounds`, for the whole run
+        and its rounds). A run folder with its config but no checkpoint yet (killed before its
+        first save) starts over."""
         from dtrain.config import config_from_dict, load_config
 
         last, saved = self.last, self.run_dir / "config.yaml"
@@ -153,23 +155,13 @@ class CheckpointSaver:
                 leftover.unlink()
             for leftover in self.run_dir.glob(f".{BEST}.*.link"):
                 leftover.unlink()
-        if last.exists() and not resume:
-            raise RunFolderError(
-                f"{self.run_dir} already holds a run ({last}); pass --resume to continue it or "
-                "set train.run_dir to start a new one"
-            )
         if not resume:
             return None
         if last.exists():
             checkpoint = load_checkpoint(last)
             written_with = config_from_dict(checkpoint["config"])
-        elif saved.exists():
-            checkpoint, written_with = None, load_config(saved)
         else:
-            raise RunFolderError(
-                f"{self.run_dir} holds no run to resume (no {LAST}, no config.yaml); "
-                "drop --resume to start it"
-            )
+            checkpoint, written_with = None, load_config(saved)
         if written_with.identity() != identity:
             raise RunFolderError(
                 f"{last if checkpoint else saved} was written with a different config "

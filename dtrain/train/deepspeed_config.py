@@ -1,10 +1,10 @@
 """A DeepSpeed JSON config as users write it, reconciled with the dtrain config.
 
 For each value both can set: DeepSpeed's "auto" (or nothing) takes dtrain's; a DeepSpeed value
-wins over a dtrain default the user never set (the dtrain config is updated and the change
-reported, so config.yaml records what ran); a DeepSpeed value that contradicts a value the user
-did set is refused. An `optimizer` or `scheduler` section is honoured: DeepSpeed then builds it
-(its own optimizers are what ZeRO-Offload needs)."""
+wins over a dtrain default the user never set (the resolved dtrain config takes it and the
+change is reported, so config.yaml records what ran); a DeepSpeed value that contradicts a
+value the user did set is refused. An `optimizer` or `scheduler` section is honoured: DeepSpeed
+then builds it (its own optimizers are what ZeRO-Offload needs)."""
 
 from __future__ import annotations
 
@@ -75,9 +75,9 @@ def _reconcile(
 
 def resolve_deepspeed_config(
     path: str | Path, config: Config, precision: str, world_size: int
-) -> ResolvedDeepSpeed:
-    """The DeepSpeed config dict to pass to deepspeed.initialize. Values the DeepSpeed file
-    decides are written into `config` (only when the whole file is accepted)."""
+) -> tuple[ResolvedDeepSpeed, Config]:
+    """The DeepSpeed config dict to pass to deepspeed.initialize, and a copy of `config` with
+    the values the DeepSpeed file decides."""
     path = Path(path)
     try:
         ds = json.loads(path.read_text())
@@ -97,7 +97,7 @@ def resolve_deepspeed_config(
     if ds.get("fp16", {}).get("enabled") not in (None, False, "auto"):
         raise ConfigError(f"{path}: fp16 is not supported; use bf16 (train.precision=bf16)")
     notes: list[str] = []
-    c = copy.deepcopy(config)  # a refused file leaves `config` untouched
+    c = copy.deepcopy(config)
     o, t = c.optim, c.train
     # a file that gives only the global batch sets the per-rank batch, where that is free
     total = ds.get("train_batch_size", "auto")
@@ -172,6 +172,4 @@ def resolve_deepspeed_config(
         else "learning-rate schedule: dtrain's warm-up + cosine (optim.lr, optim.warmup_epochs)"
     )
     ds.setdefault("zero_optimization", {}).setdefault("stage", 0)
-    for section in ("data", "model", "method", "optim", "train"):
-        setattr(config, section, getattr(c, section))
-    return ResolvedDeepSpeed(ds, notes)
+    return ResolvedDeepSpeed(ds, notes), c

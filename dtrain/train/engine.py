@@ -22,7 +22,8 @@ from torch import nn
 from dtrain import distributed
 from dtrain.config import Config, OptimConfig
 from dtrain.errors import ConfigError, DistributedError
-from dtrain.launch import slurm_env
+from dtrain.train.deepspeed_config import ResolvedDeepSpeed
+from dtrain.train.resolve import ResolvedRun
 
 
 def build_optimizer(config: OptimConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -38,13 +39,6 @@ def build_optimizer(config: OptimConfig, params: list[nn.Parameter]) -> torch.op
             fused=True,
         )
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
-
-
-def resolve_precision(requested: str) -> str:
-    if requested != "auto":
-        return requested
-    cuda = torch.cuda.is_available()
-    return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
 
 
 class Engine(ABC):
@@ -247,16 +241,12 @@ class DeepSpeedEngine(Engine):
     """deepspeed.initialize with a ZeRO config as users write them; works under torchrun, srun,
     `accelerate launch` and the `deepspeed` launcher, on GPUs (nccl) and CPUs (gloo)."""
 
-    def __init__(self, config: Config, precision: str) -> None:
+    def __init__(self, config: Config, precision: str, resolved: ResolvedDeepSpeed) -> None:
         super().__init__(config, precision)
-        from dtrain.train.deepspeed_config import resolve_deepspeed_config
+        import deepspeed  # here: a refused file (dtrain.train.resolve) costs no DeepSpeed import
 
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.resolved = resolve_deepspeed_config(config.train.deepspeed, config, precision, world)
-        import deepspeed  # after the file is accepted: a refused one costs no DeepSpeed import
-
-        self.notes = self.resolved.notes
-        self.precision = "bf16" if self.resolved.config["bf16"]["enabled"] else "fp32"
+        self.resolved = resolved
+        self.notes = resolved.notes
         cuda = torch.cuda.is_available()
         distributed.env_for_one_process()  # ZeRO (any stage) runs in one process too
         try:
@@ -359,15 +349,14 @@ def _join_error(err: BaseException) -> DistributedError:
     )
 
 
-def make_engine(config: Config) -> Engine:
-    """DeepSpeed when train.deepspeed names a config, else Accelerate; then the preflight."""
-    slurm_env.env_from_slurm()
+def make_engine(run: ResolvedRun) -> Engine:
+    """DeepSpeed when the run resolved a DeepSpeed config, else Accelerate; then the preflight."""
+    config = run.config
     distributed.silence_understood_warnings()
-    precision = resolve_precision(config.train.precision)
     engine = (
-        DeepSpeedEngine(config, precision)
-        if config.train.deepspeed
-        else AccelerateEngine(config, precision)
+        DeepSpeedEngine(config, run.precision, run.deepspeed)
+        if run.deepspeed is not None
+        else AccelerateEngine(config, run.precision)
     )
     distributed.preflight(engine.device)
     if config.model.sync_batchnorm and engine.device.type == "cpu" and engine.num_processes > 1:

@@ -15,7 +15,6 @@ model. A round that finished is not repeated under `--resume`."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import threading
@@ -27,8 +26,9 @@ from dtrain.files import write_atomic, write_json_atomic
 from dtrain.train.checkpoint import LAST
 from dtrain.train.engine import Engine, make_engine
 from dtrain.train.label_scores import ScoreRow
+from dtrain.train.resolve import ResolvedRun
 from dtrain.train.trackers import parent_run
-from dtrain.train.trainer import Trainer
+from dtrain.train.trainer import EpochHook, StepHook, Trainer
 
 ROUNDS = "rounds"
 CORRECTIONS = "corrections.parquet"
@@ -107,16 +107,19 @@ def _round_record(index: int, trainer: Trainer, summary: dict, corrections: list
 
 
 def fit_rounds(
-    config: Config,
+    run: ResolvedRun,
     resume: bool = False,
     stop: threading.Event | None = None,
     stop_file: Path | None = None,
     say_resume: bool = False,
+    on_epoch_end: EpochHook | None = None,
+    on_step: StepHook | None = None,
 ) -> dict:
     """Every round in turn (one engine shared by all), then `rounds.json` and the rounds added
     to the final summary; returns the final round's summary, or its stop result. `say_resume`:
-    print whether the run resumes or starts (what `--resume auto` decided)."""
-    run_dir = config.run_path
+    print whether the run resumes or starts (what `--resume auto` decided); `on_epoch_end`,
+    `on_step`: every round's `Trainer` calls them."""
+    config, run_dir = run.config, run.config.run_path
     if resume and not has_progress(config):
         raise RunFolderError(
             f"{run_dir} holds no run to resume (no {LAST}, no config.yaml); "
@@ -127,25 +130,27 @@ def fit_rounds(
             f"{run_dir} already holds a run; pass --resume to continue it or set train.run_dir "
             "to start a new one"
         )
-    engine = make_engine(config)
+    engine = make_engine(run)
     if say_resume and engine.is_main:
         print(f"--resume auto: {'resuming' if resume else 'starting'} {run_dir}")
     # an error leaves the engine as it is: closing waits for every rank, and a rank that
     # failed alone would hang there instead of ending the run with its message
     names = config.train.trackers if config.train.refine_rounds else []
     with parent_run(names, run_dir, engine.is_main):
-        result = _run_rounds(config, engine, resume, stop, stop_file)
+        result = _run_rounds(run, engine, resume, stop, stop_file, (on_epoch_end, on_step))
     engine.close()
     return result
 
 
 def _run_rounds(
-    config: Config,
+    run: ResolvedRun,
     engine: Engine,
     resume: bool,
     stop: threading.Event | None,
     stop_file: Path | None,
+    hooks: tuple[EpochHook | None, StepHook | None],
 ) -> dict:
+    config = run.config
     rounds, run_dir = config.train.refine_rounds, config.run_path
     dirs = round_dirs(run_dir, rounds)
     relabel: dict[str, int] = {}
@@ -161,9 +166,9 @@ def _run_rounds(
         if engine.is_main and rounds:
             print(f"label clean-up round {index} of {rounds} in {folder}")
         trainer = Trainer(
-            dataclasses.replace(
-                config, train=dataclasses.replace(config.train, run_dir=str(folder))
-            ),
+            run.with_run_dir(str(folder)),
+            on_epoch_end=hooks[0],
+            on_step=hooks[1],
             resume=resume and (folder / "config.yaml").exists(),
             stop=stop,
             stop_file=stop_file,

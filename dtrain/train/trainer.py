@@ -1,4 +1,5 @@
-"""The training loop: `Trainer(config).fit()`.
+"""The training loop: `Trainer(resolve(config)).fit()`, what `dtrain.train.train` runs for
+each round.
 
 One epoch streams the train shards and takes a step of the configured method per batch, then
 evaluates val with the trained weights and their moving average (model selection,
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 from dtrain import distributed
-from dtrain.config import Config, save_config
+from dtrain.config import save_config
 from dtrain.dataset.format import read_dataset_json, split_urls, training_splits
 from dtrain.dataset.loader import ShardLoader, make_loader
 from dtrain.errors import NonFiniteLossError
@@ -48,6 +49,7 @@ from dtrain.train.evaluation import evaluate
 from dtrain.train.export import export_best
 from dtrain.train.label_scores import ScoreAccumulator
 from dtrain.train.lr_schedule import lr_factor
+from dtrain.train.resolve import ResolvedRun
 from dtrain.train.rng import rng_states_of_all_ranks, seed_everything
 from dtrain.train.running_sums import STOP, MetricSums, NonFiniteCounter, epoch_metrics
 from dtrain.train.step_guard import StepGuard
@@ -77,7 +79,7 @@ class Trainer:
 
     def __init__(
         self,
-        config: Config,
+        run: ResolvedRun,
         on_epoch_end: EpochHook | None = None,
         on_step: StepHook | None = None,
         resume: bool = False,
@@ -87,8 +89,7 @@ class Trainer:
         relabel: dict[str, int] | None = None,
         init_weights: Path | None = None,
     ) -> None:
-        config.validate()
-        self.config = config
+        self.config = config = run.config
         self.on_epoch_end, self.on_step = on_epoch_end, on_step
         self.resume = resume
         # requested on this rank: a signal, a callback, or the job's stop file appearing
@@ -96,10 +97,8 @@ class Trainer:
         self._stop_file = stop_file
         self._stopping = False  # agreed by every rank: only this ends the loop
         self._owns_engine = engine is None
-        self.engine = engine or make_engine(config)
+        self.engine = engine or make_engine(run)
         self.relabel, self.init_weights = relabel, init_weights
-        # again: a DeepSpeed file may have set values (dtrain.train.deepspeed_config)
-        config.validate()
         self.run_dir = config.run_path
 
     def request_stop(self) -> None:

@@ -1,13 +1,14 @@
-"""One trial of a search: a real dtrain run (the same `Trainer` as `dtrain train`) with the
-trial's sampled values, in `<search>/trials/<trial id>`. After each epoch it reports the epoch
-record, the objective and its checkpoint to Ray, so that ASHA can stop it and a restored search
-(or a retry after a failure) continues it from that checkpoint.
+"""One trial of a search: a real dtrain run (`dtrain.train.train`, as `dtrain train` runs it)
+with the trial's sampled values, in `<search>/trials/<trial id>`. After each epoch it reports
+the epoch record, the objective and its checkpoint to Ray, so that ASHA can stop it and a
+restored search (or a retry after a failure) continues it from that checkpoint.
 
 A trial of one process runs in the Tune trial itself; a trial of several runs under Ray Train's
 `TorchTrainer`, one worker per process, exactly as the same run under torchrun would."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -99,36 +100,47 @@ def run_in_process(config: Config, job: TrialJob, resume: bool, report_fn) -> No
     """One process's part of a trial (the trial itself, or one Ray Train worker). The last
     epoch is reported after the run's test evaluation, with the test metrics beside it: a
     scheduler ends a trial at its last report, which would otherwise cut off the test."""
+    from dtrain.distributed import world
+    from dtrain.train import train
     from dtrain.train.trackers import track_under_search
-    from dtrain.train.trainer import Trainer
 
     track_under_search(Path(job.folder).name)
-    trainer: Trainer
+    history = saved_history(config.run_path / LAST) if resume else []
+    last: list[Path] = []  # the checkpoint of the latest epoch
     final: list[dict] = []
 
     def report(metrics: dict) -> None:
-        folder = _checkpoint_dir(trainer.saver.last) if trainer.is_main else None
+        folder = _checkpoint_dir(last[-1]) if world()[0] == 0 else None  # the group is up
         try:
             report_fn(metrics, folder)
         finally:
             if folder is not None:
                 shutil.rmtree(folder, ignore_errors=True)
 
-    def on_epoch_end(record: dict, last: Path) -> None:
-        metrics = _report_record(record, trainer.state.history, job)
+    def on_epoch_end(record: dict, checkpoint: Path) -> None:
+        history.append(record)
+        last[:] = [checkpoint]
+        metrics = _report_record(record, history, job)
         if record["epoch"] == config.train.epochs:
             final.append(metrics)
         else:
             report(metrics)
 
-    trainer = Trainer(config, on_epoch_end=on_epoch_end, resume=resume)
-    summary = trainer.fit()
+    summary = train(config, resume=resume, on_epoch_end=on_epoch_end)
     if final:
         for which in ("last", "best"):
             for name, value in (summary.get(f"test_{which}") or {}).items():
                 if isinstance(value, int | float):
                     final[0][f"test_{which}_{name}"] = value
         report(final[0])
+
+
+def saved_history(last: Path) -> list[dict]:
+    """The epoch records a checkpoint holds: where a resumed trial's objective window starts."""
+    import torch
+
+    state = torch.load(last, weights_only=True, mmap=True)["state"]
+    return json.loads(state["history"])
 
 
 def _tune_report(metrics: dict, folder: Path | None) -> None:

@@ -399,12 +399,12 @@ def test_a_real_process_exits_2_with_one_line(tmp_path, argv, name):
 @pytest.fixture(scope="module")
 def stopped_run(tmp_path_factory) -> tuple[Path, Path]:
     """A tiny run, stopped with its checkpoint after one step: the dataset and the run folder."""
-    from dtrain.train.trainer import Trainer
+    from dtrain.train import train
 
     root = tmp_path_factory.mktemp("bad_config")
     data = stripes_dataset(root, 12, shard_size=8)
     run = root / "run"
-    Trainer(load_config(None, run_overrides(data, run, "train.stop_after_steps=1"))).fit()
+    train(load_config(None, run_overrides(data, run, "train.stop_after_steps=1")))
     assert (run / "last.pt").is_file()
     return data, run
 

@@ -25,9 +25,9 @@ from conftest import copy_dataset, make_image, refresh_checksum, rewrite_shard, 
 from PIL import Image, ImageFile
 
 from dtrain.dataset.loader import CorruptSampleError, make_loader, split_urls
-from dtrain.prepare.shard_writer import sha256
 from dtrain.errors import DataError
 from dtrain.prepare import PrepareConfig, prepare
+from dtrain.prepare.shard_writer import sha256
 
 SHARD = 6  # samples per shard; 24 samples in 4 train shards
 
