@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 python=${PYTHON:-python3}
-# The torch build is a deliberate choice (README, "Choosing torch"); override on a cluster, e.g.
+# The torch build is a deliberate choice (docs/index.md, "Choosing torch"); override on a cluster, e.g.
 # TORCH_PACKAGES="torch==2.5.1 torchvision==0.20.1 --index-url https://download.pytorch.org/whl/cu124"
 torch_packages=${TORCH_PACKAGES:-"torch==2.14.1 torchvision==0.29.1"}
 [ -x .venv/bin/python ] || "$python" -m venv .venv

@@ -33,7 +33,7 @@ def run(method: str, seed: int, args: argparse.Namespace) -> dict:
         command = [
             sys.executable,
             "-m",
-            "dtrain.commands.main",
+            "dtrain",
             "train",
             "--config",
             str(preset(method)),

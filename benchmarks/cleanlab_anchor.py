@@ -65,7 +65,7 @@ def _prepare(manifest: Path, out: Path) -> Path:
             [
                 sys.executable,
                 "-m",
-                "dtrain.commands.main",
+                "dtrain",
                 "prepare",
                 str(manifest),
                 "--out",
@@ -91,7 +91,7 @@ def _train_ce(data: Path, run_dir: Path, seed: int, args: argparse.Namespace) ->
             [
                 sys.executable,
                 "-m",
-                "dtrain.commands.main",
+                "dtrain",
                 "train",
                 "--resume",
                 "auto",  # a fold cut off continues
@@ -141,7 +141,7 @@ def _out_of_fold(rows, classes, seed, args, work: Path) -> dict[str, np.ndarray]
                 [
                     sys.executable,
                     "-m",
-                    "dtrain.commands.main",
+                    "dtrain",
                     "eval",
                     str(run),
                     "--split",

@@ -1,19 +1,26 @@
-"""The README's generated sections, from the JSON under benchmarks/results/: "Performance" (the
-step breakdown, the loader, the mixup op, scaling) and "At scale" (the scale model). Each table
-says the machine, the date and the command that made it.
+"""The docs' generated blocks, from the results under benchmarks/results/: each table says the
+machine, the date and the command that made it, so no measured number is ever pasted by hand.
 
-Between `<!-- generated: NAME -->` and `<!-- end: NAME -->` in the README; everything else in
-it is left as it is. `python benchmarks/run.py --readme README.md` calls `update_readme`."""
+A page holds `<!-- generated: NAME -->` and `<!-- end: NAME -->` with nothing (or anything stale)
+between them; `fill` puts the block's current Markdown there. The docs build does it for every
+page (`docs/hooks/generated.py`, an mkdocs hook), so the site always shows the results as
+committed; `python benchmarks/run.py --render docs/PAGE.md` prints one page as the build sees it.
+
+Blocks (`BLOCKS`): `performance` (the step breakdown, the loader, the mixup op, scaling),
+`at-scale` (the scale model), `study-cells`, `study-selection`, `study-cleanlab` (sections of
+`study/study.md`, which benchmarks/study_report.py writes), `accuracy-quick`, `tune`,
+`review-gain`, `tracker-overhead`, `selection-remeasure`; and `figure:PATH`, a PNG under
+benchmarks/results/ (the hook serves them under the site's `figures/`)."""
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from common import RESULTS
-from step_breakdown import PHASES
 
 from dtrain.files import write_atomic
 
@@ -49,6 +56,10 @@ def step_breakdown_md(result: dict) -> list[str]:
         f"{result['batch_size']}, one process; {_where(result)}). Phase shares of the median "
         f"step; peak memory is the {result['peak_memory']}."
     )
+    # the phases in the order step_breakdown.py wrote them (read here, not imported: importing
+    # step_breakdown imports torch, which the docs build has no need of)
+    first = next(iter(result["rows"].values()), {})
+    phases = list(first.get("phases", {}))
     rows = []
     for name, row in result["rows"].items():
         x_ce = row.get("x_ce_step")
@@ -58,11 +69,11 @@ def step_breakdown_md(result: dict) -> list[str]:
                 f"{row['images_per_s']:.0f}",
                 f"{row['step_ms']:.0f} ± {row['step_ms_iqr'] / 2:.0f}",
                 "—" if x_ce is None else f"{x_ce:.2f}",
-                *(_pct(row["phases"][p]["share"]) for p in PHASES),
+                *(_pct(row["phases"][p]["share"]) for p in phases),
                 f"{row['peak_mib']:.0f}",
             ]
         )
-    header = ["method/variant", "img/s", "step ms", "× CE", *PHASES, "peak MiB"]
+    header = ["method/variant", "img/s", "step ms", "× CE", *phases, "peak MiB"]
     lines = [head, "", *_table([h.replace("_", " ") for h in header], rows), ""]
     targets = result.get("targets", {})
     if targets:
@@ -169,22 +180,310 @@ def at_scale_md() -> list[str]:
     return lines
 
 
-SECTIONS = {"performance": performance_md, "at-scale": at_scale_md}
+def _mean_std(stat: list[float] | None) -> str:
+    """`[mean, std]` as the accuracy scripts store it."""
+    return "—" if not stat else f"{stat[0]:.3f} ± {stat[1]:.3f}"
+
+
+def accuracy_quick_md() -> list[str]:
+    results = _load("accuracy_quick.json")
+    if not results:
+        return ["No results yet: `python benchmarks/run.py --suite full --only accuracy`."]
+    r = results[0]
+    head = (
+        f"**Method vs baselines** ({len(r['seeds'])} seeds, {r['epochs']} epochs, "
+        f"{r['image_size']} px; mean ± std over the seeds of the clean test accuracy; "
+        f"{_where(r)})."
+    )
+    rows = [
+        [
+            f"`{method}` (`{r['presets'].get(method, '')}`)",
+            _mean_std(row["test_last"]),
+            _mean_std(row["test_best"]),
+            " / ".join(
+                _mean_std(row[k]) for k in ("mislabel_auroc_attention", "mislabel_auroc_loss")
+            ),
+        ]
+        for method, row in r["summary"].items()
+    ]
+    header = [
+        "method",
+        "test acc, last checkpoint",
+        "test acc, best noisy-val checkpoint",
+        "wrong-label AUROC: attention / loss",
+    ]
+    return [head, "", *_table(header, rows), ""]
+
+
+TUNE_SEARCHES = {
+    "full": "every config to the end (`--scheduler none`)",
+    "asha": "ASHA (the search file's grace period and reduction factor)",
+}
+
+
+def tune_md() -> list[str]:
+    results = _load("tune.json")
+    if not results:
+        return ["No results yet: `python benchmarks/tune_asha.py`."]
+    r = results[0]
+    head = (
+        f"**ASHA against running every config to the end** ({r['samples']} configs of "
+        f"`{r['search_file']}`, {r['epochs']} epochs at {r['image_size']} px, "
+        f"{r['max_concurrent']} trials at once; {_where(r)})."
+    )
+    full_epochs = r["searches"].get("full", {}).get("trial_epochs")
+    rows = []
+    for name, search in r["searches"].items():
+        epochs = str(search["trial_epochs"])
+        if full_epochs and name != "full":
+            epochs += f" ({search['trial_epochs'] / full_epochs:.0%})"
+        config = ", ".join(
+            f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in search["best_config"].items()
+        )
+        wall = search.get("wall_seconds")
+        rows.append(
+            [
+                TUNE_SEARCHES.get(name, name),
+                f"{search['best_objective']:.3f}",
+                f"{search['pick_clean_test_accuracy']:.3f}",
+                epochs,
+                str(search["stopped_early"]),
+                "—" if wall is None else f"{wall:.0f}",
+                f"`{config}`",
+            ]
+        )
+    header = [
+        "search",
+        "best objective",
+        "clean test acc of its pick",
+        "trial-epochs",
+        "stopped early",
+        "wall s",
+        "its pick",
+    ]
+    targets = r.get("targets_met", {})
+    tail = (
+        f"Best of the {r['samples']} by clean test accuracy (the oracle, unknown to a user): "
+        f"{r['oracle_clean_test_accuracy']:.3f}. Full pick minus ASHA pick: "
+        f"{r['gap_points']:.1f} points (target ≤ 1: "
+        f"{'met' if targets.get('within_1_point') else 'missed'}); ASHA used "
+        f"{r['asha_epoch_share']:.0%} of the trial-epochs (target ≤ 50%: "
+        f"{'met' if targets.get('half_the_epochs') else 'missed'}). Spearman correlation of the "
+        f"objective with clean val accuracy {r['spearman_objective_vs_clean_val']:.2f}, with "
+        f"clean test accuracy {r['spearman_objective_vs_clean_test']:.2f}."
+    )
+    return [head, "", *_table(header, rows), "", tail, ""]
+
+
+def review_gain_md() -> list[str]:
+    results = _load("review_gain.json")
+    if not results:
+        return ["No results yet: `python benchmarks/review_gain.py --before RUN`."]
+    r = results[0]
+    before, after = r["clean_test_accuracy"]["before"], r["clean_test_accuracy"]["after"]
+    noise = r["train_noise_rate"]
+    head = (
+        f"**What a review buys** (top {r['fraction']:.0%} of train reviewed, the clean labels "
+        f"standing in for the clinician; {r['wall_seconds'] / 60:.0f} minutes; {_where(r)})."
+    )
+    rows = [
+        [
+            "labels looked at / fixed",
+            "",
+            f"{r['labels_looked_at']} / {r['labels_fixed']}: "
+            f"{r['fixed_per_100_looked_at']:.0f} per 100 looked at (a random pick fixes "
+            f"{r['fixed_per_100_random_pick']:.0f})",
+        ],
+        ["train label noise", f"{noise['before']:.3f}", f"{noise['after']:.3f}"],
+        [
+            "clean test accuracy, last checkpoint",
+            f"{before['last']:.3f}",
+            f"{after['last']:.3f}",
+        ],
+        [
+            "clean test accuracy, `best.pt` (picked on the noisy val labels)",
+            f"{before['best']:.3f}",
+            f"{after['best']:.3f}",
+        ],
+    ]
+    return [head, "", *_table(["", "before", "after the review"], rows), ""]
+
+
+def tracker_overhead_md() -> list[str]:
+    results = _load("tracker_overhead_*.json")
+    if not results:
+        return ["Not measured yet: `python benchmarks/tracker_overhead.py`."]
+    lines = []
+    for r in results:
+        s = r.get("settings", {})
+        lines += [
+            f"**Tracker overhead** ({s.get('backbone', '?')}, {s.get('image_size', '?')} px, "
+            f"{s.get('epochs', '?')} epochs, {s.get('repeats', '?')} repeats; medians over "
+            f"the repeats, ratios to `[tensorboard]` measured in the same run; {_where(r)}).",
+            "",
+        ]
+        rows = [
+            [
+                f"`{variant}`",
+                f"{v['step_mean_s'] * 1e3:.0f}",
+                f"{v['step_median_s'] * 1e3:.0f}",
+                f"{v['run_s']:.0f}",
+                f"{v['step_mean_s_ratio']:.3f}",
+                f"{v['step_median_s_ratio']:.3f}",
+                f"{v['run_s_ratio']:.3f}",
+            ]
+            for variant, v in r["summary"].items()
+        ]
+        header = [
+            "trackers",
+            "step mean ms",
+            "step median ms",
+            "run s",
+            "step mean ×",
+            "step median ×",
+            "run ×",
+        ]
+        lines += [*_table(header, rows), ""]
+    return lines
+
+
+def selection_remeasure_md() -> list[str]:
+    results = _load("selection_remeasure.json")
+    if not results:
+        return ["Not run yet: `python benchmarks/selection_remeasure.py`."]
+    r = results[0]
+    rows = [
+        [
+            row["noise"],
+            row["method"],
+            row["rule"],
+            " ".join(str(s) for s in row.get("seeds", [])),
+            "—" if row["study"] is None else f"{row['study']:.3f}",
+            "—" if row["new"] is None else f"{row['new']:.3f}",
+        ]
+        for row in r["rows"]
+    ]
+    head = f"**Selection rules re-measured** (mean clean test accuracy; {_where(r)})."
+    header = ["noise", "method", "rule", "seeds", "study", "now"]
+    return [head, "", *_table(header, rows), ""]
+
+
+STUDY_MD = RESULTS / "study" / "study.md"
+# the blocks showing study.md: "" is its part before the first `## ` heading (one table per
+# noise kind), the others a section by the start of its heading
+STUDY_SECTIONS = {
+    "study-cells": "",
+    "study-selection": "Selection rules",
+    "study-cleanlab": "cleanlab",
+}
+
+
+def study_sections() -> dict[str, list[str]]:
+    """study.md split at its `## ` headings (its `# ` title dropped), by heading."""
+    sections: dict[str, list[str]] = {"": []}
+    current = ""
+    for line in STUDY_MD.read_text().splitlines():
+        if line.startswith("# "):
+            continue
+        if line.startswith("## "):
+            current = line[3:].strip()
+            sections[current] = []
+        else:
+            sections[current].append(line)
+    return sections
+
+
+def study_md(block: str) -> list[str]:
+    """One section of study.md; a section that no block shows is an error, so that nothing the
+    study reports is left off the docs."""
+    if not STUDY_MD.is_file():
+        return ["No study yet: `python benchmarks/study.py`."]
+    sections = study_sections()
+    prefixes = STUDY_SECTIONS.values()
+    unshown = [h for h in sections if not any(h.startswith(p) for p in prefixes if p) and h]
+    if unshown:
+        raise ValueError(
+            f"{STUDY_MD} has sections no docs block shows: {unshown}; add them to "
+            "STUDY_SECTIONS in benchmarks/performance.py and a block to docs/results.md"
+        )
+    prefix = STUDY_SECTIONS[block]
+    for heading, lines in sections.items():
+        if heading.startswith(prefix) and (prefix or not heading):
+            return [*lines, ""]
+    return [f"No '{prefix}' section in {STUDY_MD} yet: `python benchmarks/study.py`."]
+
+
+BLOCKS: dict[str, Callable[[], list[str]]] = {
+    "performance": performance_md,
+    "at-scale": at_scale_md,
+    **{name: (lambda n=name: study_md(n)) for name in STUDY_SECTIONS},
+    "accuracy-quick": accuracy_quick_md,
+    "tune": tune_md,
+    "review-gain": review_gain_md,
+    "tracker-overhead": tracker_overhead_md,
+    "selection-remeasure": selection_remeasure_md,
+}
+FIGURE = "figure:"  # `figure:study/study.png`: a PNG under RESULTS
+# a marker is a line of its own (one quoted inside a sentence or a code span is text)
+MARKER = re.compile(
+    r"^<!-- generated: (?P<name>\S+) -->\n(?P<body>.*?)^<!-- end: (?P=name) -->$",
+    re.DOTALL | re.MULTILINE,
+)
+OPENING = re.compile(r"^<!-- generated: (\S+) -->$", re.MULTILINE)
+
+
+def figure_md(path: str, url: Callable[[str], str] | None = None) -> list[str]:
+    """A results figure, or a line saying it is not there yet. `url` maps its path under RESULTS
+    to a link (the docs hook serves the PNGs itself); default: a path from the repository root."""
+    if not (RESULTS / path).is_file():
+        return [f"No figure yet: `benchmarks/results/{path}`."]
+    link = url(path) if url else f"benchmarks/results/{path}"
+    return [f"![{Path(path).stem}]({link})", ""]
+
+
+def render(name: str, figure_url: Callable[[str], str] | None = None) -> list[str]:
+    """The Markdown of one block."""
+    if name.startswith(FIGURE):
+        return figure_md(name[len(FIGURE) :], figure_url)
+    if name not in BLOCKS:
+        raise ValueError(
+            f"no generated block {name!r}; known: {', '.join(BLOCKS)}, or {FIGURE}PATH"
+        )
+    return BLOCKS[name]()
+
+
+def fill(text: str, figure_url: Callable[[str], str] | None = None, where: str = "") -> str:
+    """`text` with the body of every generated block replaced by its current Markdown. An
+    unknown block, or one that is opened and never closed, is an error naming it."""
+    closed = {m.group("name") for m in MARKER.finditer(text)}
+    unclosed = [n for n in OPENING.findall(text) if n not in closed]
+    if unclosed:
+        raise ValueError(
+            f"{where or 'the text'}: '<!-- generated: {unclosed[0]} -->' has no "
+            f"'<!-- end: {unclosed[0]} -->'"
+        )
+
+    def body(match: re.Match) -> str:
+        name = match.group("name")
+        try:
+            lines = render(name, figure_url)
+        except ValueError as err:
+            raise ValueError(f"{where or 'the text'}: {err}") from None
+        return f"<!-- generated: {name} -->\n" + "\n".join(lines) + f"\n<!-- end: {name} -->"
+
+    return MARKER.sub(body, text)
 
 
 def update_readme(path: Path) -> None:
-    """Replace each generated section's body; a README without the markers is an error."""
+    """Fill a Markdown file's generated blocks in place: a copy of a page to read outside the
+    docs build. A file without a block is refused. (The README itself holds none any more;
+    tests/test_benchmarks.py still calls this by its old name.)"""
     text = path.read_text()
-    for name, render in SECTIONS.items():
-        pattern = re.compile(
-            rf"(<!-- generated: {name} -->\n).*?(<!-- end: {name} -->)", flags=re.DOTALL
+    if not MARKER.search(text):
+        raise SystemExit(
+            f"{path} has no generated blocks ('<!-- generated: performance -->' ... "
+            f"'<!-- end: performance -->', or another of: {', '.join(BLOCKS)})"
         )
-        if not pattern.search(text):
-            raise SystemExit(
-                f"{path} has no '<!-- generated: {name} -->' ... '<!-- end: {name} -->' "
-                "markers; add them where the section belongs"
-            )
-        body = "\n".join(render()) + "\n"
-        text = pattern.sub(lambda m, b=body: m.group(1) + b + m.group(2), text)
-    write_atomic(path, text)
-    print(f"updated {path}: {', '.join(SECTIONS)}")
+    write_atomic(path, fill(text, where=str(path)))
+    print(f"updated {path}")

@@ -43,7 +43,7 @@ def dtrain(*argv: str, log: list[str], skip: bool = False) -> None:
         print(f"finished already, reused: {log[-1]}", flush=True)
         return
     print(f"$ {log[-1]}", flush=True)
-    subprocess.run([sys.executable, "-m", "dtrain.commands.main", *argv], check=True)
+    subprocess.run([sys.executable, "-m", "dtrain", *argv], check=True)
 
 
 def fill_from_clean_labels(review_csv: Path, dataset: Path) -> tuple[int, int]:

@@ -5,8 +5,12 @@ of the headline numbers against their targets.
     python benchmarks/run.py --suite quick            # < 10 minutes on a 2-core CPU
     python benchmarks/run.py --suite full             # every variant, more repeats
     python benchmarks/run.py --only loader scale_model
-    python benchmarks/run.py --readme README.md       # no runs: the README's Performance and
-                                                      # At scale sections from the JSON results
+    python benchmarks/run.py --render docs/performance.md   # no runs: a docs page with its
+                                                            # generated blocks filled, printed
+
+The docs show the results as generated blocks, filled from the JSON under benchmarks/results/
+each time the site is built (docs/hooks/generated.py calls benchmarks/performance.py): a new
+result file is on the site at the next `mkdocs build`, with nothing to paste or regenerate.
 
 Benchmarks: step_breakdown (where a training step's time goes, per method), loader (streaming
 loader vs plain decode, local and `pipe:` shards), mixup_op (the fused mixup op vs torch),
@@ -26,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import RESULTS, Column, Table, device_name, slug
-from performance import update_readme
+from performance import fill
 
 HERE = Path(__file__).resolve().parent
 
@@ -160,10 +164,16 @@ def main() -> None:
     )
     parser.add_argument("--suite", choices=("quick", "full"), default="quick")
     parser.add_argument("--only", nargs="+", choices=list(BENCHMARKS), metavar="NAME")
-    parser.add_argument("--readme", help="rewrite this README's generated sections and stop")
+    parser.add_argument(
+        "--render",
+        metavar="PAGE",
+        help="print this docs page with its generated blocks filled from the results (what the "
+        "docs build shows) and stop; runs nothing, writes nothing",
+    )
     args = parser.parse_args()
-    if args.readme:
-        update_readme(Path(args.readme))
+    if args.render:
+        page = Path(args.render)
+        print(fill(page.read_text(), where=str(page)), end="")
         return
     chosen = args.only or list(BENCHMARKS)
     # in BENCHMARKS' order whatever the order typed: scale_model reads the others' results

@@ -36,7 +36,7 @@ def measure(processes: int, args: argparse.Namespace, workdir: Path) -> float:
         f"--nproc_per_node={processes}",
         f"--master_port={free_port()}",
         "-m",
-        "dtrain.commands.main",
+        "dtrain",
         "train",
         "--config",
         str(preset(args.method)),

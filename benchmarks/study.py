@@ -33,7 +33,7 @@ def prepare(noise: str, data_root: Path) -> Path:
     """The study's copy of the embedded set with this noise, images stored at 40 px."""
     out = data_root / noise
     if not (out / "dataset.json").is_file():
-        command = [sys.executable, "-m", "dtrain.commands.main", "prepare", "--out", str(out)]
+        command = [sys.executable, "-m", "dtrain", "prepare", "--out", str(out)]
         command += [*NOISES[noise], "--resize", "40", "--no-progress"]
         subprocess.run(command, check=True)
     return out

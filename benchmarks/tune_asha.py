@@ -35,7 +35,7 @@ def search(name: str, scheduler: str, args: argparse.Namespace, *flags: str) -> 
         command = [
             sys.executable,
             "-m",
-            "dtrain.commands.main",
+            "dtrain",
             "tune",
             str(SEARCH_FILE),
             f"train.epochs={args.epochs}",

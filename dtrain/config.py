@@ -43,7 +43,7 @@ TrackerName = Literal["tensorboard", "mlflow", "wandb"]
 class DataConfig:
     # dataset folder written by `dtrain prepare`; empty: the embedded Br35H set, prepared if missing
     path: str = ""
-    # the main job's size: it then fits 15 min on a 2-core CPU (README, "Measured"); on a GPU
+    # the main job's size: it then fits 15 min on a 2-core CPU (docs/results.md); on a GPU
     # cluster use the scans' resolution, e.g. data.image_size=224 model.backbone=resnet50
     image_size: int = 32
     batch_size: int = 64  # per rank and per micro-step
@@ -147,7 +147,7 @@ class TrainConfig:
     # NHWC weights and images: faster convolutions on tensor cores (CUDA); same numbers
     channels_last: bool = operational(False)
     # where metrics go beside metrics.jsonl: any of tensorboard, mlflow, wandb (the last two
-    # need `pip install 'dtrain[track]'` and read their own environment variables; README)
+    # need `pip install 'dtrain[track]'` and read their own environment variables; docs/trackers.md)
     trackers: list[TrackerName] = operational(["tensorboard"])
 
 

@@ -34,7 +34,7 @@ def env(cpu_env) -> dict:
 
 
 def train_args(data: Path, run_dir: Path, *extra: str) -> list[str]:
-    return ["-m", "dtrain.commands.main", "train", *small_overrides(data, run_dir, 8, *extra)]
+    return ["-m", "dtrain", "train", *small_overrides(data, run_dir, 8, *extra)]
 
 
 def run(command: list[str], env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -194,7 +194,7 @@ def test_deepspeed_zero3_trains_checkpoints_resumes_and_finishes(tiny, tmp_path,
         [
             sys.executable,
             "-m",
-            "dtrain.commands.main",
+            "dtrain",
             "eval",
             str(run_dir),
             "--checkpoint",

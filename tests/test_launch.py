@@ -301,7 +301,7 @@ def test_a_refusal_imports_nothing_heavy():
             "-X",
             "importtime",
             "-m",
-            "dtrain.commands.main",
+            "dtrain",
             "launch",
             "slurm",
             "--dry-run",

@@ -258,7 +258,7 @@ def test_cli_reports_errors_without_a_traceback(tmp_path):
         [
             sys.executable,
             "-m",
-            "dtrain.commands.main",
+            "dtrain",
             "prepare",
             str(tmp_path / "nope"),
             "--out",
@@ -301,7 +301,7 @@ def test_bad_requests_are_config_errors(image_folder, tmp_path, kw, match):
 
 def test_cli_refuses_a_noise_map_that_moves_nothing(image_folder, tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "dtrain.commands.main", "prepare", str(image_folder), "--out"]
+        [sys.executable, "-m", "dtrain", "prepare", str(image_folder), "--out"]
         + [str(tmp_path / "ds"), "--noise", "asymmetric", "--noise-map", "0,1,2"],
         capture_output=True,
         text=True,

@@ -149,14 +149,14 @@ def test_a_request_that_cannot_fit_is_refused_before_submitting(
 
 
 def ranks_catch_usr1(job: str, ranks: int) -> bool:
-    """Whether the job's `dtrain.commands.main` processes (not its supervisor) all handle USR1."""
+    """Whether the job's `python -m dtrain` processes (not its supervisor) all handle USR1."""
     pids = []
     for pid in processes_with_env(f"SLURM_JOB_ID={job}"):
         try:
             args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue  # gone
-        if args[1:3] == [b"-m", b"dtrain.commands.main"]:
+        if args[1:3] == [b"-m", b"dtrain"]:
             pids.append(pid)
     return len(pids) == ranks and all(catches(pid, signal.SIGUSR1) for pid in pids)
 

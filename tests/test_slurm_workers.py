@@ -22,17 +22,15 @@ def tiny(tmp_path_factory) -> Path:
 
 
 def reading_with_workers(job: str, run_dir: Path) -> bool:
-    """A step logged, and 2 ranks with 2 workers each running: 6 `dtrain.commands.main` processes (a
-    worker is a fork of its rank), so that the TERM finds workers to kill."""
+    """A step logged, and 2 ranks with 2 workers each running: 6 `python -m dtrain`
+    processes (a worker is a fork of its rank), so that the TERM finds workers to kill."""
     count = 0
     for pid in processes_with_env(f"SLURM_JOB_ID={job}"):
         try:
             args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue  # gone
-        count += (
-            b"dtrain.commands.main" in args[1:4]
-        )  # python [-u] -m dtrain.commands.main: a rank or a worker
+        count += b"dtrain" in args[1:4]  # python [-u] -m dtrain: a rank or a worker
     return count >= 6 and logged_a_step(run_dir)
 
 

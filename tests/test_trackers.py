@@ -146,7 +146,7 @@ def test_in_two_processes_only_rank_0_logs(tiny, tmp_path, mlflow_server, cpu_en
             "--standalone",
             "--nproc_per_node=2",
             "-m",
-            "dtrain.commands.main",
+            "dtrain",
             "train",
             *args,
         ],
@@ -216,7 +216,7 @@ def test_a_killed_and_resumed_run_continues_its_mlflow_run_with_each_step_once(
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert max(r["step"] for r in records(run_dir) if r["kind"] == "step") == 20
     resumed = subprocess.run(
-        [sys.executable, "-m", "dtrain.commands.main", "train", "--resume", *args],
+        [sys.executable, "-m", "dtrain", "train", "--resume", *args],
         env=env,
         cwd=ROOT,
         capture_output=True,

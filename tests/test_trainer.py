@@ -157,7 +157,7 @@ def test_eval_command_reports_the_best_checkpoint(tiny, tmp_path):
     run = tmp_path / "run"
     summary = train(config(tiny, run, "train.epochs=1", "method.name=ce"))
     result = subprocess.run(
-        [sys.executable, "-m", "dtrain.commands.main", "eval", str(run)],
+        [sys.executable, "-m", "dtrain", "eval", str(run)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -256,7 +256,7 @@ def test_cli_rejects_a_bad_key_before_any_work(tmp_path):
         [
             sys.executable,
             "-m",
-            "dtrain.commands.main",
+            "dtrain",
             "train",
             f"train.run_dir={tmp_path / 'r'}",
             "method.group_szie=4",

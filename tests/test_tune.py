@@ -414,7 +414,7 @@ def test_a_two_worker_trial_equals_the_same_run_under_torchrun(tiny, tmp_path, e
             "--standalone",
             "--nproc_per_node=2",
             "-m",
-            "dtrain.commands.main",
+            "dtrain",
             "train",
             *overrides,
         ],

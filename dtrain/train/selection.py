@@ -3,8 +3,8 @@
 At 40% symmetric noise on two classes, accuracy on noisy val labels moves only 0.2 points per
 point of clean accuracy, so its sampling noise swamps the signal; with instance-dependent noise
 the wrong val labels sit on the hard images, and an early, near-constant model agrees with them
-best. The rules here are measured against each other in `benchmarks/study.py` (README, "Model
-selection"); each returns, for a run's epoch history, the score of its newest epoch (higher is
+best. The rules here are measured against each other in `benchmarks/study.py` (docs/selection.md,
+docs/results.md); each returns, for a run's epoch history, the score of its newest epoch (higher is
 better), so the trainer can decide online, and `picks` replays a rule over a finished history
 for the report."""
 

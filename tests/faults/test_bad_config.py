@@ -382,7 +382,7 @@ def test_help_lists_every_method_rule_and_key(capsys):
 )
 def test_a_real_process_exits_2_with_one_line(tmp_path, argv, name):
     result = subprocess.run(
-        [sys.executable, "-m", "dtrain.commands.main", argv[0], *guards(tmp_path, ""), *argv[1:]],
+        [sys.executable, "-m", "dtrain", argv[0], *guards(tmp_path, ""), *argv[1:]],
         capture_output=True,
         text=True,
         timeout=120,
@@ -475,7 +475,7 @@ def test_deepspeed_zero3_without_a_launcher_runs_in_one_process(stopped_run, tmp
     launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     env = {k: v for k, v in os.environ.items() if k not in launcher}
     result = subprocess.run(
-        [sys.executable, "-m", "dtrain.commands.main", "train", *overrides],
+        [sys.executable, "-m", "dtrain", "train", *overrides],
         capture_output=True,
         text=True,
         timeout=300,

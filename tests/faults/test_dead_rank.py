@@ -59,7 +59,7 @@ def test_the_survivor_names_the_dead_rank_within_seconds_and_resume_finishes(tin
         "--standalone",
         "--nproc_per_node=2",
         "-m",
-        "dtrain.commands.main",
+        "dtrain",
         "train",
     ]
     job = subprocess.Popen(

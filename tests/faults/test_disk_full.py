@@ -56,7 +56,7 @@ def test_a_full_disk_fails_the_save_clearly_and_keeps_both_checkpoints(tmp_path,
     assert not list(run_dir.glob("*.pending*"))  # no half-written file left to take space
     (small_disk / "filler").unlink()
     resumed = subprocess.run(
-        [sys.executable, "-m", "dtrain.commands.main", "train", "--resume", *args],
+        [sys.executable, "-m", "dtrain", "train", "--resume", *args],
         capture_output=True,
         text=True,
         timeout=300,
@@ -74,7 +74,7 @@ def test_prepare_on_a_full_disk_says_so_in_one_line(tmp_path, small_disk):
         [
             sys.executable,
             "-m",
-            "dtrain.commands.main",
+            "dtrain",
             "prepare",
             str(images),
             "--out",

@@ -60,9 +60,7 @@ def assert_same_weights(a: Path, b: Path) -> None:
 @pytest.mark.slow
 def test_killed_at_six_points_resumes_each_time_to_the_uninterrupted_weights(tiny, tmp_path, env):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    done = run(
-        [sys.executable, "-m", "dtrain.commands.main", "train", *train_args(tiny, straight)], env
-    )
+    done = run([sys.executable, "-m", "dtrain", "train", *train_args(tiny, straight)], env)
     assert done.returncode == 0, done.stderr[-3000:]
     args = ["--resume", *train_args(tiny, killed)]
     # (point, after global step, the checkpoint the next resume must start from)
@@ -82,7 +80,7 @@ def test_killed_at_six_points_resumes_each_time_to_the_uninterrupted_weights(tin
             assert resumed_from(killed) == checkpoint, point
         if point == "save":  # the half-written file is there, beside an intact last.pt
             assert list(killed.glob("*.last.pt.pending*")), point
-    finished = run([sys.executable, "-m", "dtrain.commands.main", "train", *args], env)
+    finished = run([sys.executable, "-m", "dtrain", "train", *args], env)
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert not list(killed.glob("*.pending*"))
     assert_same_weights(straight, killed)
@@ -108,16 +106,14 @@ def test_killed_under_deepspeed_zero2_resumes_to_the_uninterrupted_weights(tiny,
     mid-epoch checkpoint at step 4 and its DeepSpeed shards behind them."""
     zero2 = f"train.deepspeed={ROOT / 'configs' / 'deepspeed' / 'zero2.json'}"
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    done = run(
-        torchrun(2, "-m", "dtrain.commands.main", "train", *train_args(tiny, straight, zero2)), env
-    )
+    done = run(torchrun(2, "-m", "dtrain", "train", *train_args(tiny, straight, zero2)), env)
     assert done.returncode == 0 and "2 process(es)" in done.stdout, done.stderr[-3000:]
     args = ["--resume", *train_args(tiny, killed, zero2)]
     died = run(torchrun(2, str(HURT), "step", "6", "--", *args[1:]), env)
     assert died.returncode != 0 and "Signal 9 (SIGKILL)" in died.stderr, died.stderr[-3000:]
     assert resumed_from(killed) == 4
     assert (killed / "deepspeed" / "step4").is_dir()
-    finished = run(torchrun(2, "-m", "dtrain.commands.main", "train", *args), env)
+    finished = run(torchrun(2, "-m", "dtrain", "train", *args), env)
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert_same_weights(straight, killed)
     last = torch.load(killed / "last.pt", weights_only=True)
