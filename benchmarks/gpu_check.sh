@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On a GPU machine: the fused mixup kernel tests (tests/test_kernels.py) compiled for the GPU,
+# On a GPU machine: the fused mixup kernel tests (tests/methods/test_kernels.py) compiled for the GPU,
 # then the benchmarks that a GPU changes: the mixup op at full size (fused vs torch vs copy
 # bandwidth), the step breakdown with every variant (eager, compile, channels-last, the fused
 # mixup op), and the scale model from those numbers. Under 10 minutes on one H100.
@@ -26,7 +26,7 @@ export PYTHONUNBUFFERED=1
 export TRITON_INTERPRET=0
 export DTRAIN_TEST_DEVICE=cuda
 python3 -c 'import torch; assert torch.cuda.is_available(), "no GPU"; print(torch.cuda.get_device_name(0))'
-python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py
+python3 -m pytest -q -p no:cacheprovider tests/methods/test_kernels.py
 python3 benchmarks/mixup_bench.py --repeats 20 --batch 1024 4096 --group 4 8 --dim 512 2048
 data=(${1:+--data "$1"})
 python3 benchmarks/step_breakdown.py "${data[@]}" --variants eager compile channels_last \

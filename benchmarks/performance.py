@@ -478,7 +478,7 @@ def fill(text: str, figure_url: Callable[[str], str] | None = None, where: str =
 def update_readme(path: Path) -> None:
     """Fill a Markdown file's generated blocks in place: a copy of a page to read outside the
     docs build. A file without a block is refused. (The README itself holds none any more;
-    tests/test_benchmarks.py still calls this by its old name.)"""
+    tests/benchmarks/test_benchmarks.py still calls this by its old name.)"""
     text = path.read_text()
     if not MARKER.search(text):
         raise SystemExit(

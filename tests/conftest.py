@@ -15,6 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+REPO = Path(__file__).resolve().parent.parent
+PROCS = REPO / "tests" / "procs"  # the scripts tests run in a subprocess
+CONFIGS = REPO / "configs"
+
 
 def make_image(seed: int, side: int = 40, channels: int = 1) -> np.ndarray:
     """A smooth random uint8 image: unlike white noise, it survives JPEG and downscaling."""

@@ -21,14 +21,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import small_overrides, stripes_dataset
+from conftest import REPO, small_overrides, stripes_dataset
 
 from dtrain import config as config_module
 from dtrain import stop_signal
 from dtrain.commands.main import main
 from dtrain.config import config_keys, load_config
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = REPO
 DEEPSPEED = ROOT / "configs" / "deepspeed"
 
 # For each key: values (command-line text) that must be refused, or None with why none is.

@@ -14,9 +14,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import processes_with_env, small_overrides, stripes_dataset
+from conftest import REPO, processes_with_env, small_overrides, stripes_dataset
 
-ROOT = Path(__file__).parents[2]
+ROOT = REPO
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 
 

@@ -6,14 +6,13 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import small_overrides, stripes_dataset, write_stripes
+from conftest import PROCS, REPO, small_overrides, stripes_dataset, write_stripes
 
-ROOT = Path(__file__).parents[2]
-HURT = Path(__file__).parent / "hurt.py"
+ROOT = REPO
+HURT = PROCS / "hurt.py"
 
 
 @pytest.fixture

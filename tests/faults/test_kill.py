@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import small_overrides, stripes_dataset
+from conftest import PROCS, REPO, small_overrides, stripes_dataset
 
-ROOT = Path(__file__).parents[2]
-HURT = Path(__file__).parent / "hurt.py"
+ROOT = REPO
+HURT = PROCS / "hurt.py"
 STEPS_PER_EPOCH = 14  # 224 train samples, batches of 16
 
 

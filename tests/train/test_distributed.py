@@ -13,12 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from conftest import free_port, small_overrides, stripes_dataset
+from conftest import PROCS, REPO, free_port, small_overrides, stripes_dataset
 
 from dtrain.launch.slurm_env import env_from_slurm
 
-HERE = Path(__file__).parent
-ROOT = HERE.parent
+ROOT = REPO
 BIN = Path(sys.executable).parent
 
 
@@ -79,7 +78,7 @@ def test_two_processes_equal_one_on_the_same_global_batch(method, padding, tmp_p
     """DDP gradient averaging, for iam the contrastive loss over the global batch, and with
     padding (rank 0: 8 real samples, rank 1: 3) the weighting by the global valid count."""
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
-    script = str(HERE / "dist_equivalence.py")
+    script = str(PROCS / "dist_equivalence.py")
     run([sys.executable, script, method, str(one), f"--padding={padding}"], env)
     run(torchrun(2, script, method, str(two), f"--padding={padding}"), env)
     a, b = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
@@ -92,7 +91,7 @@ def test_two_processes_equal_one_on_the_same_global_batch(method, padding, tmp_p
 def test_gradient_accumulation_equals_the_whole_batch(deepspeed, tmp_path, env):
     """Two micro-batches of 8 accumulated equal one batch of 16 (CE, fp64), on both engines;
     under DeepSpeed in 2 processes (2 x 2 micro-batches of 4)."""
-    script = str(HERE / "dist_equivalence.py")
+    script = str(PROCS / "dist_equivalence.py")
     whole, accumulated = tmp_path / "whole.pt", tmp_path / "accumulated.pt"
     run([sys.executable, script, "ce", str(whole)], env)
     extra = [f"--deepspeed={ROOT / 'configs' / 'deepspeed' / deepspeed}"] if deepspeed else []
@@ -108,7 +107,7 @@ def test_accelerate_launch_with_a_config_file(tiny, tmp_path, env):
     trainer runs each process on the CPU over gloo. (Accelerate's MULTI_CPU type would need
     mpirun.) With a label clean-up round, whose second training reuses the first's engine: every
     rank, not only rank 0, trains round 1 on round 0's corrections (each rank writes the labels
-    it trained with, tests/test_train_rank_labels.py)."""
+    it trained with, tests/train/test_train_rank_labels.py)."""
     config = tmp_path / "accelerate.yaml"
     config.write_text(
         "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_machines: 1\n"
@@ -127,7 +126,7 @@ def test_accelerate_launch_with_a_config_file(tiny, tmp_path, env):
             "launch",
             "--config_file",
             str(config),
-            str(HERE / "test_train_rank_labels.py"),
+            str(PROCS / "rank_labels.py"),
             str(seen),
             *overrides,
         ],
@@ -293,7 +292,7 @@ def test_sync_budget_per_step(method, tiny, tmp_path, env):
         tiny, tmp_path / "run", 8, "train.epochs=1", f"method.name={method}", "train.log_every=3"
     )
     args = [a for a in args if a != "data.num_workers=0"] + ["data.num_workers=1"]
-    run(torchrun(2, str(HERE / "sync_budget.py"), str(counts_file), *args), env)
+    run(torchrun(2, str(PROCS / "sync_budget.py"), str(counts_file), *args), env)
     steps = {int(k): v for k, v in json.loads(counts_file.read_text()).items()}
     assert len(steps) == 6  # 89 train images over 2 ranks x 8 per batch: 6 steps
     inner = [steps[s] for s in sorted(steps)[1:]]  # the first step also opens the epoch
@@ -313,7 +312,7 @@ def test_a_stop_on_one_rank_stops_every_rank_at_the_same_step(tiny, tmp_path, en
     """Rank 1 alone asks to stop in its callback on log step 3 (after that step's header):
     the ranks agree at the next log step, 6, instead of rank 1 leaving the collectives alone."""
     args = small_overrides(tiny, tmp_path / "run", 8, "train.log_every=3", "method.name=ce")
-    result = run(torchrun(2, str(HERE / "stop_one_rank.py"), "3", *args), env, timeout=240)
+    result = run(torchrun(2, str(PROCS / "stop_one_rank.py"), "3", *args), env, timeout=240)
     results = [
         json.loads(line.split("RESULT ", 1)[1])
         for line in result.stdout.splitlines()

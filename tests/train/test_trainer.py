@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import (
+    CONFIGS,
     copy_dataset,
     random_batch,
     rewrite_shard,
@@ -28,8 +29,6 @@ from dtrain.methods.model import build_model
 from dtrain.methods.registry import METHODS
 from dtrain.methods.steps import training_step
 from dtrain.train import train
-
-CONFIGS = Path(__file__).parent.parent / "configs"
 
 
 @pytest.fixture(scope="module")

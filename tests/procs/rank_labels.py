@@ -1,9 +1,9 @@
-"""Launched (accelerate launch, torchrun) as `python tests/test_train_rank_labels.py OUT_DIR
+"""Launched (accelerate launch, torchrun) as `python tests/procs/rank_labels.py OUT_DIR
 dtrain-train-arguments...`: `dtrain train` that also writes, per rank, what each of its trainings
 (one per label clean-up round) trained on: `OUT_DIR/rank<R>.json`, a list over the rounds of
 {"relabel": the corrected labels it was handed, "seen": {sample key: label it trained with}}.
-tests/test_distributed.py checks that every rank, not only rank 0, trained on the corrections.
-(No tests of its own: it is named so that it may live among the trainer's tests.)"""
+tests/train/test_distributed.py checks that every rank, not only rank 0, trained on the
+corrections."""
 
 from __future__ import annotations
 

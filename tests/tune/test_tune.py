@@ -19,6 +19,7 @@ import pytest
 import torch
 import yaml
 from conftest import (
+    REPO,
     copy_dataset,
     rewrite_shard,
     small_overrides,
@@ -34,7 +35,7 @@ from dtrain.tune.trial import objective
 
 pytest.importorskip("ray.tune", reason="the tune extra (pip install -e .[tune]) is not installed")
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO
 BIN = Path(sys.executable).parent
 
 

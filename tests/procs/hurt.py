@@ -1,7 +1,7 @@
 """Run `dtrain train ARGS...` and hurt it at a chosen point: kill this very process with
 SIGKILL, or fill its disk.
 
-    python tests/faults/hurt.py POINT STEP -- train arguments...
+    python tests/procs/hurt.py POINT STEP -- train arguments...
 
 POINT is where, counted from the global optimiser step STEP (the steps a resumed run already
 had count too): `step` right after step STEP; `forward` inside the next training forward pass

@@ -1,6 +1,6 @@
 """The launch layer without a cluster: the job environment from SLURM's variables, templates
 rendered and checked against a partition's nodes, the supervisor's stop file, and `dtrain train`
-under a stop signal and `--resume auto`. On a real cluster: tests/test_slurm.py."""
+under a stop signal and `--resume auto`. On a real cluster: tests/launch/test_slurm.py."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import catches, small_overrides, stripes_dataset
+from conftest import REPO, catches, small_overrides, stripes_dataset
 
 from dtrain.errors import ConfigError, DistributedError
 from dtrain.launch import slurm
@@ -23,7 +23,7 @@ from dtrain.launch.slurm_env import expand_hostlist, first_host, job_exports, jo
 from dtrain.launch.supervise import stop_file_for, supervise
 from dtrain.stop_signal import STOP_FILE_ENV, acknowledgement
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO
 BIN = Path(sys.executable).parent
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import webdataset as wds
-from conftest import copy_dataset, rewrite_shard, write_folder
+from conftest import PROCS, copy_dataset, rewrite_shard, write_folder
 
 from dtrain.dataset import loader as data_module
 from dtrain.dataset.loader import CorruptSampleError, make_loader, split_urls
@@ -21,8 +21,6 @@ from dtrain.dataset.loader_plan import worker_order, worker_skips
 from dtrain.errors import DataError
 from dtrain.prepare import PrepareConfig, prepare
 from dtrain.prepare.data_folder import resolve_data_dir
-
-HERE = Path(__file__).parent
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +64,7 @@ def test_each_sample_exactly_once_with_equal_batches_over_2_ranks_x_2_workers(
                 subprocess.Popen(
                     [
                         sys.executable,
-                        str(HERE / "loader_rank.py"),
+                        str(PROCS / "loader_rank.py"),
                         str(dataset),
                         str(rank),
                         "2",

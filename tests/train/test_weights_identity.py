@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import PROCS
 
 BEFORE_THE_MOVE = {
     "model": "5265fe7f2bc67daa1f3fc9e5b111919fa32a6e928c97c5ea98ec77b7208a9b20",
     "ema": "83e2e0e57bf63744a65d7e39b87c238f4871cb4c73a117ca6e8c179db0530fc8",
 }
-SCRIPT = Path(__file__).parent / "procs" / "weights_digest.py"
+SCRIPT = PROCS / "weights_digest.py"
 
 
 @pytest.mark.slow

@@ -86,25 +86,6 @@ def test_nt_xent_gradient_matches_finite_difference():
     np.testing.assert_allclose(leaf.grad.numpy(), numeric, atol=1e-5)
 
 
-def test_nt_xent_padding_sample_takes_no_part():
-    """A padded sample (valid=False) changes nothing: same loss as the batch without it."""
-    torch.manual_seed(0)
-    z1 = nn.functional.normalize(torch.randn(5, 3), dim=-1)
-    z2 = nn.functional.normalize(torch.randn(5, 3), dim=-1)
-    valid = torch.tensor([True, True, False, True, True])
-    keep = [0, 1, 3, 4]
-    torch.testing.assert_close(
-        losses.nt_xent(z1, z2, 0.5, valid), losses.nt_xent(z1[keep], z2[keep], 0.5)
-    )
-
-
-def test_nt_xent_all_padding_batch_is_finite():
-    """An all-padding batch (extra batches of a short rank) must give 0, as masked_mean does."""
-    z = nn.functional.normalize(torch.randn(4, 3), dim=-1)
-    loss = losses.nt_xent(z, z, 0.5, torch.zeros(4, dtype=torch.bool))
-    assert torch.isfinite(loss) and loss.item() == 0.0
-
-
 def pair_set(pairs: tuple) -> set:
     return {frozenset((int(i), int(j))) for i, j in zip(*pairs, strict=True)}
 
@@ -343,3 +324,65 @@ def test_coteaching_all_padding_batch_counts_nothing():
     valid = torch.zeros(2, dtype=torch.bool)
     loss = losses.coteaching_loss(logits, logits, torch.tensor([0, 0]), 0.5, valid)
     assert loss.item() == 0.0
+
+
+def normalised_pair(n: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    z1 = nn.functional.normalize(torch.randn(n, d, generator=generator), dim=-1)
+    z2 = nn.functional.normalize(z1 + 0.3 * torch.randn(n, d, generator=generator), dim=-1)
+    return z1, z2
+
+
+def test_nt_xent_is_fp32_under_bf16_autocast():
+    z1, z2 = normalised_pair(32, 16, 0)
+    reference = losses.nt_xent(z1, z2, 0.05, gather=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = losses.nt_xent(z1, z2, 0.05, gather=False)
+    assert under.dtype == torch.float32
+    assert abs(under.item() - reference.item()) <= 1e-6
+
+
+def test_nt_xent_padding_changes_nothing_and_all_padding_is_zero_with_a_graph():
+    z1, z2 = normalised_pair(6, 4, 1)
+    valid = torch.tensor([True, False, True, True, False, True])
+    keep = [0, 2, 3, 5]
+    masked = losses.nt_xent(z1, z2, 0.5, valid, gather=False)
+    only_valid = losses.nt_xent(z1[keep], z2[keep], 0.5, gather=False)
+    torch.testing.assert_close(masked, only_valid)
+    # the padding rows' contents do not matter at all
+    garbage1, garbage2 = z1.clone(), z2.clone()
+    garbage1[[1, 4]] = torch.tensor([[5.0, -3.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    garbage2[[1, 4]] = torch.tensor([[-7.0, 2.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    torch.testing.assert_close(losses.nt_xent(garbage1, garbage2, 0.5, valid, gather=False), masked)
+    # an all-padding batch: 0, and backward works with finite gradients
+    a = z1.clone().requires_grad_()
+    b = z2.clone().requires_grad_()
+    loss = losses.nt_xent(a, b, 0.5, torch.zeros(6, dtype=torch.bool), gather=False)
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert torch.isfinite(a.grad).all() and torch.isfinite(b.grad).all()
+    assert a.grad.abs().sum() == 0 and b.grad.abs().sum() == 0
+
+
+def test_group_attention_group_mean_ignores_padding_members():
+    torch.manual_seed(0)
+    block = GroupAttention(8, 3, 16, "feature+label+confidence")
+    h = torch.randn(2, 3, 8)
+    labels = torch.randint(0, 3, (2, 3))
+    logits = torch.randn(2, 3, 3)
+    valid = torch.tensor([[True, True, False], [True, True, True]])
+    weights = block(h, labels, logits, valid)
+    # the valid members weigh as in a group without the padding member
+    alone = block(h[:1, :2], labels[:1, :2], logits[:1, :2])
+    torch.testing.assert_close(weights[0, :2], alone[0])
+    changed = h.clone()
+    changed[0, 2] += 10.0  # the padding member's feature
+    after = block(changed, labels, logits, valid)
+    torch.testing.assert_close(after[0, :2], weights[0, :2], rtol=0, atol=0)
+    torch.testing.assert_close(after[1], weights[1], rtol=0, atol=0)
+    # valid=None: the plain mean over all members, so the same change moves the others
+    plain = block(h, labels, logits)
+    torch.testing.assert_close(block(h, labels, logits, torch.ones(2, 3, dtype=torch.bool)), plain)
+    plain_after = block(changed, labels, logits)
+    assert not torch.allclose(plain_after[0, :2], plain[0, :2])
+    torch.testing.assert_close(plain_after[1], plain[1])

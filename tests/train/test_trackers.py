@@ -15,15 +15,15 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from conftest import small_overrides, stripes_dataset
+from conftest import PROCS, REPO, small_overrides, stripes_dataset
 
 from dtrain.config import load_config
 from dtrain.errors import ConfigError
 from dtrain.train import train
 from dtrain.train.trackers import flatten, metric_values
 
-ROOT = Path(__file__).parents[1]
-HURT = Path(__file__).parent / "faults" / "hurt.py"
+ROOT = REPO
+HURT = PROCS / "hurt.py"
 ARTIFACTS = {"curves.png", "summary.json", "label_scores.parquet", "model.safetensors"}
 
 

@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 from cleanlab_anchor import _detection  # noqa: E402
 from study_report import rows_from_parquet, rule_table, write_tables  # noqa: E402
 
 from dtrain.train.selection import RULES  # noqa: E402
 
-RESULTS = Path(__file__).parent.parent / "benchmarks" / "results" / "study"
+RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "study"
 
 
 def test_detection_reports_auroc_and_precision_at_the_true_count():
