@@ -1,6 +1,8 @@
 """How a value from a YAML file or a `key=value` override becomes a typed config value: the
 field's scalar type, an Optional's null, one of a Literal's choices, or a list of these; and
-how a YAML file is read. Each error names the key or file and says what would be valid."""
+how a YAML file is read; and `option`, a dataclass field that is also a command-line flag (the
+text it reads goes through `coerce` too; `dtrain.commands.flags` renders it). Each error names
+the key or file and says what would be valid."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import difflib
 import math
 import types
 import typing
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -93,6 +97,39 @@ def _scalar(value: Any, kind: type) -> Any:
     if not isinstance(value, kind):
         raise TypeError(value)
     return value
+
+
+@dataclass(frozen=True)
+class Option:
+    """How a dataclass field reads as a command-line option (see `option`)."""
+
+    help: str | None
+    parse: Callable[[str], Any] | None
+    flag: str | None
+    positional: bool
+    default_help: str | None
+    show_default: bool
+
+
+def option(
+    default: Any = MISSING,
+    help: str | None = None,
+    *,
+    parse: Callable[[str], Any] | None = None,
+    flag: str | None = None,
+    positional: bool = False,
+    default_help: str | None = None,
+    show_default: bool = True,
+) -> Any:
+    """A dataclass field and its command-line option, rendered by `dtrain.commands.flags`: the
+    default is written once, here. No default: a required option. `parse` (text -> value; from
+    the field's type through `coerce` where absent: int, float, str or a Literal's choices),
+    `flag` (the spelling, where it is not `--field-name`; a bool field that is on by default
+    needs one, the flag turning it off), `positional`, `default_help` (the default in words,
+    where its value alone says too little), `show_default=False` (no `(default: ...)` after
+    the help: the help says it, or there is nothing to say)."""
+    cli = Option(help, parse, flag, positional, default_help, show_default)
+    return field(default=default, metadata={"option": cli})
 
 
 def read_yaml_mapping(path: str | Path, what: str) -> dict:

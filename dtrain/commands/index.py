@@ -1,64 +1,75 @@
-"""`dtrain index` on the command line (kept apart from `scan.py`, which imports torch, so that
-`dtrain --help` and the other commands start fast)."""
+"""`dtrain index` on the command line: one flag per IndexOptions field (dtrain.commands.flags).
+Kept apart from `scan.py`, which imports torch, so that `dtrain --help` and the other commands
+start fast."""
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
+from dtrain.commands import Command
+from dtrain.commands.flags import add_flags, flag_values
+from dtrain.config_values import option
 from dtrain.prepare.prepare_config import comma_list
 from dtrain.prepare.split import SPLITS
 
-DESCRIPTION = (
-    "Make a dataset folder (dataset.json, manifest.parquet) for WebDataset shards that your own "
-    "pipeline wrote, without copying them: every shard is read once for its exact sample count, "
-    "its sha256 (checked again as training streams it) and its labels; dataset.json records "
-    "where each shard is."
-)
+SHARDS = "shards: a path or URL webdataset opens (pipe:..., http(s)://...), a brace pattern"
 
 
-def add_index_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add `index` to the `dtrain` subcommands."""
-    p = sub.add_parser(
-        "index",
-        help="make a dataset folder for WebDataset shards of your own, without copying them",
-        description=DESCRIPTION,
+@dataclass(kw_only=True)
+class IndexOptions:
+    """What `dtrain index` is asked to do: the shards of each split and how to read them."""
+
+    train: str = option(
+        help=f"train {SHARDS}, e.g. 'shards/train-{{000000..000099}}.tar'", positional=True
     )
-    shards = "shards: a path or URL webdataset opens (pipe:..., http(s)://...), a brace pattern"
-    p.add_argument("train", help=f"train {shards}, e.g. 'shards/train-{{000000..000099}}.tar'")
-    p.add_argument("--val", help=f"val {shards}")
-    p.add_argument("--test", help=f"test {shards}")
-    p.add_argument(
-        "--label-key",
-        default="cls",
-        help="where each sample's label is: a member (cls) or a JSON member's field "
-        "(json:label); an integer index or a class name (default: cls)",
+    val: str | None = option(None, f"val {SHARDS}", show_default=False)
+    test: str | None = option(None, f"test {SHARDS}", show_default=False)
+    label_key: str = option(
+        "cls",
+        "where each sample's label is: a member (cls) or a JSON member's field (json:label); an "
+        "integer index or a class name",
     )
-    p.add_argument(
-        "--classes",
-        type=comma_list(str),
-        help="class names in index order, comma-separated (default: the sorted names found, "
-        "or 0,1,... for integer labels)",
+    classes: list[str] | None = option(
+        None,
+        "class names in index order, comma-separated",
+        parse=comma_list(str),
+        default_help="the sorted names found, or 0,1,... for integer labels",
     )
-    p.add_argument("--out", required=True, help="the dataset folder to write")
-    p.add_argument("--overwrite", action="store_true", help="replace another dataset at --out")
-    p.add_argument("--jobs", type=int, default=8, help="shards read at once (default: 8)")
-    p.add_argument(
-        "--no-progress", dest="progress", action="store_false", help="hide the progress bar"
-    )
-    return p
+    out: str = option(help="the dataset folder to write")
+    overwrite: bool = option(False, "replace another dataset at --out", show_default=False)
+    jobs: int = option(8, "shards read at once")
+    progress: bool = option(True, "hide the progress bar", flag="--no-progress", show_default=False)
 
 
-def run_index(args: argparse.Namespace) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_flags(parser, IndexOptions)
+
+
+def run(args: argparse.Namespace) -> None:
     from dtrain.index.scan import index_shards
 
-    patterns = {s: getattr(args, s) for s in SPLITS if getattr(args, s)}
+    o = IndexOptions(**flag_values(args, IndexOptions))
     index_shards(
-        patterns,
-        Path(args.out),
-        label_key=args.label_key,
-        classes=args.classes,
-        overwrite=args.overwrite,
-        progress=args.progress,
-        jobs=args.jobs,
+        {split: getattr(o, split) for split in SPLITS if getattr(o, split)},
+        Path(o.out),
+        label_key=o.label_key,
+        classes=o.classes,
+        overwrite=o.overwrite,
+        progress=o.progress,
+        jobs=o.jobs,
     )
+
+
+COMMAND = Command(
+    name="index",
+    order=20,
+    help="make a dataset folder for WebDataset shards of your own, without copying them",
+    description="Make a dataset folder (dataset.json, manifest.parquet) for WebDataset shards "
+    "that your own pipeline wrote, without copying them: every shard is read once for its exact "
+    "sample count, its sha256 (checked again as training streams it) and its labels; "
+    "dataset.json records where each shard is.",
+    add_arguments=add_arguments,
+    run=run,
+)

@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dtrain.commands import Command
+from dtrain.commands.flags import add_flags, flag_values
+from dtrain.config_values import option
 from dtrain.errors import ConfigError, RunFolderError
 from dtrain.launch import slurm
 from dtrain.launch.slurm_env import ClusterUnavailable
@@ -17,12 +21,34 @@ if TYPE_CHECKING:
     from dtrain.config import Config
 
 
-def add_launch_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "launch",
-        help="submit training or a search to a cluster (SLURM)",
-        description=__doc__ + "\nOptions: `dtrain launch slurm --help`.",
+@dataclass
+class SlurmOptions:
+    """`dtrain launch slurm`'s own options; what it does not know goes to train or tune."""
+
+    nodes: int = option(1)
+    gpus_per_node: str = option("0", "N or TYPE:N (a100:8); 0: CPU nodes, one process per node")
+    gres: str | None = option(
+        None, "a --gres request instead, e.g. gpu:8 or gpu:a100:8", show_default=False
     )
+    cpus_per_task: int | None = option(
+        None, "default: a node's CPUs shared among its tasks", show_default=False
+    )
+    time: str | None = option(None, "time limit, e.g. 24:00:00", show_default=False)
+    partition: str | None = option(
+        None, "default: the cluster's default partition", show_default=False
+    )
+    account: str | None = option(None)
+    job_name: str | None = option(None)
+    launcher: slurm.TrainLauncher | None = option(
+        None, "how training starts", default_help="torchrun"
+    )
+    warning_seconds: int = option(
+        300, "USR1 this long before the time limit: checkpoint, requeue, resume"
+    )
+    dry_run: bool = option(False, "print the job script, submit nothing", show_default=False)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("backend", choices=["slurm"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
 
@@ -34,42 +60,19 @@ def _launch_parser() -> argparse.ArgumentParser:
         description="Render a job script from launchers/ and submit it with sbatch. Arguments "
         "it does not know go to `dtrain train` (or, after `tune`, to `dtrain tune`).",
     )
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument(
-        "--gpus-per-node",
-        default="0",
-        help="N or TYPE:N (a100:8); 0: CPU nodes, one process per node (default)",
-    )
-    p.add_argument("--gres", help="a --gres request instead, e.g. gpu:8 or gpu:a100:8")
-    p.add_argument(
-        "--cpus-per-task", type=int, help="default: a node's CPUs shared among its tasks"
-    )
-    p.add_argument("--time", help="time limit, e.g. 24:00:00")
-    p.add_argument("--partition", help="default: the cluster's default partition")
-    p.add_argument("--account")
-    p.add_argument("--job-name")
-    p.add_argument(
-        "--launcher", choices=slurm.TRAIN_LAUNCHERS, help="how training starts (default torchrun)"
-    )
-    p.add_argument(
-        "--warning-seconds",
-        type=int,
-        default=300,
-        help="USR1 this long before the time limit: checkpoint, requeue, resume (default 300)",
-    )
-    p.add_argument("--dry-run", action="store_true", help="print the job script, submit nothing")
+    add_flags(p, SlurmOptions)
     return p
 
 
 def _train_config(args: list[str]) -> Config:
     """The config of `dtrain train ARGS`, after checking the arguments with train's own parser,
     the config as `train` would and that the run folder may be written."""
-    from dtrain.commands.train import add_train_parser, resume_flag_alone
+    from dtrain.commands import train
     from dtrain.config import load_config
 
     p = argparse.ArgumentParser(prog="dtrain launch slurm ...")
-    add_train_parser(p.add_subparsers(dest="command"))
-    known, extra = p.parse_known_args(resume_flag_alone(["train", *args]))
+    train.COMMAND.add_to(p.add_subparsers(dest="command"))
+    known, extra = p.parse_known_args(train.resume_flag_alone(["train", *args]))
     stray = [a for a in extra if "=" not in a]
     if stray:
         raise ConfigError(f"unrecognized train arguments: {' '.join(stray)}")
@@ -85,25 +88,24 @@ def _train_config(args: list[str]) -> Config:
 
 def _search_folder(args: list[str]) -> Path:
     """The folder of `dtrain tune ARGS`, after checking the search as `tune` would."""
-    from dataclasses import fields
-
-    from dtrain.commands.tune import add_tune_parser
+    from dtrain.commands import tune
     from dtrain.tune.settings import SearchSettings, load_search
 
     p = argparse.ArgumentParser(prog="dtrain launch slurm ... tune")
-    tune_args, extra = add_tune_parser(p.add_subparsers()).parse_known_args(args)
+    tune_args, extra = tune.COMMAND.add_to(p.add_subparsers()).parse_known_args(args)
     stray = [a for a in extra if "=" not in a]
     if stray:
         raise ConfigError(f"unrecognized tune arguments: {' '.join(stray)}")
-    flags = {f.name: getattr(tune_args, f.name) for f in fields(SearchSettings)}
+    flags = flag_values(tune_args, SearchSettings)
     search = load_search(
         tune_args.search_file, tune_args.config, tune_args.overrides + extra, flags
     )
     return search.folder
 
 
-def run_launch(args: argparse.Namespace) -> None:
-    opts, rest = _launch_parser().parse_known_args(args.rest)
+def run(args: argparse.Namespace) -> None:
+    parsed, rest = _launch_parser().parse_known_args(args.rest)
+    opts = SlurmOptions(**flag_values(parsed, SlurmOptions))
     if rest[:1] == ["train"]:
         rest = rest[1:]
     tune = rest[:1] == ["tune"]
@@ -157,3 +159,13 @@ def run_launch(args: argparse.Namespace) -> None:
     print(f"submitted job {job}: {path}")
     print(f"log:    {str(log).replace('%j', job)}")
     print(f"{'search' if tune else 'run'} folder: {folder}")
+
+
+COMMAND = Command(
+    name="launch",
+    order=90,
+    help="submit training or a search to a cluster (SLURM)",
+    description=__doc__ + "\nOptions: `dtrain launch slurm --help`.",
+    add_arguments=add_arguments,
+    run=run,
+)

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import argparse
 import errno
+import pkgutil
 import sys
+import types
 from typing import NoReturn
 
 from dtrain import stop_signal
+from dtrain.commands import Command
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -19,40 +22,41 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+# the modules of dtrain.commands that declare no command
+NOT_COMMANDS = ("main", "flags")
+
+
+def discover(package: types.ModuleType) -> list[Command]:
+    """The commands that the modules of `package` declare (`COMMAND = Command(...)`), in the
+    order `dtrain --help` lists them. A module that declares none is an error."""
+    found = []
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name in NOT_COMMANDS:
+            continue
+        name = f"{package.__name__}.{info.name}"
+        __import__(name)  # as `import` does: `python -X importtime` lists it, import_module not
+        module = sys.modules[name]
+        if not isinstance(getattr(module, "COMMAND", None), Command):
+            raise TypeError(f"{module.__name__} declares no COMMAND = Command(...)")
+        found.append(module.COMMAND)
+    return sorted(found, key=lambda command: command.order)
+
+
 def main(argv: list[str] | None = None) -> None:
     # first of all: a stop signal that arrives while dtrain imports torch must not kill it
     stop_signal.install_handlers()
-    from dtrain.commands.index import add_index_parser, run_index
-    from dtrain.commands.launch import add_launch_parser, run_launch
-    from dtrain.commands.predict import add_predict_parser, run_predict
-    from dtrain.commands.prepare import add_prepare_parser, run_prepare
-    from dtrain.commands.train import (
-        add_eval_parser,
-        add_train_parser,
-        resume_flag_alone,
-        run_eval,
-        run_train,
-    )
-    from dtrain.commands.tune import add_tune_parser, run_tune
+    from dtrain import commands as package
+    from dtrain.commands.train import resume_flag_alone
     from dtrain.errors import DtrainError
-    from dtrain.runs.relabel import add_relabel_parser, run_relabel
-    from dtrain.runs.review import add_review_parser, run_review
 
     parser = OneLineParser(prog="dtrain", description=__doc__)
     # the deepspeed launcher passes --local_rank=N first; LOCAL_RANK in the environment says
     # the same, so it is accepted and not needed
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
-    add_prepare_parser(sub)
-    add_index_parser(sub)
-    add_train_parser(sub)
-    add_eval_parser(sub)
-    add_review_parser(sub)
-    add_relabel_parser(sub)
-    add_predict_parser(sub)
-    add_tune_parser(sub)
-    add_launch_parser(sub)
-    # (in the order a user meets them: data, train, score, review, relabel, use, search, scale)
+    commands = {command.name: command for command in discover(package)}
+    for command in commands.values():
+        command.add_to(sub)
     # key=value overrides may stand anywhere, also after flags (`tune FILE --config X a=b`)
     argv = resume_flag_alone(sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)
@@ -61,21 +65,11 @@ def main(argv: list[str] | None = None) -> None:
         sub.choices[args.command].error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:
         args.overrides += extra
-    if args.command != "train":
+    command = commands[args.command]
+    if not command.stop_handlers:
         stop_signal.restore_defaults()  # only training checkpoints on a stop request
-    commands = {
-        "prepare": run_prepare,
-        "index": run_index,
-        "train": run_train,
-        "eval": run_eval,
-        "predict": run_predict,
-        "tune": run_tune,
-        "launch": run_launch,
-        "review": run_review,
-        "relabel": run_relabel,
-    }
     try:
-        commands[args.command](args)
+        command.run(args)
     except DtrainError as err:
         print(f"dtrain {args.command}: error: {err}", file=sys.stderr)
         sys.exit(2)

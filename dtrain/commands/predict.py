@@ -5,15 +5,10 @@ from __future__ import annotations
 
 import argparse
 
+from dtrain.commands import Command
 
-def add_predict_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "predict",
-        help="class probabilities of a trained run for new images",
-        description="One row per image in a Parquet file: path (and key for a dataset), "
-        "prob_<class>, predicted; for labelled images also label and suspicion = "
-        "1 - p(label). Preprocessing is dtrain eval's, so the probabilities are eval's.",
-    )
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a finished run folder (train.run_dir)")
     p.add_argument(
         "source",
@@ -39,7 +34,7 @@ def _positive(text: str) -> int:
     return value
 
 
-def run_predict(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> None:
     from dtrain.runs.inference import predict_source
 
     predict_source(
@@ -51,3 +46,15 @@ def run_predict(args: argparse.Namespace) -> None:
         num_workers=args.num_workers,
         skip_bad_images=args.skip_bad_images,
     )
+
+
+COMMAND = Command(
+    name="predict",
+    order=70,
+    help="class probabilities of a trained run for new images",
+    description="One row per image in a Parquet file: path (and key for a dataset), "
+    "prob_<class>, predicted; for labelled images also label and suspicion = "
+    "1 - p(label). Preprocessing is dtrain eval's, so the probabilities are eval's.",
+    add_arguments=add_arguments,
+    run=run,
+)

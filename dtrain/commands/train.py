@@ -1,32 +1,30 @@
-"""`dtrain train` and `dtrain eval` on the command line. `dtrain launch slurm` parses the train
-arguments it hands on with the same parser, so both accept exactly the same thing."""
+"""`dtrain train` on the command line. `dtrain launch slurm` parses the train arguments it hands
+on with the same parser, so both accept exactly the same thing."""
 
 from __future__ import annotations
 
 import argparse
 
 from dtrain import stop_signal
+from dtrain.commands import Command
+from dtrain.methods.registry import methods_help
+from dtrain.train.selection import RULES
+
+SELECTION_HELP = "\n".join(f"  {name:20s}{rule.describe}" for name, rule in RULES.items())
+DESCRIPTION = (
+    "Train with the config (defaults < --config YAML < key=value overrides). "
+    "With no arguments: prepare the embedded Br35H set if missing and train the method.\n\n"
+    "methods (method.name=..., presets in configs/<name>.yaml):\n"
+    + methods_help()
+    + "\n\nthe weights best.pt holds (train.select=..., chosen without clean labels):\n"
+    + SELECTION_HELP
+    + "\n\nlabel clean-up rounds (train.refine_rounds=N): after each round, relabel to the "
+    "model's prediction\nthe samples it suspects most and disagrees with; the next round "
+    "trains on the corrected labels"
+)
 
 
-def add_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from dtrain.methods.registry import methods_help
-    from dtrain.train.selection import RULES
-
-    selection_help = "\n".join(f"  {name:20s}{rule.describe}" for name, rule in RULES.items())
-    p = sub.add_parser(
-        "train",
-        help="train a classifier on noisy labels",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Train with the config (defaults < --config YAML < key=value overrides). "
-        "With no arguments: prepare the embedded Br35H set if missing and train the method.\n\n"
-        "methods (method.name=..., presets in configs/<name>.yaml):\n"
-        + methods_help()
-        + "\n\nthe weights best.pt holds (train.select=..., chosen without clean labels):\n"
-        + selection_help
-        + "\n\nlabel clean-up rounds (train.refine_rounds=N): after each round, relabel to the "
-        "model's prediction\nthe samples it suspects most and disagrees with; the next round "
-        "trains on the corrected labels",
-    )
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config, e.g. configs/iam.yaml")
     p.add_argument(
         "--resume",
@@ -40,31 +38,6 @@ def add_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     p.add_argument(
         "overrides", nargs="*", metavar="key=value", help="e.g. method.group_size=4 optim.lr=0.1"
     )
-    return p
-
-
-def add_eval_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "eval",
-        help="score a finished run on a split of its dataset or of another prepared one",
-        description="Metrics printed as JSON; metrics.json, confusion_matrix.csv/.png and "
-        "predictions.parquet (per image: probabilities, predicted class, suspicion of its label) "
-        "written to --out.",
-    )
-    p.add_argument("run_dir", help="a finished run folder (train.run_dir)")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="(test)")
-    p.add_argument(
-        "--checkpoint",
-        default="best",
-        choices=["best", "last"],
-        help="best.pt (model selection) or last.pt (default: best)",
-    )
-    p.add_argument(
-        "--data",
-        help="a dataset folder (dtrain prepare, index or relabel) with the run's classes "
-        "(default: the run's own dataset); its images are decoded to the run's channels",
-    )
-    p.add_argument("--out", help="output folder (default: RUN_DIR/eval/<dataset folder>-<split>)")
 
 
 def resume_flag_alone(argv: list[str]) -> list[str]:
@@ -84,7 +57,7 @@ def _not_a_value(after: list[str]) -> bool:
     return not after or after[0].startswith("-") or "=" in after[0]
 
 
-def run_train(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> None:
     from dtrain.config import load_config
 
     config = load_config(args.config, args.overrides)
@@ -107,7 +80,13 @@ def run_train(args: argparse.Namespace) -> None:
         stop_signal.acknowledgement(stop_file).touch()
 
 
-def run_eval(args: argparse.Namespace) -> None:
-    from dtrain.runs.evaluate import evaluate_run
-
-    evaluate_run(args.run_dir, args.split, args.checkpoint, args.data, args.out)
+COMMAND = Command(
+    name="train",
+    order=30,
+    help="train a classifier on noisy labels",
+    description=DESCRIPTION,
+    add_arguments=add_arguments,
+    run=run,
+    raw_description=True,
+    stop_handlers=True,
+)

@@ -15,12 +15,14 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 from dtrain.errors import ConfigError
 from dtrain.launch.slurm_env import ClusterUnavailable, scontrol_show
 
 LAUNCHERS_DIR = Path(__file__).resolve().parents[2] / "launchers"
-TRAIN_LAUNCHERS = ("torchrun", "srun", "accelerate", "deepspeed")
+TrainLauncher = Literal["torchrun", "srun", "accelerate", "deepspeed"]
+TRAIN_LAUNCHERS: tuple[str, ...] = get_args(TrainLauncher)
 DIRECTIVE = re.compile(r"^#+SBATCH\s+--([\w-]+)(?:=(.*))?$")
 GRES_GPU = re.compile(r"gpu(?::([\w.-]+))?:(\d+)")
 GPUS_PER_NODE = re.compile(r"(?:([\w.-]+):)?(\d+)")

@@ -5,10 +5,11 @@ from its fields), and the default output folder that follows from it."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from dtrain.config_values import option
 from dtrain.errors import ConfigError
 from dtrain.prepare.noise import NoiseModel
 from dtrain.prepare.sources import DEFAULT_GROUP_COLUMNS, EMBEDDED_NAME, SPLIT_COLUMN, Source
@@ -42,15 +43,6 @@ def byte_size(text: str) -> int:
         if upper.endswith(unit):
             return int(float(upper[: -len(unit)]) * factor)
     return int(upper)
-
-
-def option(default: Any, help: str, **cli: Any) -> Any:
-    """A PrepareConfig field and its command-line option (see `dtrain.commands.prepare`).
-    `cli` keys:
-    `parse` (text -> value; from the field's type when absent), `flag` (the spelling, where it is
-    not `--field-name`; a bool field that is on by default needs one, the flag turning it off),
-    `positional`, `default_help` (the default in words, where its value alone says too little)."""
-    return field(default=default, metadata={"help": help, **cli})
 
 
 @dataclass

@@ -9,7 +9,6 @@ samples as `dtrain prepare` writes them); the others are hard links to the old f
 
 from __future__ import annotations
 
-import argparse
 import csv
 import datetime
 import json
@@ -346,27 +345,3 @@ def relabel(
                 f"{splits[name]['noise_rate']:.3f} (against clean_label)"
             )
     return out
-
-
-def add_relabel_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "relabel",
-        help="a filled review.csv -> a new dataset version with the corrected labels",
-        description="Apply the corrected_label column of a review.csv (`dtrain review`) to a "
-        "dataset: a class name (or index) relabels the sample, `drop` removes it, empty keeps "
-        "it. Writes a new dataset folder; the original is left as it is.",
-    )
-    p.add_argument("dataset", help="the dataset folder the review was made for")
-    p.add_argument("review", help="the filled review.csv")
-    p.add_argument("--out", required=True, help="the new dataset folder")
-    p.add_argument("--overwrite", action="store_true", help="replace another dataset at --out")
-    p.add_argument(
-        "--no-progress",
-        dest="progress",
-        action="store_false",
-        help="no progress bar (none either where stderr is no terminal)",
-    )
-
-
-def run_relabel(args: argparse.Namespace) -> None:
-    relabel(args.dataset, args.review, args.out, args.overwrite, args.progress)

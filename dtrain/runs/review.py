@@ -7,7 +7,6 @@ has started filling is never replaced without `--overwrite`."""
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import io
@@ -239,45 +238,3 @@ def write_review(
         f"  dtrain relabel {dataset} {REVIEW_CSV} --out {dataset}_reviewed"
     )
     return out
-
-
-def add_review_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "review",
-        help="a finished run's most suspicious labels as a page and a CSV to correct",
-        description="Write RUN/review/index.html (most suspicious first: each image with its "
-        "given and predicted class, rank and loss; keep, relabel or drop it with one key or "
-        "click, then export the filled review.csv) and review.csv, whose corrected_label "
-        "column `dtrain relabel` applies.",
-    )
-    p.add_argument("run_dir", help="a finished run folder (holds label_scores.parquet)")
-    size = p.add_mutually_exclusive_group()
-    size.add_argument("--top", type=int, metavar="N", help="review the N most suspicious labels")
-    size.add_argument(
-        "--fraction",
-        type=float,
-        metavar="F",
-        help=f"review this fraction of the train set (default: {DEFAULT_FRACTION:g}, "
-        f"at most {DEFAULT_LIMIT} images)",
-    )
-    p.add_argument("--out", help="review folder (default: RUN/review)")
-    p.add_argument(
-        "--overwrite", action="store_true", help="replace a review whose CSV is already filled"
-    )
-    p.add_argument(
-        "--no-progress",
-        dest="progress",
-        action="store_false",
-        help="no progress bar (none either where stderr is no terminal)",
-    )
-
-
-def run_review(args: argparse.Namespace) -> None:
-    write_review(
-        args.run_dir,
-        args.out,
-        top=args.top,
-        fraction=args.fraction,
-        overwrite=args.overwrite,
-        progress=args.progress,
-    )

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from dtrain.config import Config, load_config, read_yaml_mapping, set_key
+from dtrain.config_values import option
 from dtrain.errors import ConfigError
 from dtrain.train.metrics import METRIC_NAMES
 from dtrain.tune.space import Dimension, parse_space
@@ -32,37 +33,37 @@ def mode_of(metric: str) -> str:
     return "min" if metric.endswith(LOWER_IS_BETTER) else "max"
 
 
-def flag(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class SearchSettings:
-    algorithm: Literal["random", "grid", "tpe"] = flag(
+    algorithm: Literal["random", "grid", "tpe"] = option(
         "random", "random sampling, a grid over the space, or Optuna's TPE (needs optuna)"
     )
-    num_samples: int = flag(
+    num_samples: int = option(
         0, "trials to run (0: 12); grid: how many times the whole grid is run (0: once)"
     )
-    grid_points: int = flag(3, "grid: values tried per range (log-spaced for loguniform)")
-    max_concurrent: int = flag(2, "trials running at once")
-    scheduler: Literal["asha", "none"] = flag("asha", "ASHA stops weak trials early; none: never")
-    grace_period: int = flag(2, "ASHA: epochs every trial runs before it may be stopped")
-    reduction_factor: float = flag(2.0, "ASHA: keep 1/this of the trials at each rung")
-    metric: str = flag("val_accuracy", "epoch record key the objective averages")
-    mode: Literal["auto", "max", "min"] = flag(
+    grid_points: int = option(3, "grid: values tried per range (log-spaced for loguniform)")
+    max_concurrent: int = option(2, "trials running at once")
+    scheduler: Literal["asha", "none"] = option("asha", "ASHA stops weak trials early; none: never")
+    grace_period: int = option(2, "ASHA: epochs every trial runs before it may be stopped")
+    reduction_factor: float = option(2.0, "ASHA: keep 1/this of the trials at each rung")
+    metric: str = option("val_accuracy", "epoch record key the objective averages")
+    mode: Literal["auto", "max", "min"] = option(
         "auto", "whether a higher metric is better (auto: min for losses and ECE, else max)"
     )
-    window: int = flag(3, "objective: the metric averaged over this many last epochs")
-    workers_per_trial: int = flag(1, "processes per trial (2+: Ray Train's TorchTrainer)")
-    cpus_per_trial: float = flag(1.0, "CPUs per worker process")
-    gpus_per_trial: float = flag(0.0, "GPUs per worker process")
-    max_failures: int = flag(1, "retries of a trial that fails, from its last checkpoint")
-    storage_path: str = flag("tune_results", "folder of all searches (a shared one on a cluster)")
-    name: str = flag("", "this search's folder under --storage-path (default: the file's name)")
-    seed: int = flag(0, "seed of the sampler (the trials' own seed is train.seed)")
-    address: str = flag("", "a Ray cluster to join ('auto': the one this node belongs to)")
-    object_store_mb: int = flag(256, "object store of a local Ray (trials pass no data through it)")
+    window: int = option(3, "objective: the metric averaged over this many last epochs")
+    workers_per_trial: int = option(1, "processes per trial (2+: Ray Train's TorchTrainer)")
+    cpus_per_trial: float = option(1.0, "CPUs per worker process")
+    gpus_per_trial: float = option(0.0, "GPUs per worker process")
+    max_failures: int = option(1, "retries of a trial that fails, from its last checkpoint")
+    storage_path: str = option("tune_results", "folder of all searches (a shared one on a cluster)")
+    name: str = option(
+        "", "this search's folder under --storage-path", default_help="the file's name"
+    )
+    seed: int = option(0, "seed of the sampler (the trials' own seed is train.seed)")
+    address: str = option("", "a Ray cluster to join ('auto': the one this node belongs to)")
+    object_store_mb: int = option(
+        256, "object store of a local Ray (trials pass no data through it)"
+    )
 
     def validate(self) -> None:
         if self.num_samples == 0:

@@ -18,7 +18,8 @@ import pytest
 from conftest import make_image, write_folder
 from PIL import Image
 
-from dtrain.commands.prepare import add_prepare_parser, config_from_args
+from dtrain.commands.flags import flag_values
+from dtrain.commands.prepare import COMMAND
 from dtrain.errors import ConfigError, DataError
 from dtrain.prepare import PrepareConfig, prepare
 
@@ -339,12 +340,13 @@ CLI_ARGS = {
 def prepare_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     """The `dtrain` parser with only `prepare`, and `prepare`'s own parser."""
     parser = argparse.ArgumentParser(prog="dtrain")
-    sub = add_prepare_parser(parser.add_subparsers(dest="command", required=True))
+    sub = COMMAND.add_to(parser.add_subparsers(dest="command", required=True))
     return parser, sub
 
 
 def parse(*argv: str) -> PrepareConfig:
-    return config_from_args(prepare_parser()[0].parse_args(["prepare", *argv]))
+    args = prepare_parser()[0].parse_args(["prepare", *argv])
+    return PrepareConfig(**flag_values(args, PrepareConfig))
 
 
 def test_cli_defaults_are_the_config_defaults():
