@@ -1,5 +1,5 @@
 """`dtrain relabel DATASET REVIEW.csv --out NEW`: a filled review applied to a dataset as a new
-version of it (the work: `dtrain.runs.relabel`)."""
+version of it (the work: `dtrain.runs.reviewed_dataset`)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from dtrain.runs.relabel import relabel
+    from dtrain.runs.reviewed_dataset import relabel
 
     relabel(args.dataset, args.review, args.out, args.overwrite, args.progress)
 

@@ -1,5 +1,5 @@
 """`dtrain review RUN`: a finished run's most suspicious training labels as a page and a CSV to
-correct (the work: `dtrain.runs.review`)."""
+correct (the work: `dtrain.runs.review_work`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dtrain.commands import Command
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from dtrain.runs.review import DEFAULT_FRACTION, DEFAULT_LIMIT
+    from dtrain.runs.review_work import DEFAULT_FRACTION, DEFAULT_LIMIT
 
     p.add_argument("run_dir", help="a finished run folder (holds label_scores.parquet)")
     size = p.add_mutually_exclusive_group()
@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from dtrain.runs.review import write_review
+    from dtrain.runs.review_work import write_review
 
     write_review(
         args.run_dir,

@@ -20,7 +20,7 @@ import json
 import math
 from pathlib import Path
 
-from dtrain.runs.relabel import CORRECTION_COLUMN, DROP
+from dtrain.runs.reviewed_dataset import CORRECTION_COLUMN, DROP
 
 # the folder beside the page with each image at up to ZOOM_SIDE px, which the zoom shows
 ZOOM = "zoom"

@@ -24,8 +24,8 @@ from dtrain.errors import DataError
 from dtrain.prepare import PrepareConfig, prepare
 from dtrain.prepare.noise import transition_matrix
 from dtrain.prepare.shard_writer import sha256
-from dtrain.runs.relabel import relabel
-from dtrain.runs.review import review_size, thumbnail, zoom_view
+from dtrain.runs.review_work import review_size, thumbnail, zoom_view
+from dtrain.runs.reviewed_dataset import relabel
 
 # a class name that HTML and CSV must both carry intact
 ODD_CLASS = 'vertical <b>&"co"'

@@ -18,8 +18,8 @@ from pathlib import Path
 from dtrain.errors import ConfigError, DataError, RunFolderError
 from dtrain.prepare.folder import new_staging, publish
 from dtrain.prepare.records import DATASET_JSON, MANIFEST
-from dtrain.runs.relabel import CORRECTION_COLUMN
 from dtrain.runs.review_page import ZOOM, ZOOM_SIDE, render_page
+from dtrain.runs.reviewed_dataset import CORRECTION_COLUMN
 
 REVIEW_CSV = "review.csv"
 PAGE = "index.html"
