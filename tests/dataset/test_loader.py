@@ -51,6 +51,7 @@ def _tar_keys(path: Path) -> set[str]:
 
 
 @pytest.mark.parametrize("mode, shards", [("train", 18), ("eval", 18), ("eval", 3)])
+@pytest.mark.multiproc
 def test_each_sample_exactly_once_with_equal_batches_over_2_ranks_x_2_workers(
     dataset, tmp_path, mode, shards
 ):

@@ -460,6 +460,7 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint_checks_its_config(
     assert snapshot(run) == before
 
 
+@pytest.mark.multiproc
 def test_deepspeed_zero3_without_a_launcher_runs_in_one_process(stopped_run, tmp_path):
     """No torchrun, srun or deepspeed launcher: a one-process group, as a user on one GPU
     expects (ZeRO-3 offload needs no second GPU), not DeepSpeed's search for MPI."""

@@ -41,7 +41,7 @@ def rank_pid(marker: str, rank: int) -> int | None:
     return None
 
 
-@pytest.mark.slow
+@pytest.mark.multiproc
 def test_the_survivor_names_the_dead_rank_within_seconds_and_resume_finishes(tiny, tmp_path):
     marker = f"DTRAIN_TEST_RUN={uuid.uuid4().hex}"
     env = {**os.environ, "OMP_NUM_THREADS": "1", marker.split("=")[0]: marker.split("=")[1]}

@@ -32,7 +32,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "--lazy", str(disk)], check=True)
 
 
-@pytest.mark.slow
+@pytest.mark.multiproc
 def test_a_full_disk_fails_the_save_clearly_and_keeps_both_checkpoints(tmp_path, small_disk):
     data = stripes_dataset(tmp_path, 160, shard_size=16)
     run_dir = small_disk / "run"

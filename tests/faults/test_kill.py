@@ -57,7 +57,7 @@ def assert_same_weights(a: Path, b: Path) -> None:
         assert torch.equal(tensor, second["model"][name]), name
 
 
-@pytest.mark.slow
+@pytest.mark.multiproc
 def test_killed_at_six_points_resumes_each_time_to_the_uninterrupted_weights(tiny, tmp_path, env):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     done = run([sys.executable, "-m", "dtrain", "train", *train_args(tiny, straight)], env)
@@ -100,7 +100,7 @@ def torchrun(nproc: int, *args: str) -> list[str]:
     ]
 
 
-@pytest.mark.slow
+@pytest.mark.multiproc
 def test_killed_under_deepspeed_zero2_resumes_to_the_uninterrupted_weights(tiny, tmp_path, env):
     """Two ranks, 7 steps each per epoch; both killed right after step 6 (a node lost), the
     mid-epoch checkpoint at step 4 and its DeepSpeed shards behind them."""

@@ -30,7 +30,7 @@ def running_again(cluster, job: str, restarts: int) -> bool:
     return info["Restarts"] == str(restarts) and info["JobState"] == "RUNNING"
 
 
-@pytest.mark.slow
+@pytest.mark.slurm
 def test_three_warnings_requeue_three_times_and_end_with_the_uninterrupted_weights(
     cluster, tiny, submit_env, tmp_path
 ):

@@ -30,7 +30,7 @@ def all_reported(folder: Path, trials: int) -> bool:
     return len(results) == trials and all(r.read_text().strip() for r in results)
 
 
-@pytest.mark.slow
+@pytest.mark.ray
 def test_a_killed_trial_is_retried_and_the_other_trial_is_untouched(tiny, tmp_path, ray_env):
     search = write_search(
         tmp_path / "search.yaml",

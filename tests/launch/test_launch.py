@@ -243,6 +243,7 @@ def test_a_bad_train_argument_is_refused_before_submitting(tmp_path):
     assert "optim.lr=-1" in result.stderr and "#SBATCH" not in result.stdout
 
 
+@pytest.mark.multiproc
 def test_a_run_folder_holding_a_run_needs_resume_as_train_would(tmp_path):
     """The train arguments go through train's own parser: a bare `--resume` before an
     override is the flag, and the override stays an override."""
@@ -263,6 +264,7 @@ def test_a_run_folder_holding_a_run_needs_resume_as_train_would(tmp_path):
     assert f"set -- --resume train.run_dir={tmp_path}/run" in resumed.stdout
 
 
+@pytest.mark.multiproc
 def test_too_few_train_shards_for_the_ranks_are_refused_before_submitting(tiny, tmp_path):
     """`dtrain launch` knows the ranks (nodes x GPUs) and the dataset: the job would wait in the
     queue, then fail on every rank."""
@@ -414,6 +416,7 @@ def test_a_signal_during_start_up_is_kept_not_fatal(tiny, tmp_path):
     assert acknowledgement(stop).exists()  # tells the job's supervisor to requeue
 
 
+@pytest.mark.slow
 def test_resume_auto_starts_a_new_run_and_continues_a_stopped_one(tiny, tmp_path):
     run_dir = tmp_path / "run"
     first = train(tiny, run_dir, "--resume", "auto", "train.stop_after_steps=2")

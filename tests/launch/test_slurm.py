@@ -60,6 +60,7 @@ def ranks_by_node(log_text: str) -> dict[str, set[int]]:
     ],
     ids=["torchrun-cpu", "srun-a100:1", "torchrun-gres-gpu:2", "accelerate", "deepspeed-gpu:2"],
 )
+@pytest.mark.slurm
 def test_each_launcher_trains_on_both_nodes(
     launcher, gpus, ranks_per_node, cluster, tiny, submit_env, tmp_path
 ):
@@ -98,6 +99,7 @@ def test_each_launcher_trains_on_both_nodes(
         )
 
 
+@pytest.mark.slurm
 def test_a_shipped_template_runs_with_plain_sbatch(cluster, tiny, submit_env, tmp_path):
     """`sbatch launchers/slurm_torchrun.sbatch ARGS` from the project folder, no hand edits:
     the counts overridden on sbatch's command line as usual (a typed GPU request), the venv
@@ -138,6 +140,7 @@ def test_a_shipped_template_runs_with_plain_sbatch(cluster, tiny, submit_env, tm
         (["--nodes", "2", "--gres", "gpu:8"], "cannot feed 16 ranks x 1 workers = 16"),
     ],
 )
+@pytest.mark.slurm
 def test_a_request_that_cannot_fit_is_refused_before_submitting(
     args, message, cluster, tiny, submit_env, tmp_path
 ):
@@ -161,6 +164,7 @@ def ranks_catch_usr1(job: str, ranks: int) -> bool:
     return len(pids) == ranks and all(catches(pid, signal.SIGUSR1) for pid in pids)
 
 
+@pytest.mark.slurm
 def test_a_warning_to_the_ranks_themselves_is_kept(cluster, tiny, submit_env, tmp_path):
     """USR1 to the job steps (`--signal=USR1@...` without B:, or scancel): under srun the
     ranks get it directly. Sent as soon as their handlers exist, while they still import
@@ -181,6 +185,7 @@ def test_a_warning_to_the_ranks_themselves_is_kept(cluster, tiny, submit_env, tm
     assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 1
 
 
+@pytest.mark.slurm
 def test_a_term_through_torchrun_requeues_instead_of_failing(cluster, tiny, submit_env, tmp_path):
     """TERM to the job steps (a preemption's, or `scancel`): torchrun forwards it to its ranks,
     which checkpoint, and then exits 1 itself; the ranks' acknowledgement makes that a requeue,
@@ -199,6 +204,7 @@ def test_a_term_through_torchrun_requeues_instead_of_failing(cluster, tiny, subm
     assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 3
 
 
+@pytest.mark.slurm
 def test_a_cancelled_job_stays_cancelled(cluster, tiny, submit_env, tmp_path):
     """`scancel` sends TERM to the ranks as well, which may checkpoint and acknowledge a stop:
     the supervisor must not requeue a job that is being cancelled."""
@@ -214,6 +220,7 @@ def test_a_cancelled_job_stays_cancelled(cluster, tiny, submit_env, tmp_path):
     assert not (run_dir / "summary.json").exists()
 
 
+@pytest.mark.slurm
 def test_the_ray_template_runs_a_search_on_a_head_and_a_worker(cluster, tiny, submit_env, tmp_path):
     search = tmp_path / "s.yaml"
     search.write_text(

@@ -34,7 +34,7 @@ def reading_with_workers(job: str, run_dir: Path) -> bool:
     return count >= 6 and logged_a_step(run_dir)
 
 
-@pytest.mark.slow
+@pytest.mark.slurm
 def test_a_term_to_the_whole_step_with_loader_workers_requeues_with_the_same_weights(
     cluster, tiny, submit_env, tmp_path
 ):

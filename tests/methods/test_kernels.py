@@ -81,6 +81,7 @@ def inputs(b: int, k: int, width: int, dtype: torch.dtype, device="cpu", seed: i
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("b, k, d, c", SHAPES)
+@pytest.mark.slow
 def test_pair_mix_matches_the_reference(b, k, d, c, dtype, device):
     skip_large_on_cpu((b, k, d, c), device)
     groups, w, h = inputs(b, k, d, dtype, device)
@@ -100,6 +101,7 @@ def test_pair_mix_matches_the_reference(b, k, d, c, dtype, device):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("b, k, d, c", SHAPES)
+@pytest.mark.slow
 def test_pair_mix_loss_matches_the_reference(b, k, d, c, dtype, device):
     skip_large_on_cpu((b, k, d, c), device)
     groups, w, z = inputs(b, k, c, dtype, device, seed=1)

@@ -74,6 +74,7 @@ def test_srun_variables_become_torch_variables(monkeypatch):
 
 @pytest.mark.parametrize("padding", [0, 5])
 @pytest.mark.parametrize("method", ["ce", "iam"])
+@pytest.mark.multiproc
 def test_two_processes_equal_one_on_the_same_global_batch(method, padding, tmp_path, env):
     """DDP gradient averaging, for iam the contrastive loss over the global batch, and with
     padding (rank 0: 8 real samples, rank 1: 3) the weighting by the global valid count."""
@@ -88,6 +89,7 @@ def test_two_processes_equal_one_on_the_same_global_batch(method, padding, tmp_p
 
 
 @pytest.mark.parametrize("deepspeed", ["", "zero1.json"])
+@pytest.mark.multiproc
 def test_gradient_accumulation_equals_the_whole_batch(deepspeed, tmp_path, env):
     """Two micro-batches of 8 accumulated equal one batch of 16 (CE, fp64), on both engines;
     under DeepSpeed in 2 processes (2 x 2 micro-batches of 4)."""
@@ -102,6 +104,7 @@ def test_gradient_accumulation_equals_the_whole_batch(deepspeed, tmp_path, env):
         torch.testing.assert_close(b[name].to(tensor.dtype), tensor, rtol=1e-5, atol=1e-8, msg=name)
 
 
+@pytest.mark.multiproc
 def test_accelerate_launch_with_a_config_file(tiny, tmp_path, env):
     """A GPU cluster's usual config (MULTI_GPU, torch elastic underneath); with no GPU the
     trainer runs each process on the CPU over gloo. (Accelerate's MULTI_CPU type would need
@@ -168,6 +171,7 @@ def deepspeed_launcher(nproc: int, *args: str) -> list[str]:
     ]
 
 
+@pytest.mark.multiproc
 def test_deepspeed_zero3_trains_checkpoints_resumes_and_finishes(tiny, tmp_path, env):
     """Under the `deepspeed` launcher. (ZeRO-2 under torchrun, killed -9 and resumed to the
     uninterrupted weights: tests/faults/test_kill.py.)"""
@@ -204,6 +208,7 @@ def test_deepspeed_zero3_trains_checkpoints_resumes_and_finishes(tiny, tmp_path,
     assert json.loads(evaluated.stdout[evaluated.stdout.index("{") :])["samples"] == 26
 
 
+@pytest.mark.multiproc
 def test_deepspeed_config_in_the_usual_style_runs_its_own_optimizer(tiny, tmp_path, env):
     """An `optimizer` section and an explicit gradient_clipping, as DeepSpeed users write them:
     DeepSpeed's AdamW runs, and its values replace the dtrain defaults the user never set."""
@@ -231,6 +236,7 @@ def test_deepspeed_config_in_the_usual_style_runs_its_own_optimizer(tiny, tmp_pa
     assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 1
 
 
+@pytest.mark.multiproc
 def test_two_nodes_as_two_torchrun_invocations(tiny, tmp_path, env):
     port = free_port()
     run_dir = tmp_path / "run"
@@ -260,6 +266,7 @@ def test_two_nodes_as_two_torchrun_invocations(tiny, tmp_path, env):
     assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 1
 
 
+@pytest.mark.multiproc
 def test_a_missing_rank_fails_fast_with_rank_and_address(tiny, tmp_path, env):
     port = free_port()
     lonely = {
@@ -283,6 +290,7 @@ def test_a_missing_rank_fails_fast_with_rank_and_address(tiny, tmp_path, env):
 
 
 @pytest.mark.parametrize("method", ["ce", "iam"])
+@pytest.mark.multiproc
 def test_sync_budget_per_step(method, tiny, tmp_path, env):
     """Per step, besides DDP's gradient all-reduce: one small all-reduce (the next batch's
     header), plus for iam the contrastive gather (forward) and its all-to-all (backward); no
@@ -308,6 +316,7 @@ def test_sync_budget_per_step(method, tiny, tmp_path, env):
         assert counts.get("broadcast", 0) == 0, counts
 
 
+@pytest.mark.multiproc
 def test_a_stop_on_one_rank_stops_every_rank_at_the_same_step(tiny, tmp_path, env):
     """Rank 1 alone asks to stop in its callback on log step 3 (after that step's header):
     the ranks agree at the next log step, 6, instead of rank 1 leaving the collectives alone."""

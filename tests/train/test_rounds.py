@@ -32,6 +32,7 @@ def config(data: Path, run_dir: Path, *overrides: str):
     return load_config(None, small_overrides(data, run_dir, 16, *overrides))
 
 
+@pytest.mark.slow
 def test_the_weight_average_is_evaluated_each_epoch_and_can_be_the_selected_model(tiny, tmp_path):
     run = tmp_path / "ema"
     summary = train(config(tiny, run, "train.select=ema_last"))

@@ -44,6 +44,7 @@ def tiny(tmp_path_factory) -> Path:
         ("noisy_val", 1),
     ],
 )
+@pytest.mark.slow
 def test_the_trainer_writes_the_epoch_its_rule_picks_to_best_pt(tiny, tmp_path, rule, epoch):
     overrides = small_overrides(tiny, tmp_path / rule, 16, f"train.select={rule}")
     config = load_config(None, [*overrides, "train.epochs=10", "train.select_window=5"])

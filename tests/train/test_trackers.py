@@ -131,7 +131,7 @@ def test_a_tracker_whose_client_is_missing_is_refused_with_the_install_command(m
         load_config(None, ["train.trackers=[tensorboard,wandb]"])
 
 
-@pytest.mark.slow
+@pytest.mark.multiproc
 def test_in_two_processes_only_rank_0_logs(tiny, tmp_path, mlflow_server, cpu_env):
     """One tracked run for a 2-process job, holding rank 0's metrics.jsonl once."""
     from mlflow import MlflowClient
@@ -188,7 +188,7 @@ def test_mlflow_run_holds_the_config_the_metrics_and_the_artifacts(
     assert ARTIFACTS | {"selection.txt"} <= logged
 
 
-@pytest.mark.slow
+@pytest.mark.multiproc
 def test_a_killed_and_resumed_run_continues_its_mlflow_run_with_each_step_once(
     tiny, tmp_path, mlflow_server, cpu_env
 ):
@@ -262,7 +262,7 @@ def test_wandb_offline_run_file_holds_the_metric_history(tiny, tmp_path, monkeyp
     assert dict(history) == expected_history(run_dir)
 
 
-@pytest.mark.slow
+@pytest.mark.ray
 def test_a_search_logs_each_trial_under_one_experiment_with_the_best_tagged(
     tiny, tmp_path, mlflow_server, ray_env
 ):

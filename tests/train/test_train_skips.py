@@ -26,6 +26,7 @@ def tiny(tmp_path_factory) -> Path:
     [("", "loss"), ("zero2.json", "loss"), ("zero2.json", "input")],
     ids=["accelerate-loss", "deepspeed-loss", "deepspeed-activation"],
 )
+@pytest.mark.multiproc
 def test_a_nonfinite_micro_step_skips_the_whole_step(deepspeed, kind, tiny, tmp_path, cpu_env):
     """Step 2's first micro-step (call 3, rank 0 only) is poisoned; its second is fine."""
     run_dir, out = tmp_path / "run", tmp_path / "states.pt"

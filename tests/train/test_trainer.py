@@ -80,6 +80,7 @@ def test_two_epochs_learn_and_leave_a_report(tiny, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("stop_at", [3, 17], ids=["epoch1", "epoch2"])
+@pytest.mark.slow
 def test_resume_after_a_stop_gives_the_same_weights(tiny, tmp_path, capsys, stop_at):
     """Stopped mid-epoch (14 steps an epoch), resumed: the same weights, and the same epoch
     records (the resumed epoch's train figures over all of its samples)."""
@@ -152,6 +153,7 @@ def test_an_existing_run_is_never_overwritten(tiny, tmp_path):
     assert (run / "last.pt").read_bytes() == before
 
 
+@pytest.mark.multiproc
 def test_eval_command_reports_the_best_checkpoint(tiny, tmp_path):
     run = tmp_path / "run"
     summary = train(config(tiny, run, "train.epochs=1", "method.name=ce"))

@@ -18,7 +18,7 @@ BEFORE_THE_MOVE = {
 SCRIPT = PROCS / "weights_digest.py"
 
 
-@pytest.mark.slow
+@pytest.mark.multiproc
 def test_two_epochs_give_the_weights_recorded_before_the_move(cpu_env):
     import torch
 

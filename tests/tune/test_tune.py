@@ -251,6 +251,7 @@ def env(ray_env) -> dict:
     return ray_env
 
 
+@pytest.mark.ray
 def test_asha_search_writes_tables_plots_and_a_best_config(tiny, tmp_path, env):
     """Each trial's status, epochs and objective are derived here from its own run folder, and
     the chosen trial must hold the best objective of the finished ones. The objective is the
@@ -329,6 +330,7 @@ def test_asha_search_writes_tables_plots_and_a_best_config(tiny, tmp_path, env):
     assert epoch_records(run_dir) == [1]
 
 
+@pytest.mark.ray
 def test_resume_after_the_driver_is_killed_skips_the_finished_trial(tiny, tmp_path, env):
     search = write_search(
         tmp_path / "search.yaml",
@@ -363,6 +365,7 @@ def test_resume_after_the_driver_is_killed_skips_the_finished_trial(tiny, tmp_pa
         assert epoch_records(run_dir) == [1, 2]
 
 
+@pytest.mark.ray
 def test_a_trial_failing_past_its_retries_is_recorded_and_the_search_goes_on(tiny, tmp_path, env):
     """data.strict=true fails on the broken sample (every attempt); the other trial runs."""
     data = copy_dataset(tiny, tmp_path / "data")
@@ -393,6 +396,7 @@ def test_a_trial_failing_past_its_retries_is_recorded_and_the_search_goes_on(tin
     assert best["data"]["strict"] is False
 
 
+@pytest.mark.ray
 def test_a_two_worker_trial_equals_the_same_run_under_torchrun(tiny, tmp_path, env):
     search = write_search(
         tmp_path / "search.yaml",
@@ -430,6 +434,7 @@ def test_a_two_worker_trial_equals_the_same_run_under_torchrun(tiny, tmp_path, e
         assert torch.equal(ours[name], theirs[name]), name
 
 
+@pytest.mark.ray
 def test_tpe_search_on_a_ray_cluster_started_beforehand(tiny, tmp_path, env):
     """`ray start --head` as on a cluster's first node, then `dtrain tune --address`."""
     from conftest import free_port

@@ -35,6 +35,7 @@ def assert_one_trial_done(storage: Path) -> None:
     assert trials["status"].tolist() == ["done"] and trials["epochs"].tolist() == [1]
 
 
+@pytest.mark.ray
 def test_a_stale_address_file_is_not_joined_and_one_epoch_runs_under_asha(tiny, tmp_path, ray_env):
     """What a Ray-on-SLURM job's head leaves behind: the address of a head that is gone."""
     ray_dir = Path(ray_env["RAY_TMPDIR"]) / "ray"
@@ -60,6 +61,7 @@ def drivers_of(address: str, env: dict) -> tuple[list[str], str]:
     return sorted(drivers), me
 
 
+@pytest.mark.ray
 def test_another_users_running_ray_is_not_joined(tiny, tmp_path, ray_env):
     """A `ray start --head` on this node (its address in Ray's address file and in
     RAY_ADDRESS, as its user would have it): the search starts its own Ray beside it."""
@@ -88,6 +90,7 @@ def test_another_users_running_ray_is_not_joined(tiny, tmp_path, ray_env):
     assert drivers == sorted([first, second])  # the probes only: the search never drove it
 
 
+@pytest.mark.ray
 def test_a_ray_that_cannot_start_is_one_line(tiny, tmp_path, ray_env):
     """A temp folder too deep for Ray's sockets (as a cluster's TMPDIR can be): the local Ray
     cannot start, and the user reads one line that says what to change, not a traceback."""

@@ -22,6 +22,7 @@ def tiny(tmp_path_factory) -> Path:
     return stripes_dataset(tmp_path_factory.mktemp("tune_slurm"), 64, shard_size=8)
 
 
+@pytest.mark.slurm
 def test_the_ray_template_stops_its_ray_and_leaves_no_address_file(
     cluster, tiny, submit_env, tmp_path
 ):
