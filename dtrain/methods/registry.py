@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-PRESETS = Path(__file__).resolve().parent.parent / "configs"
+PRESETS = Path(__file__).resolve().parents[2] / "configs"
 
 
 @dataclass(frozen=True)

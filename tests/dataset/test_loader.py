@@ -380,10 +380,10 @@ def test_data_dir_must_hold_a_dataset_json(dataset, tmp_path):
 
 
 def test_no_data_dir_means_the_embedded_set_prepared_by_rank_0(monkeypatch):
-    import dtrain.prepare
+    from dtrain.prepare import data_folder
 
     calls = []
-    monkeypatch.setattr(dtrain.prepare, "prepare", lambda config: calls.append(config))
+    monkeypatch.setattr(data_folder, "prepare", lambda config: calls.append(config))
     path = resolve_data_dir("", progress=False)
     assert path == Path("data/br35h_symmetric0.4_seed0")
     assert len(calls) == 1 and calls[0].progress is False and calls[0].source is None

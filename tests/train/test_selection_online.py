@@ -11,6 +11,7 @@ import torch
 from conftest import small_overrides, stripes_dataset
 
 from dtrain.config import load_config
+from dtrain.train.resolve import resolve
 from dtrain.train.trainer import Trainer
 
 # the history: one good first epoch, then a slow climb to a better plateau
@@ -48,7 +49,7 @@ def tiny(tmp_path_factory) -> Path:
 def test_the_trainer_writes_the_epoch_its_rule_picks_to_best_pt(tiny, tmp_path, rule, epoch):
     overrides = small_overrides(tiny, tmp_path / rule, 16, f"train.select={rule}")
     config = load_config(None, [*overrides, "train.epochs=10", "train.select_window=5"])
-    summary = ScriptedVal(config).fit()
+    summary = ScriptedVal(resolve(config)).fit()
     best = torch.load(tmp_path / rule / "best.pt", weights_only=True)
     assert best["state"]["epoch"] == epoch
     assert summary["selection"]["rule"] == rule and summary["best_epoch"] == epoch
@@ -56,7 +57,7 @@ def test_the_trainer_writes_the_epoch_its_rule_picks_to_best_pt(tiny, tmp_path, 
 
 def test_a_smoothed_rule_in_a_run_shorter_than_its_window_follows_the_last_epoch(tiny, tmp_path):
     overrides = small_overrides(tiny, tmp_path / "short", 16, "train.select=noisy_val_smoothed")
-    summary = ScriptedVal(load_config(None, [*overrides, "train.select_window=5"])).fit()
+    summary = ScriptedVal(resolve(load_config(None, [*overrides, "train.select_window=5"]))).fit()
     assert summary["selection"]["rule"] == "last"
     assert summary["selection"]["asked"] == "noisy_val_smoothed"
     assert summary["best_epoch"] == 2

@@ -128,7 +128,7 @@ def test_an_unknown_tracker_is_refused_with_the_nearest_name(tmp_path):
 def test_a_tracker_whose_client_is_missing_is_refused_with_the_install_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # what an import finds when it is absent
     with pytest.raises(ConfigError, match=r"needs the wandb client.*pip install 'dtrain\[track\]'"):
-        load_config(None, ["train.trackers=[tensorboard,wandb]"])
+        load_config(None, ["train.trackers=[tensorboard,wandb]"]).validate()
 
 
 @pytest.mark.multiproc
