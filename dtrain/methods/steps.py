@@ -214,7 +214,7 @@ def forget_rate(config: Config, meta: dict) -> float:
     if config.method.coteaching_forget_rate is not None:
         return config.method.coteaching_forget_rate
     noise = meta.get("noise", {})
-    if config.method.name == "coteaching" and noise.get("model", "none") == "none":
+    if config.method.name == "coteaching" and noise.get("model", "none") in ("none", "manifest"):
         raise ConfigError(
             "method.coteaching_forget_rate is required: this dataset has no injected noise, so "
             "give your estimate of its label error rate, e.g. method.coteaching_forget_rate=0.2"

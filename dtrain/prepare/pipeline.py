@@ -11,7 +11,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from dtrain.errors import DataError
+from dtrain.errors import ConfigError, DataError
 from dtrain.prepare.dedup import BadImageError, decode_thumbnail, near_duplicate_groups
 from dtrain.prepare.folder import holds_request, new_staging, publish
 from dtrain.prepare.noise import apply_noise, check_noise
@@ -110,10 +110,17 @@ def _split(
 def prepare(config: PrepareConfig) -> Path:
     """Build the dataset `config` asks for and return its folder."""
     config.validate()
-    source = open_source(config.source, config.classes, config.group_column)
+    source = open_source(
+        config.source, config.classes, config.group_column, config.clean_label_column
+    )
     columns = kept_columns(source)
     noise_model, noise_rate = config.resolved_noise()
     check_noise(noise_model, noise_rate, len(source.classes), config.noise_map, source.classes)
+    if source.clean_labels is not None and noise_model != "none":
+        raise ConfigError(
+            f"--noise {noise_model} with --clean-label-column {config.clean_label_column}: the "
+            "manifest's `label` column already holds its noisy labels; drop --noise"
+        )
     out = Path(config.out) if config.out else default_out(config, source)
     request = config.request(source)
     if holds_request(out, request, config.overwrite):
@@ -121,11 +128,16 @@ def prepare(config: PrepareConfig) -> Path:
         return out
 
     thumbs, kept, image_stats = _scan(source, config)
-    clean = source.labels[kept]
-    groups, split_of, num_duplicates = _split(source, config, kept, clean, thumbs)
-    noisy = clean.copy()
+    shipped = source.labels[kept]  # the labels a user has: what the split is stratified by
+    groups, split_of, num_duplicates = _split(source, config, kept, shipped, thumbs)
+    if source.clean_labels is not None:  # a benchmark set that ships both labels
+        clean, noisy = source.clean_labels[kept], shipped.copy()
+        if not config.noise_val:  # --clean-val: val's labels are the clean ones
+            noisy[split_of == SPLITS.index("val")] = clean[split_of == SPLITS.index("val")]
+    else:
+        clean, noisy = shipped, shipped.copy()
     for s, name in enumerate(SPLITS):
-        if name in config.noised_splits():
+        if source.clean_labels is None and name in config.noised_splits():
             members = np.flatnonzero(split_of == s)
             noisy[members] = apply_noise(
                 clean[members],

@@ -102,6 +102,13 @@ class PrepareConfig:
         "near-duplicates, always land in one split",
         default_help=" or ".join(DEFAULT_GROUP_COLUMNS) + " where the manifest has it",
     )
+    clean_label_column: str | None = option(
+        None,
+        "manifest column holding each image's clean label, for benchmark sets that ship both: "
+        "`label` is then the noisy label trained on, the noise is measured from the "
+        "difference, and runs report clean metrics and the wrong-label AUROC",
+        default_help="none: the labels are what they are",
+    )
     dedup_threshold: float = option(
         0.95, "thumbnail correlation above which images share a near-duplicate group"
     )

@@ -79,6 +79,26 @@ def split_stats(clean: np.ndarray, noisy: np.ndarray, groups: np.ndarray, num_cl
     }
 
 
+def noise_record(config: PrepareConfig, model: str, rate: float, per_split: dict) -> dict:
+    """The noise as requested, or, for a manifest that ships clean labels beside its noisy
+    ones (`--clean-label-column`), as found: model `manifest`, its train split's measured rate
+    (what a nominal rate stands for elsewhere), in every split the shipped labels reach."""
+    if config.clean_label_column is None:
+        return {
+            "model": model,
+            "rate": rate,
+            "seed": config.seed,
+            "map": config.noise_map,
+            "splits": config.noised_splits(),
+        }
+    return {
+        "model": "manifest",
+        "column": config.clean_label_column,
+        "rate": per_split["train"]["noise_rate"],
+        "splits": [s for s in SPLITS if s != "val" or config.noise_val],
+    }
+
+
 def describe(
     source: Source,
     config: PrepareConfig,
@@ -116,13 +136,7 @@ def describe(
             "groups": int(groups.max() + 1),
         },
         "manifest_columns": kept,
-        "noise": {
-            "model": noise_model,
-            "rate": noise_rate,
-            "seed": config.seed,
-            "map": config.noise_map,
-            "splits": config.noised_splits(),
-        },
+        "noise": noise_record(config, noise_model, noise_rate, per_split),
         "splits": per_split,
         "shard_pattern": {
             split: f"{split}-{{000000..{max(0, n - 1):06d}}}.tar"

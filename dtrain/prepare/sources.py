@@ -60,6 +60,8 @@ class Source:
     group_of: np.ndarray | None = None
     columns: pa.Table | None = None
     request_columns: dict[str, Any] = field(default_factory=dict)
+    # a benchmark manifest's clean labels (--clean-label-column): `labels` are then its noisy ones
+    clean_labels: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -167,6 +169,19 @@ def _label_index(value: object, classes: list[str] | None, where: str) -> int | 
     return text
 
 
+def _parse_labels(
+    path: Path, values: list, classes: list[str] | None, column: str
+) -> list[int | str]:
+    """A label column's values as indices or class names; an empty one is refused."""
+    parsed: list[int | str] = []
+    for row, value in enumerate(values):
+        where = _row(path, row)
+        if value is None or str(value).strip() == "":
+            raise DataError(f"{where}: missing {column}")
+        parsed.append(_label_index(value, classes, where))
+    return parsed
+
+
 def _row(path: Path, row: int) -> str:
     """A manifest row as the user finds it: the CSV line (after the header), the Parquet row."""
     return f"{path} row {row + 2 if path.suffix.lower() != '.parquet' else row}"
@@ -245,13 +260,17 @@ def _read_csv(path: Path) -> pa.Table:
 
 
 def from_manifest(
-    path: Path, classes: list[str] | None = None, group_column: str | None = None
+    path: Path,
+    classes: list[str] | None = None,
+    group_column: str | None = None,
+    clean_label_column: str | None = None,
 ) -> Source:
     """CSV or Parquet with `path,label`; relative paths are taken from the manifest's folder.
 
     Optional: a `split` column (train/val/test, any case), used as it is; a group column
     (`group_column`, else `group` or `patient_id`) whose rows of one value stay in one split;
-    any other columns, carried into `manifest.parquet`."""
+    a clean label column (`clean_label_column`, given as `label` is: class names or indices),
+    which makes `label` the noisy one; any other columns, carried into `manifest.parquet`."""
     import pyarrow.parquet as pq
 
     path = Path(path)
@@ -268,31 +287,35 @@ def from_manifest(
         )
     if table.num_rows == 0:
         raise DataError(f"manifest {path} has no rows")
+    if clean_label_column is not None and clean_label_column not in table.column_names:
+        raise DataError(
+            f"manifest {path} has no column {clean_label_column!r} for --clean-label-column; "
+            f"it has {table.column_names}"
+        )
     raw_paths = table.column("path").to_pylist()
-    raw_labels = table.column("label").to_pylist()
-    parsed: list[int | str] = []
-    for row, value in enumerate(raw_labels):
-        where = _row(path, row)
-        if value is None or str(value).strip() == "":
-            raise DataError(f"{where}: missing label")
-        parsed.append(_label_index(value, classes, where))
-    names_used = sorted({v for v in parsed if isinstance(v, str)})
-    if names_used and any(isinstance(v, int) for v in parsed):
+    label_columns = ["label"] + ([clean_label_column] if clean_label_column else [])
+    parsed = {
+        c: _parse_labels(path, table.column(c).to_pylist(), classes, c) for c in label_columns
+    }
+    every = [v for values in parsed.values() for v in values]
+    names_used = sorted({v for v in every if isinstance(v, str)})
+    if names_used and any(isinstance(v, int) for v in every):
         raise DataError(
             f"manifest {path} mixes class names and indices; give --classes to map names"
         )
     if names_used:
         class_names = names_used
-        indices = [class_names.index(v) for v in parsed]
+        indices = {c: [class_names.index(v) for v in values] for c, values in parsed.items()}
     else:
-        indices = [int(v) for v in parsed]
-        class_names = classes or [str(i) for i in range(max(indices) + 1)]
-    for row, index in enumerate(indices):
-        if not 0 <= index < len(class_names):
-            raise DataError(
-                f"{path} row {row}: label {index} is out of range for {len(class_names)} classes "
-                f"{class_names}"
-            )
+        indices = {c: [int(v) for v in values] for c, values in parsed.items()}
+        class_names = classes or [str(i) for i in range(max(map(max, indices.values())) + 1)]
+    for column, values in indices.items():
+        for row, index in enumerate(values):
+            if not 0 <= index < len(class_names):
+                raise DataError(
+                    f"{path} row {row}: {column} {index} is out of range for "
+                    f"{len(class_names)} classes {class_names}"
+                )
     base = path.parent
     paths = []
     for row, item in enumerate(raw_paths):
@@ -306,11 +329,14 @@ def from_manifest(
         name=path.stem,
         classes=class_names,
         paths=paths,
-        labels=np.asarray(indices, dtype=np.int64),
+        labels=np.asarray(indices["label"], dtype=np.int64),
         root=base,
         kind="manifest",
         description={"manifest": str(path)},
     )
+    if clean_label_column is not None:
+        source.clean_labels = np.asarray(indices[clean_label_column], dtype=np.int64)
+        source.request_columns["clean_label_column_sha256"] = _digest(indices[clean_label_column])
     if SPLIT_COLUMN in table.column_names:
         source.split_of = _split_column(path, table.column(SPLIT_COLUMN).to_pylist())
         source.request_columns["split_column_sha256"] = _digest(source.split_of.tolist())
@@ -322,7 +348,7 @@ def from_manifest(
         source.request_columns["group_column_sha256"] = _digest(source.group_of.tolist())
         if source.split_of is not None:
             _check_groups_in_one_split(path, column, source.group_of, source.split_of)
-    others = [c for c in table.column_names if c not in ("path", "label")]
+    others = [c for c in table.column_names if c not in ("path", *label_columns)]
     if others:
         source.columns = table.select(others)
         source.request_columns["manifest_columns_sha256"] = _digest(
@@ -391,24 +417,32 @@ def _array(archive: np.lib.npyio.NpzFile, path: Path, key: str) -> np.ndarray:
 
 
 def open_source(
-    spec: str | None, classes: list[str] | None = None, group_column: str | None = None
+    spec: str | None,
+    classes: list[str] | None = None,
+    group_column: str | None = None,
+    clean_label_column: str | None = None,
 ) -> Source:
     """The source a `dtrain prepare` argument names: nothing for the embedded set, a folder,
-    a `.csv`/`.parquet` manifest, or an `.npz`. Only a manifest has a group column."""
+    a `.csv`/`.parquet` manifest, or an `.npz`. Only a manifest has a group column or a clean
+    label column."""
     path = None if spec is None or spec == EMBEDDED_NAME else Path(spec)
     is_manifest = path is not None and path.suffix.lower() in MANIFEST_SUFFIXES
-    if group_column is not None and not is_manifest:
-        raise ConfigError(
-            f"--group-column {group_column} names a manifest column, but source "
-            f"{spec or EMBEDDED_NAME} is no .csv/.parquet manifest; write one with "
-            f"path,label,{group_column} columns"
-        )
+    for flag, column in (
+        ("--group-column", group_column),
+        ("--clean-label-column", clean_label_column),
+    ):
+        if column is not None and not is_manifest:
+            raise ConfigError(
+                f"{flag} {column} names a manifest column, but source "
+                f"{spec or EMBEDDED_NAME} is no .csv/.parquet manifest; write one with "
+                f"path,label,{column} columns"
+            )
     if path is None:
         return from_embedded()
     if path.is_dir():
         return from_folder(path, classes)
     if is_manifest:
-        return from_manifest(path, classes, group_column)
+        return from_manifest(path, classes, group_column, clean_label_column)
     if path.suffix.lower() == ".npz":
         return from_npz(path, classes)
     if not path.exists():
