@@ -221,7 +221,9 @@ def test_a_cancelled_job_stays_cancelled(cluster, tiny, submit_env, tmp_path):
 
 
 @pytest.mark.slurm
-def test_the_ray_template_runs_a_search_on_a_head_and_a_worker(cluster, tiny, submit_env, tmp_path):
+def test_the_ray_template_runs_a_search_on_a_head_and_a_worker_and_leaves_no_ray_behind(
+    cluster, tiny, submit_env, tmp_path
+):
     search = tmp_path / "s.yaml"
     search.write_text(
         yaml.safe_dump(
@@ -248,6 +250,8 @@ def test_the_ray_template_runs_a_search_on_a_head_and_a_worker(cluster, tiny, su
         folder = tmp_path / "searches" / "s"
         log = folder / f"slurm-{job_id(submitted)}.out"
         finished(cluster, job_id(submitted), log)
+        left = processes_with_env(f"RAY_TMPDIR={ray_tmp}")
+        address_files = sorted(p.name for p in Path(ray_tmp).glob("ray/ray_current_cluster"))
     finally:
         kill_processes_with_env(f"RAY_TMPDIR={ray_tmp}")
         shutil.rmtree(ray_tmp, ignore_errors=True)
@@ -256,3 +260,6 @@ def test_the_ray_template_runs_a_search_on_a_head_and_a_worker(cluster, tiny, su
     assert "Ray cluster of 2 node(s) up" in text
     trials = (folder / "trials.csv").read_text().splitlines()
     assert len(trials) == 3 and all(",done," in line for line in trials[1:]), trials
+    # it leaves the nodes as it found them: no Ray process, no address file that a later
+    # `ray.init()` on the node would follow to the gone head
+    assert left == [] and address_files == [], text[-3000:]
