@@ -10,14 +10,17 @@ between the objective and the clean test accuracy of the model each trial hands 
 Two searches, so that the choice cannot flatter itself: the *tuning* search (sampler seed 0,
 train.seed 0) chooses the best candidate; the *report* search (sampler seed 1, train.seed 1:
 other configs, other initialisations and augmentations) reports every candidate's correlation,
-the chosen one's included. A finished search is reused, an interrupted one continued.
+the chosen one's included (`--roles tuning` runs the first alone; the result file keeps each
+search's table as it comes). A finished search is reused, an interrupted one continued.
 Prints a table and writes benchmarks/results/tune_objectives.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
@@ -69,6 +72,45 @@ def correlations(result: dict) -> dict[str, float]:
 
 
 def main() -> None:
+    args = parse_args()
+    for role in args.roles:
+        seed = ROLES[role]
+        settings = SimpleNamespace(**vars(args), overrides=[f"train.seed={seed}"])
+        found = correlations(search(f"full_seed{seed}", "none", settings, f"--seed={seed}"))
+        report(role, found, args.out)
+
+
+ROLES = {"tuning": 0, "report": 1}  # role: the sampler seed and train.seed of its search
+TODAY = "val_accuracy@3"  # dtrain tune's default objective before this benchmark
+
+
+def report(role: str, found: dict[str, float], out: str) -> None:
+    """Print one search's table and add it to the result file (the report search's table
+    reuses the candidate the tuning search chose; a report search alone chooses nothing)."""
+    path = Path(out)
+    result = json.loads(path.read_text()) if path.is_file() else {}
+    result[f"{role}_search"] = {"sampler_seed": ROLES[role], "train_seed": ROLES[role]}
+    result[f"{role}_search"]["spearman"] = found
+    if role == "tuning":
+        result["chosen"] = max(found, key=lambda k: -math.inf if math.isnan(found[k]) else found[k])
+    chosen = result.get("chosen")
+    table = Table(
+        Column("objective (metric@window)", 34, left=True),
+        Column(f"Spearman, {role} search", 24, ".3f"),
+    )
+    table.header()
+    for name in sorted(found, key=lambda k: -found[k] if not math.isnan(found[k]) else math.inf):
+        marks = ("  <- chosen" if name == chosen else "") + ("  (today)" if name == TODAY else "")
+        table.row(name + marks, found[name])
+    result |= {"target": TARGET, "default_before": TODAY}
+    write_result(
+        "tune_objectives",
+        {k: v for k, v in result.items() if k not in ("command", "date", "machine")},
+        out,
+    )
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -76,44 +118,10 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--samples", type=int, default=12)
     parser.add_argument("--max-concurrent", type=int, default=2)
+    parser.add_argument("--roles", nargs="+", choices=list(ROLES), default=list(ROLES))
     parser.add_argument("--storage", default=str(REPO / "runs" / "tune_objectives"))
     parser.add_argument("--out", default=str(RESULTS / "tune_objectives.json"))
-    args = parser.parse_args()
-
-    found = {}
-    for role, seed in (("tuning", 0), ("report", 1)):
-        settings = SimpleNamespace(**vars(args), overrides=[f"train.seed={seed}"])
-        found[role] = correlations(search(f"full_seed{seed}", "none", settings, f"--seed={seed}"))
-    tuning, report = found["tuning"], found["report"]
-    ranked = sorted(tuning, key=lambda k: -tuning[k] if not math.isnan(tuning[k]) else math.inf)
-    chosen = ranked[0]
-    table = Table(
-        Column("objective (metric@window)", 30, left=True),
-        Column("Spearman, tuning search", 24, ".3f"),
-        Column("Spearman, report search", 24, ".3f"),
-    )
-    table.header()
-    for name in ranked:
-        table.row(name + ("  <- chosen" if name == chosen else ""), tuning[name], report[name])
-    today = "val_accuracy@3"
-    print(
-        f"\nchosen on the tuning search: {chosen}; on the report search it gives "
-        f"{report[chosen]:.3f} (today's default {today}: {report.get(today, math.nan):.3f})"
-    )
-    write_result(
-        "tune_objectives",
-        {
-            "settings": {k: v for k, v in vars(args).items() if k not in ("out", "storage")},
-            "target": TARGET,
-            "tuning_search": {"sampler_seed": 0, "train_seed": 0, "spearman": tuning},
-            "report_search": {"sampler_seed": 1, "train_seed": 1, "spearman": report},
-            "chosen": chosen,
-            "chosen_report_spearman": report[chosen],
-            "default_before": today,
-            "default_before_report_spearman": report.get(today),
-        },
-        args.out,
-    )
+    return parser.parse_args()
 
 
 if __name__ == "__main__":
