@@ -348,6 +348,40 @@ def tracker_overhead_md() -> list[str]:
     return lines
 
 
+def tune_objectives_md() -> list[str]:
+    results = _load("tune_objectives.json")
+    if not results:
+        return ["Not run yet: `python benchmarks/tune_objectives.py`."]
+    r = results[0]
+    tuning = r.get("tuning_search", {}).get("spearman", {})
+    report = r.get("report_search", {}).get("spearman", {})
+    chosen, today = r.get("chosen"), r.get("default_before")
+
+    def cell(values: dict, name: str) -> str:
+        value = values.get(name)
+        return "not run yet" if value is None else f"{value:.3f}"
+
+    names = sorted(tuning, key=lambda k: -tuning[k] if tuning[k] == tuning[k] else 2.0)
+    rows = [
+        [
+            f"`{name}`"
+            + (" (chosen)" if name == chosen else "")
+            + (" (before)" if name == today else ""),
+            cell(tuning, name),
+            cell(report, name),
+        ]
+        for name in names
+    ]
+    head = (
+        f"**Label-free search objectives** against the clean test accuracy of each trial's "
+        f"handed-over model (`{r.get('target')}`), Spearman over the trials of a full search; "
+        f"chosen on the tuning search (sampler seed 0, train.seed 0), reported on the report "
+        f"search (seed 1); {_where(r)}."
+    )
+    header = ["objective (metric@window)", "tuning search", "report search"]
+    return [head, "", *_table(header, rows), ""]
+
+
 def selection_remeasure_md() -> list[str]:
     results = _load("selection_remeasure.json")
     if not results:
@@ -423,6 +457,7 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
     "review-gain": review_gain_md,
     "tracker-overhead": tracker_overhead_md,
     "selection-remeasure": selection_remeasure_md,
+    "tune-objectives": tune_objectives_md,
 }
 FIGURE = "figure:"  # `figure:study/study.png`: a PNG under RESULTS
 # a marker is a line of its own (one quoted inside a sentence or a code span is text)
