@@ -34,5 +34,5 @@ with tempfile.TemporaryDirectory() as tmp:
     run = Path(tmp) / "run"
     train(load_config(None, small_overrides(data, run, 16)))
     checkpoint = torch.load(run / "last.pt", weights_only=True)
-    print("model", digest(checkpoint["model"]))
-    print("ema", digest(checkpoint["ema"]))
+    print("DIGEST model", digest(checkpoint["model"]))
+    print("DIGEST ema", digest(checkpoint["ema"]))
