@@ -46,10 +46,11 @@ def holds_request(out: Path, request: dict, overwrite: bool) -> bool:
             for name, info in old["shards"].items()
         )
     if not overwrite:
+        before = old.get("request", {})
         changed = sorted(
             k
-            for k in set(request) | set(old.get("request", {}))
-            if request.get(k) != old.get("request", {}).get(k)
+            for k in set(request) | set(before)
+            if request.get(k) != before.get(k) or (k in request) != (k in before)
         )
         raise DataError(
             f"{out} holds a different dataset (differs in: {', '.join(changed)}); pass "

@@ -181,6 +181,8 @@ class PrepareConfig:
             for k, v in asdict(self).items()
             if k not in ("out", "overwrite", "progress", "noise", "noise_rate", "group_column")
         }
+        if self.clean_label_column is None:  # as asked before the option existed
+            del keep["clean_label_column"]
         fractions = self.split_fractions(source)
         keep["split"] = f"{SPLIT_COLUMN} column" if fractions is None else list(fractions)
         return {

@@ -114,3 +114,15 @@ def test_a_run_on_it_reports_clean_metrics_and_the_wrong_label_auroc(benchmark, 
     summary = json.loads((run / "summary.json").read_text())
     assert "clean_accuracy" in summary["test_best"]
     assert set(summary["mislabel_auroc"]) >= {"loss"}
+
+
+def test_a_dataset_prepared_before_the_option_existed_is_still_found_intact(benchmark, tmp_path):
+    """Without the option the request is what it was: an older dtrain's dataset is not
+    rebuilt (nor refused as a different one)."""
+    config = PrepareConfig(source=str(benchmark / "noisy.csv"), out=str(tmp_path / "ds"))
+    out = prepare(config)
+    meta = json.loads((out / "dataset.json").read_text())
+    assert "clean_label_column" not in meta["request"]
+    shards = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    assert prepare(config) == out
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")} == shards

@@ -327,6 +327,7 @@ CLI_ARGS = {
     "seed": (["--seed", "7"], 7),
     "split": (["--split", "0.8,0,0.2"], (0.8, 0.0, 0.2)),
     "group_column": (["--group-column", "patient_id"], "patient_id"),
+    "clean_label_column": (["--clean-label-column", "clean"], "clean"),
     "dedup_threshold": (["--dedup-threshold", "0.9"], 0.9),
     "shard_size": (["--shard-size", "50"], 50),
     "shard_bytes": (["--shard-bytes", "500MB"], 500_000_000),
