@@ -33,6 +33,7 @@ from dtrain.prepare.split import (
 )
 
 T = TypeVar("T")
+SPLIT_TOLERANCE = 0.02  # how far a realised split fraction may miss the asked one unsaid
 
 
 def _progress(items: Iterable[T], total: int, desc: str, enabled: bool) -> Iterable[T]:
@@ -95,7 +96,9 @@ def _split(
         )
     fractions = config.split_fractions(source)
     if fractions is not None:
-        return groups, stratified_group_split(clean, groups, fractions, config.seed), num_duplicates
+        split_of = stratified_group_split(clean, groups, fractions, config.seed)
+        _check_fractions(split_of, groups, fractions, config, source)
+        return groups, split_of, num_duplicates
     split_of = source.split_of[kept]
     crossing = pairs_across_splits(duplicates, split_of)
     if crossing:
@@ -105,6 +108,40 @@ def _split(
             "make the test score optimistic"
         )
     return groups, split_of, num_duplicates
+
+
+def _check_fractions(
+    split_of: np.ndarray,
+    groups: np.ndarray,
+    fractions: tuple[float, float, float],
+    config: PrepareConfig,
+    source: Source,
+) -> None:
+    """A split asked for but left empty by groups too large to cut is refused, saying what to
+    change; fractions missed by more than SPLIT_TOLERANCE are said in one line."""
+    n = len(split_of)
+    counts = np.bincount(split_of, minlength=len(SPLITS))
+    largest = int(np.bincount(groups).max())
+    why = (
+        f"the largest group holds {largest} of {n} images ({largest / n:.0%}): near-duplicates "
+        f"(thumbnail correlation > {config.dedup_threshold})"
+        + (f" joined with {source.group_column}" if source.group_of is not None else "")
+        + " chain images into groups that a split cannot cut"
+    )
+    for s, name in enumerate(SPLITS):
+        if fractions[s] * n >= 1 and counts[s] == 0:
+            raise DataError(
+                f"splitting {source.name} by group left {name} empty ({fractions[s]:g} of the "
+                f"images asked): {why}; raise --dedup-threshold (e.g. 0.99) or check "
+                "--group-column"
+            )
+    got = counts / n
+    if np.abs(got - np.asarray(fractions)).max() > SPLIT_TOLERANCE:
+        print(
+            f"warning: split {','.join(f'{f:.2f}' for f in got)} where "
+            f"{','.join(f'{f:g}' for f in fractions)} was asked (beyond ±{SPLIT_TOLERANCE:g}): "
+            f"{why}"
+        )
 
 
 def prepare(config: PrepareConfig) -> Path:
