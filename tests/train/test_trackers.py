@@ -5,7 +5,6 @@ file; a kill and `--resume` continue the same tracked run with each step once.""
 from __future__ import annotations
 
 import json
-import socket
 import struct
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from conftest import PROCS, REPO, small_overrides, stripes_dataset
+from conftest import PROCS, REPO, free_port, small_overrides, stripes_dataset
 
 from dtrain.config import load_config
 from dtrain.errors import ConfigError
@@ -30,12 +29,6 @@ ARTIFACTS = {"curves.png", "summary.json", "label_scores.parquet", "model.safete
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     return stripes_dataset(tmp_path_factory.mktemp("track"), 160, shard_size=16)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
