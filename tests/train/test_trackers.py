@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
@@ -227,7 +227,7 @@ def test_a_killed_and_resumed_run_continues_its_mlflow_run_with_each_step_once(
 
 @pytest.mark.slow
 def test_wandb_offline_run_file_holds_the_metric_history(tiny, tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
+    wandb = pytest.importorskip("wandb")
     from wandb.proto import wandb_internal_pb2
 
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -235,12 +235,14 @@ def test_wandb_offline_run_file_holds_the_metric_history(tiny, tmp_path, monkeyp
     run_dir = tmp_path / "run"
     config = load_config(None, small_overrides(tiny, run_dir, 16, "train.trackers=[wandb]"))
     train(config)
+    wandb.teardown()  # the service writes the run file; a loaded machine may still be writing it
     (run_file,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
-    history = defaultdict(list)
+    kinds, history = [], defaultdict(list)
     for data in wandb_log_records(run_file):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(data)
-        if record.WhichOneof("record_type") != "history":
+        kinds.append(record.WhichOneof("record_type"))
+        if kinds[-1] != "history":
             continue
         row = {
             item.key or "/".join(item.nested_key): json.loads(item.value_json)
@@ -252,6 +254,7 @@ def test_wandb_offline_run_file_holds_the_metric_history(tiny, tmp_path, monkeyp
                 for name, value in row.items():
                     if name.startswith(f"{kind}/") and name != f"{kind}/{kind}":
                         history[name].append((where, value))
+    assert "exit" in kinds, f"the run file ends before its exit record: {Counter(kinds)}"
     assert dict(history) == expected_history(run_dir)
 
 
