@@ -90,6 +90,18 @@ class MethodConfig:
     # required for a dataset without injected noise
     coteaching_forget_rate: float | None = None
     coteaching_ramp_epochs: int = 10
+    # ELR (elr, iam_elr): the regulariser's weight and the targets' averaging (the paper's
+    # CIFAR-10 values)
+    elr_lambda: float = 3.0
+    elr_beta: float = 0.7
+    # DivideMix (the paper's CIFAR-10 values; method.warmup_epochs is its CE warm-up): the
+    # unlabelled loss weight (ramped up over dividemix_rampup_epochs after the warm-up), the
+    # clean probability that keeps a label, the sharpening temperature, the Beta(a, a) of MixMatch
+    dividemix_lambda_u: float = 25.0
+    dividemix_rampup_epochs: int = 5
+    dividemix_threshold: float = 0.5
+    dividemix_sharpen: float = 0.5
+    dividemix_alpha: float = 4.0
     score_epochs: int = 5  # mislabel scores average over the last N epochs
 
 
@@ -194,6 +206,20 @@ class Config:
         rate = m.coteaching_forget_rate
         _check(rate is None or 0 <= rate < 1, "method.coteaching_forget_rate", rate, "in [0, 1)")
         _check(m.score_epochs >= 1, "method.score_epochs", m.score_epochs, ">= 1")
+        _check(0 <= m.elr_beta < 1, "method.elr_beta", m.elr_beta, "in [0, 1)")
+        _check(
+            0 <= m.dividemix_threshold <= 1,
+            "method.dividemix_threshold",
+            m.dividemix_threshold,
+            "in [0, 1]",
+        )
+        _check(m.dividemix_sharpen > 0, "method.dividemix_sharpen", m.dividemix_sharpen, "> 0")
+        _check(
+            m.dividemix_rampup_epochs >= 1,
+            "method.dividemix_rampup_epochs",
+            m.dividemix_rampup_epochs,
+            ">= 1",
+        )
         for key in (
             "mixup_alpha",
             "lambda_iam",
@@ -202,6 +228,9 @@ class Config:
             "sce_alpha",
             "sce_beta",
             "coteaching_ramp_epochs",
+            "elr_lambda",
+            "dividemix_lambda_u",
+            "dividemix_alpha",
         ):
             _check(getattr(m, key) >= 0, f"method.{key}", getattr(m, key), ">= 0")
         _check(o.lr > 0, "optim.lr", o.lr, "> 0")

@@ -179,6 +179,24 @@ def sce_loss(logits: torch.Tensor, labels: torch.Tensor, alpha: float, beta: flo
     return alpha * ce + beta * reverse
 
 
+def elr_term(
+    logits: torch.Tensor, previous: torch.Tensor, beta: float, valid: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ELR's regulariser (Liu et al., "Early-Learning Regularization Prevents Memorization of
+    Noisy Labels", NeurIPS 2020, Sec. 4 and its official code), with p_i = clamp(softmax(z_i),
+    1e-4, 1 - 1e-4):
+
+        t_i(k) = beta t_i(k-1) + (1 - beta) p_i / sum_c p_ic     (detached; t_i(0) = 0)
+        R = mean_i log(1 - <p_i, t_i(k)>)
+
+    `previous` is t(k-1) from the trainer's per-sample memory; returns R and the detached
+    normalised p_i, which the memory folds into t at the epoch's end (`elr_targets_rule`)."""
+    p = wide(logits).softmax(-1).clamp(1e-4, 1 - 1e-4)
+    observed = (p / p.sum(-1, keepdim=True)).detach()
+    target = beta * previous.to(p.dtype) + (1 - beta) * observed
+    return masked_mean((1 - (target * p).sum(-1)).log(), valid), observed
+
+
 def coteaching_loss(
     logits1: torch.Tensor,
     logits2: torch.Tensor,

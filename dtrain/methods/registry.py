@@ -23,6 +23,9 @@ class MethodSpec:
     pairs_halves: bool = False  # AFM's fixed pairing of i with i + B/2: the batch must be even
     mixup: bool = False  # has the L_iam term (trains the attention block)
     contrastive: bool = False  # has the NT-Xent term (second view, projection head)
+    elr: bool = False  # adds ELR's regulariser (dtrain.methods.losses.elr_term)
+    # "module:function" building its per-sample memory (dtrain.methods.steps.MemoryRule)
+    memory: str = ""
     # config values the method implies unless the user sets them (`method.name=afm` alone gives
     # AFM's feature-only attention, as configs/afm.yaml does)
     implies: dict[str, Any] = field(default_factory=dict)
@@ -72,12 +75,36 @@ METHODS: dict[str, MethodSpec] = {
             pairs_halves=True,
             implies={"model.attention_inputs": "feature"},
         ),
+        MethodSpec(
+            "iam_elr",
+            "the method + ELR's regulariser towards each sample's running-average prediction",
+            _steps("attention_method_step"),
+            groups=True,
+            mixup=True,
+            contrastive=True,
+            elr=True,
+            memory=_steps("elr_targets_rule"),
+        ),
         MethodSpec("ce", "baseline: plain cross-entropy", _steps("ce_step")),
         MethodSpec("mixup", "baseline: input mixup, Beta(alpha, alpha)", _steps("mixup_step")),
         MethodSpec(
             "gce", "baseline: generalised cross-entropy (q = method.gce_q)", _steps("gce_step")
         ),
         MethodSpec("sce", "baseline: symmetric cross-entropy", _steps("sce_step")),
+        MethodSpec(
+            "elr",
+            "baseline: ELR, CE + early-learning regularisation (Liu et al. 2020)",
+            _steps("elr_step"),
+            memory=_steps("elr_targets_rule"),
+        ),
+        MethodSpec(
+            "dividemix",
+            "baseline: DivideMix, GMM-divided peers + MixMatch (Li et al. 2020)",
+            "dtrain.methods.dividemix:dividemix_step",
+            model="peers",
+            memory="dtrain.methods.dividemix:division_rule",
+            implies={"method.warmup_epochs": 5},
+        ),
         MethodSpec(
             "coteaching",
             "baseline: Co-teaching, two peers teach each other their small-loss samples",

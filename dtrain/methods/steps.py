@@ -33,6 +33,20 @@ class StepOutput:
     sample_loss: torch.Tensor  # per-sample CE on view 1, detached: the small-loss score
     attention: torch.Tensor | None = None  # per-sample attention weight, detached
     terms: dict[str, torch.Tensor] = field(default_factory=dict)  # detached loss terms
+    # per sample, detached: what the method keeps between epochs (MemoryRule)
+    memory: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class MemoryRule:
+    """A method's per-sample memory (ELR's targets, DivideMix's division), kept by the trainer:
+    `width` values per sample, `initial` before its first epoch. A step reads the sample's row
+    as batch["memory"] and hands back StepOutput.memory; at each epoch's end the rows of the
+    samples seen become end_epoch(row, what the steps handed back)."""
+
+    width: int
+    initial: float
+    end_epoch: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -100,12 +114,18 @@ def attention_method_step(model: NoiseRobustNet, batch: dict, ctx: StepContext) 
             con = losses.nt_xent(model.project(h1), model.project(h2), cfg.temperature, valid)
         loss = loss + cfg.lambda_con * con
         terms["con"] = con.detach()
+    observed = None
+    if spec.elr:
+        elr, observed = losses.elr_term(logits, batch["memory"], cfg.elr_beta, valid)
+        loss = loss + cfg.elr_lambda * elr
+        terms["elr"] = elr.detach()
     return StepOutput(
         loss,
         logits.detach(),
         sample_loss.detach(),
         None if attention is None else attention.detach(),
         terms,
+        observed,
     )
 
 
@@ -166,6 +186,25 @@ def sce_step(model: torch.nn.Module, batch: dict, ctx: StepContext) -> StepOutpu
     )
 
 
+def elr_step(model: torch.nn.Module, batch: dict, ctx: StepContext) -> StepOutput:
+    """ELR: CE + elr_lambda * ELR's regulariser on view 1 (losses.elr_term)."""
+    logits, labels, valid = model(batch["view1"]), batch["label"], batch["valid"]
+    ce = losses.masked_mean(F.cross_entropy(losses.wide(logits), labels, reduction="none"), valid)
+    elr, observed = losses.elr_term(logits, batch["memory"], ctx.cfg.elr_beta, valid)
+    out = _baseline_output(ce + ctx.cfg.elr_lambda * elr, logits, labels, "ce")
+    out.terms["elr"], out.memory = elr.detach(), observed
+    return out
+
+
+def elr_targets_rule(cfg: MethodConfig, num_classes: int) -> MemoryRule:
+    """ELR's targets: t(k) = beta t(k-1) + (1 - beta) p for each sample seen; t(0) = 0."""
+
+    def end_epoch(previous: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
+        return cfg.elr_beta * previous + (1 - cfg.elr_beta) * observed
+
+    return MemoryRule(width=num_classes, initial=0.0, end_epoch=end_epoch)
+
+
 def mixup_step(model: torch.nn.Module, batch: dict, ctx: StepContext) -> StepOutput:
     """Input mixup, lam ~ Beta(alpha, alpha) drawn on the device; the scores and the train
     accuracy come from an unmixed forward pass."""
@@ -204,7 +243,17 @@ def _unmixed_logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def bind_step(method: str) -> StepFunction:
     """The registry names each method's step function by its dotted path; bound here."""
-    module, _, name = METHODS[method].step.partition(":")
+    return _bind(METHODS[method].step)
+
+
+def memory_rule(cfg: MethodConfig, num_classes: int) -> MemoryRule | None:
+    """The method's per-sample memory, if it keeps one (the registry names its builder)."""
+    builder = METHODS[cfg.name].memory
+    return _bind(builder)(cfg, num_classes) if builder else None
+
+
+def _bind(dotted: str) -> Callable:
+    module, _, name = dotted.partition(":")
     return getattr(importlib.import_module(module), name)
 
 
@@ -249,9 +298,10 @@ class TrainStep(torch.nn.Module):
         label: torch.Tensor,
         valid: torch.Tensor,
         epoch: int,
+        memory: torch.Tensor | None = None,
     ) -> dict:
         """StepOutput's fields as a plain dict: DDP looks for tensors in dicts."""
-        batch = {"view1": view1, "view2": view2, "label": label, "valid": valid}
+        batch = {"view1": view1, "view2": view2, "label": label, "valid": valid, "memory": memory}
         context = StepContext(self.cfg, epoch, self.num_classes, self.forget_rate)
         out = self.step_function(self.net, batch, context)
         return dict(vars(out))

@@ -31,7 +31,7 @@ from dtrain.dataset.loader import ShardLoader, make_loader
 from dtrain.errors import NonFiniteLossError
 from dtrain.methods.losses import rank_weight
 from dtrain.methods.model import build_model
-from dtrain.methods.steps import TrainStep, forget_rate
+from dtrain.methods.steps import TrainStep, forget_rate, memory_rule
 from dtrain.prepare.data_folder import resolve_data_dir
 from dtrain.train import report, selection
 from dtrain.train.checkpoint import (
@@ -52,6 +52,7 @@ from dtrain.train.lr_schedule import lr_factor
 from dtrain.train.resolve import ResolvedRun
 from dtrain.train.rng import rng_states_of_all_ranks, seed_everything
 from dtrain.train.running_sums import STOP, MetricSums, NonFiniteCounter, epoch_metrics
+from dtrain.train.sample_memory import SampleMemory
 from dtrain.train.step_guard import StepGuard
 
 
@@ -175,6 +176,8 @@ class Trainer:
         )
         self.state = TrainState()
         self.scores = ScoreAccumulator()
+        rule = memory_rule(cfg.method, len(self.classes))
+        self.memory = SampleMemory(rule) if rule is not None else None
         self.saver = CheckpointSaver(self.run_dir, self.engine)
 
     def _open_run(self) -> None:
@@ -186,6 +189,8 @@ class Trainer:
             self.state.load_state_dict(ckpt["state"])
             self.state.nonfinite_in_a_row = 0  # a resume is a fresh chance
             self.scores.load_state_dict(ckpt["scores"])
+            if self.memory is not None:
+                self.memory.load_state_dict(ckpt["memory"])
             if self.ema is not None:  # a checkpoint without one: average from here on
                 self.ema.load_state_dict(ckpt.get("ema") or self.net.state_dict())
         t = self.config.train
@@ -204,6 +209,7 @@ class Trainer:
             "rng": rng_states_of_all_ranks(),
             "state": self.state.state_dict(),
             "scores": self.scores.state_dict(),
+            "memory": self.memory.state_dict() if self.memory is not None else None,
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "selected_weights": selection.RULES[self.rule].weights,
             "config": self.config.to_dict(),
@@ -213,6 +219,8 @@ class Trainer:
 
     def _save(self, best: bool = False) -> Path:
         self.scores.merge()
+        if self.memory is not None:
+            self.memory.merge()
         # mid-epoch: the epoch's sums so far, so that a resumed epoch's record covers all of it
         self.state.epoch_sums = self._epoch_sums.saved() if self.state.batch else {}
         path = self.saver.save(self._payload, self.state.step, best)
@@ -270,10 +278,11 @@ class Trainer:
                 self.guard.open()
             # this rank's share of the global mean, averaged over the window's micro-steps
             weight = rank_weight(valid, header[0], world) / micro_steps
+            memory = self.memory.lookup(batch["key"], engine.device) if self.memory else None
             with engine.accumulating(boundary):
                 with engine.autocast():
                     out = engine.model(
-                        batch["view1"], batch["view2"], batch["label"], valid, state.epoch
+                        batch["view1"], batch["view2"], batch["label"], valid, state.epoch, memory
                     )
                 engine.backward(out["loss"] * weight)
             if boundary:
@@ -286,6 +295,8 @@ class Trainer:
             for sums in (epoch_sums, window):
                 sums.add_step(out, batch)
             state.note_skipped(batch.get("skipped", []))
+            if self.memory is not None:
+                self.memory.add(batch["key"], valid, out["memory"])
             if scoring:
                 self.scores.add(
                     batch["key"],
@@ -391,6 +402,8 @@ class Trainer:
                         f"epoch {state.epoch + 1}; checkpoint {self.saver.last}"
                     )
                 return self._close({"stopped": True, "epoch": state.epoch, "batch": state.batch})
+            if self.memory is not None:
+                self.memory.end_epoch()
             val = self.evaluate(self.val_loader) if self.val_loader is not None else {}
             if val and self.ema is not None:
                 val |= {

@@ -27,7 +27,7 @@ from dtrain.config import load_config
 from dtrain.errors import ConfigError, RunFolderError
 from dtrain.methods.model import build_model
 from dtrain.methods.registry import METHODS
-from dtrain.methods.steps import training_step
+from dtrain.methods.steps import memory_rule, training_step
 from dtrain.train import train
 
 
@@ -183,7 +183,11 @@ def test_every_method_takes_a_finite_step(method):
         "valid": torch.ones(16, dtype=torch.bool),
     }
     batch["valid"][-3:] = False  # padding never breaks a loss
-    out = training_step(model, batch, cfg.method, epoch=1, num_classes=3, forget_rate=0.2)
+    rule = memory_rule(cfg.method, num_classes=3)
+    if rule is not None:  # a mid-run memory: ELR's targets, DivideMix's division
+        batch["memory"] = torch.rand(16, rule.width).softmax(-1)
+    epoch = 6 if method == "dividemix" else 1  # after its warm-up
+    out = training_step(model, batch, cfg.method, epoch=epoch, num_classes=3, forget_rate=0.2)
     assert torch.isfinite(out.loss)
     out.loss.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -194,8 +198,14 @@ def test_every_method_takes_a_finite_step(method):
         "iam_no_con": {"ce", "iam"},
         "iam_no_mixup": {"ce", "con"},
         "afm": {"afm"},
+        "elr": {"ce", "elr"},
+        "iam_elr": {"ce", "iam", "con", "elr"},
+        "dividemix": {"l_x", "l_u", "l_reg", "labelled"},
     }.get(method, {method})
     assert set(out.terms) == expected_terms
+    assert (out.memory is not None) == (rule is not None)
+    if rule is not None:
+        assert out.memory.shape == (16, rule.width) and not out.memory.requires_grad
 
 
 def test_feature_and_logit_mixup_give_the_same_training_loss():
