@@ -4,11 +4,13 @@ cleanlab's detection and prune-and-retrain as the anchor (`benchmarks/cleanlab_a
 
     python benchmarks/study.py                      # everything, in priority order; resumable
     python benchmarks/study.py --report-only        # tables and plot from the runs so far
+    python benchmarks/study.py --methods elr dividemix --noises sym0.4 inst0.3   # some cells
 
 Each run is `benchmarks/study_run.py` in its own process, in runs/study/<noise>/<method>_seed<s>;
 a run whose study.json exists is not repeated, a run cut off is started again. After every run
 the table of all runs so far is rewritten: benchmarks/results/study/runs.parquet (one row per
-run), study.md (mean ± std tables) and study.png, and benchmarks/results/study.json."""
+run; rows of runs whose folders are gone are kept from it), study.md (mean ± std tables) and
+study.png, and benchmarks/results/study.json."""
 
 from __future__ import annotations
 
@@ -22,7 +24,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from common import REPO, RESULTS, preset, write_result
-from study_cells import EXTRA_NOISES, MAIN_NOISES, METHODS, NOISES, WARM_VARIANT
+from study_cells import (
+    EXTRA_NOISES,
+    MAIN_NOISES,
+    METHODS,
+    NOISES,
+    WARM_VARIANT,
+    compute_matched,
+)
 
 from dtrain.config import TrainConfig
 
@@ -65,6 +74,7 @@ def run_one(method: str, noise: str, seed: int, args: argparse.Namespace) -> Non
         f"train.seed={seed}",
         "train.refine_rounds=0",  # the methods as they are; rounds where `extra` asks
         *extra,
+        *compute_matched(name, args.epochs),
     ]
     print(f"[{time.strftime('%H:%M:%S')}] {noise} {method} seed {seed}", flush=True)
     log = run_dir.parent / f"{run_dir.name}.log"
@@ -100,6 +110,8 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--no-cleanlab", action="store_true")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (default 2)")
+    parser.add_argument("--methods", nargs="+", choices=[*METHODS, *WARM_VARIANT])
+    parser.add_argument("--noises", nargs="+", choices=list(NOISES))
     args = parser.parse_args()
     from study_report import write_report
 
@@ -107,6 +119,17 @@ def main() -> None:
         for noise in NOISES:
             prepare(noise, Path(args.data))  # once, before runs start in parallel
         runs = plan(args.seeds)
+        if args.methods or args.noises:  # some cells only, without the cleanlab anchor
+            runs = [
+                (m, n, s)
+                for m, n, s in runs
+                if m in (args.methods or m) and n in (args.noises or n)
+            ]
+            with ThreadPoolExecutor(args.jobs) as pool:
+                for future in [pool.submit(run_one, *run, args) for run in runs]:
+                    future.result()
+                    write_report(Path(args.runs), TrainConfig.select, OUT)
+            return
         anchor_after = runs.index(("iam+rounds(warm)", MAIN_NOISES[-1], args.seeds[0]))
         with ThreadPoolExecutor(args.jobs) as pool:
             # the anchor needs the first seed's iam runs: start it once those are done

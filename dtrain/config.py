@@ -53,6 +53,9 @@ class DataConfig:
     resampled: bool = False
     samples_per_epoch: int = 0
     strict: bool = False  # fail on a corrupt sample instead of skipping it
+    # given: train on the labels as given (noisy); clean: on the clean labels the dataset keeps
+    # beside them (`dtrain prepare --noise` or --clean-label-column), a benchmark's ceiling
+    train_labels: Literal["given", "clean"] = "given"
 
 
 @dataclass

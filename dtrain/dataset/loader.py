@@ -85,9 +85,11 @@ class ShardStream(IterableDataset):
         label_key: str | None = None,
         classes: list[str] | None = None,
         relabel: dict[str, int] | None = None,
+        clean_labels: bool = False,
     ) -> None:
         self.urls, self.counts, self.digests, self.train = urls, counts, digests, train
         self.label_key, self.classes, self.relabel = label_key, classes, relabel or {}
+        self.clean_labels = clean_labels
         self.batch_size, self.channels, self.num_classes = batch_size, channels, num_classes
         self.rank, self.world_size, self.workers = rank, world_size, workers
         self.seed, self.shuffle_buffer, self.strict = seed, shuffle_buffer, strict
@@ -163,6 +165,8 @@ class ShardStream(IterableDataset):
             if self.strict:
                 raise
             return str(err)
+        if self.clean_labels:
+            sample["label"] = sample["clean_label"]
         sample["label"] = self.relabel.get(sample["key"], sample["label"])
         return sample
 
@@ -331,12 +335,14 @@ def make_loader(
     pin_memory: bool = False,
     meta: dict | None = None,
     relabel: dict[str, int] | None = None,
+    clean_labels: bool = False,
 ) -> ShardLoader:
     """A loader for one rank. Rank and world size default to torch.distributed or RANK and
     WORLD_SIZE. Counts, channels and classes default to the shards' `dataset.json`, `meta` (the
     dataset folder's) or else the one beside the first shard; each shard read to its end must
     match the checksum it lists. `relabel` replaces the label of the samples it names (by key):
-    the corrections of a label clean-up round."""
+    the corrections of a label clean-up round. `clean_labels` hands out each sample's clean label
+    as its label (a benchmark's ceiling)."""
     shard_urls = expand_urls(urls)
     if not shard_urls:
         raise DataError(f"no shards match {urls!r}")
@@ -387,6 +393,7 @@ def make_loader(
         label_key=label_key,
         classes=classes,
         relabel=relabel,
+        clean_labels=clean_labels,
     )
     if not resampled:
         stream.plan()  # fail now, not inside a worker, if shards < ranks x workers

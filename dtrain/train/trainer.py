@@ -28,7 +28,7 @@ from dtrain import distributed
 from dtrain.config import save_config
 from dtrain.dataset.format import read_dataset_json, split_urls, training_splits
 from dtrain.dataset.loader import ShardLoader, make_loader
-from dtrain.errors import NonFiniteLossError
+from dtrain.errors import ConfigError, NonFiniteLossError
 from dtrain.methods.losses import rank_weight
 from dtrain.methods.model import build_model
 from dtrain.methods.steps import TrainStep, forget_rate, memory_rule
@@ -139,6 +139,7 @@ class Trainer:
             pin_memory=self.engine.device.type == "cuda",
             meta=self.meta,  # shards indexed elsewhere are listed only there
             relabel=self.relabel if train else None,
+            clean_labels=train and d.train_labels == "clean",
         )
 
     def build(self) -> None:
@@ -149,6 +150,11 @@ class Trainer:
         self.data_dir = resolve_data_dir(cfg.data.path, cfg.train.progress)
         self.meta = read_dataset_json(str(self.data_dir))
         self.classes = self.meta["classes"]
+        if cfg.data.train_labels == "clean" and not report.knows_clean_labels(self.meta):
+            raise ConfigError(
+                f"data.train_labels=clean needs clean labels kept beside the given ones "
+                f"(dtrain prepare --noise ... or --clean-label-column); {self.data_dir} has none"
+            )
         splits = training_splits(self.data_dir, self.meta)  # val and test may be missing
         self.split_notes = report.no_split_notes(self.data_dir, self.run_dir, splits)
         self.train_loader = self.loader("train", train=True)

@@ -42,6 +42,7 @@ BAD_VALUES: dict[str, tuple[str, ...] | None] = {
     "data.resampled": None,  # a bool: both values are valid
     "data.samples_per_epoch": ("-1",),
     "data.strict": None,  # a bool
+    "data.train_labels": ("noisy",),
     "model.backbone": ("resnet19", "not a model"),
     "model.pretrained": ("{tmp}/no-weights.pth", "{file}"),  # true needs the hub
     "model.stem": ("big",),
