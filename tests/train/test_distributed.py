@@ -331,3 +331,21 @@ def test_a_stop_on_one_rank_stops_every_rank_at_the_same_step(tiny, tmp_path, en
     assert {(r["stopped"], r["epoch"], r["batch"]) for r in results} == {(True, 1, 0)}
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["state"]
     assert state["step"] == 6
+
+
+@pytest.mark.parametrize("method", ["elr", "dividemix"])
+@pytest.mark.multiproc
+def test_the_per_sample_memory_is_merged_over_the_ranks(method, tiny, tmp_path, env):
+    """Each rank sees half of the training samples; the memory rank 0 saves holds every one."""
+    run_dir = tmp_path / "run"
+    extra = (f"method.name={method}", "method.warmup_epochs=1", "train.epochs=2")
+    run(torchrun(2, *train_args(tiny, run_dir, *extra)), env)
+    memory = torch.load(run_dir / "last.pt", weights_only=True)["memory"]
+    meta = json.loads((tiny / "dataset.json").read_text())
+    train_count = sum(s["count"] for s in meta["shards"].values() if s["split"] == "train")
+    assert len(set(memory["keys"])) == len(memory["keys"]) == train_count
+    assert memory["seen_keys"] == []
+    if method == "elr":  # every sample's target moved off its start, 0
+        assert (memory["rows"] != 0).any(1).all()
+    else:  # clean probabilities, some below the start, 1 (a posterior may round to 1)
+        assert ((memory["rows"] >= 0) & (memory["rows"] <= 1)).all() and (memory["rows"] < 1).any()
