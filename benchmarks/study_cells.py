@@ -44,7 +44,8 @@ METHODS = {  # name in the tables: (preset, extra overrides)
     "iam": ("iam", []),
     "iam+rounds": ("iam", ["train.refine_rounds=1"]),
     "elr": ("elr", []),
-    "dividemix": ("dividemix", []),  # at equal compute: COMPUTE_MATCHED
+    "dividemix": ("dividemix", []),  # at equal compute: compute_matched
+    "dividemix(per-class)": ("dividemix", ["method.dividemix_divide=per_class"]),
     "iam_elr": ("iam_elr", []),
     # the cell's ceiling: the same images and network with their clean labels
     CEILING: ("ce", ["data.train_labels=clean"]),

@@ -105,6 +105,8 @@ class MethodConfig:
     dividemix_threshold: float = 0.5
     dividemix_sharpen: float = 0.5
     dividemix_alpha: float = 4.0
+    # global: one GMM over all samples (the paper); per_class: one per given class
+    dividemix_divide: Literal["global", "per_class"] = "global"
     score_epochs: int = 5  # mislabel scores average over the last N epochs
 
 

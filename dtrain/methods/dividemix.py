@@ -17,6 +17,10 @@ The equations implemented (the paper's Sec. 3 and Algorithm 1, with its CIFAR-10
   with uniform pi (lambda_r = 1); lambda_u ramps up linearly after the warm-up.
 - warm-up: plain CE for method.warmup_epochs epochs (both peers).
 
+`method.dividemix_divide=per_class` fits one GMM per given class instead of one over all
+samples (not in the paper): with a weak warm-up model the global GMM can divide by class (the
+class the model predicts has the low losses), and the labelled part then holds one class only.
+
 Where this differs from the paper, to fit one streaming loader and one step per batch:
 - the division is made on the training pass's losses (the view-1 CE of the no-grad forward),
   not on an extra evaluation pass over the training set; it uses the previous epoch's losses;
@@ -52,14 +56,23 @@ def clean_probability(sample_loss: np.ndarray) -> np.ndarray:
 
 
 def division_rule(cfg: MethodConfig, num_classes: int) -> MemoryRule:
-    """Per sample: each peer's clean probability from the GMM of the epoch's losses (the steps
-    hand back both peers' losses); everything counts as clean before the first division."""
+    """Per sample: each peer's clean probability from the GMM of the epoch's losses, and the
+    given label (the steps hand back both peers' losses and the label); everything counts as
+    clean before the first division."""
 
     def end_epoch(previous: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
-        columns = [clean_probability(observed[:, k].double().numpy()) for k in range(2)]
-        return torch.from_numpy(np.stack(columns, 1)).to(previous.dtype)
+        losses_seen, labels = observed[:, :2].double().numpy(), observed[:, 2].numpy()
+        groups = [labels == c for c in np.unique(labels)]
+        if cfg.dividemix_divide == "global":
+            groups = [np.ones(len(labels), dtype=bool)]
+        division = np.ones_like(losses_seen)
+        for members in groups:
+            for k in range(2):
+                division[members, k] = clean_probability(losses_seen[members, k])
+        new = torch.from_numpy(division).to(previous.dtype)
+        return torch.cat([new, observed[:, 2:].to(previous.dtype)], 1)
 
-    return MemoryRule(width=2, initial=1.0, end_epoch=end_epoch)
+    return MemoryRule(width=3, initial=1.0, end_epoch=end_epoch)
 
 
 def sharpen(p: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -95,13 +108,15 @@ def dividemix_step(model: CoTeachingNet, batch: dict, ctx: StepContext) -> StepO
         logits = [peer(x1) for peer in peers]
         ce = [F.cross_entropy(losses.wide(z), labels, reduction="none") for z in logits]
         loss = losses.masked_mean(ce[0], valid) + losses.masked_mean(ce[1], valid)
-        seen = torch.stack([c.detach() for c in ce], 1)
+        seen = torch.stack([c.detach() for c in ce] + [labels.float()], 1)
         return StepOutput(loss, logits[0].detach(), seen[:, 0], None, {"ce": loss.detach()}, seen)
     with torch.no_grad():
         views = [[peer(x) for x in (x1, x2)] for peer in peers]
         probs = [[z.float().softmax(-1) for z in pair] for pair in views]
         seen = torch.stack(
-            [F.cross_entropy(losses.wide(pair[0]), labels, reduction="none") for pair in views], 1
+            [F.cross_entropy(losses.wide(pair[0]), labels, reduction="none") for pair in views]
+            + [labels.float()],
+            1,
         )
         guess = sharpen(sum(p for pair in probs for p in pair) / 4, cfg.dividemix_sharpen)
     one_hot = F.one_hot(labels, ctx.num_classes).float()

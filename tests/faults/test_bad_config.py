@@ -73,6 +73,7 @@ BAD_VALUES: dict[str, tuple[str, ...] | None] = {
     "method.dividemix_threshold": ("-0.1", "1.5"),
     "method.dividemix_sharpen": ("0",),
     "method.dividemix_alpha": ("-1",),
+    "method.dividemix_divide": ("per_sample",),
     "optim.name": ("adam",),
     "optim.lr": ("0", "-0.1"),
     "optim.momentum": ("0", "1"),

@@ -43,12 +43,33 @@ def test_the_division_rule_divides_each_peers_losses_on_their_own():
     loss, is_clean = planted_losses()
     cfg = load_config(None, ["method.name=dividemix"]).method
     rule = division_rule(cfg, num_classes=2)
-    assert (rule.width, rule.initial) == (2, 1.0)
+    assert (rule.width, rule.initial) == (3, 1.0)
     peer_b = loss[::-1].copy()  # the second peer sees the planted order reversed
-    observed = torch.tensor(np.stack([loss, peer_b], 1), dtype=torch.float32)
-    w = rule.end_epoch(torch.ones(400, 2), observed)
+    labels = np.arange(400) % 2
+    observed = torch.tensor(np.stack([loss, peer_b, labels], 1), dtype=torch.float32)
+    w = rule.end_epoch(torch.ones(400, 3), observed)
     assert ((w[:, 0] > 0.5).numpy() == is_clean).mean() >= 0.99
     assert ((w[:, 1] > 0.5).numpy() == is_clean[::-1]).mean() >= 0.99
+    assert torch.equal(w[:, 2], observed[:, 2])  # the label rides along
+
+
+def test_per_class_division_does_not_divide_by_class():
+    """A weak model predicting class 0 for everything: class 0's labels have low losses, class
+    1's high ones, and the planted wrong labels are higher still within each class. One GMM
+    divides by class; one per class finds the wrong labels in both."""
+    rng = np.random.default_rng(1)
+    labels = np.r_[np.zeros(200), np.ones(200)]
+    wrong = np.r_[np.arange(200) < 50, np.arange(200) < 50]
+    loss = np.where(labels == 0, 0.2, 1.5) + np.where(wrong, 0.6, 0.0)
+    loss = loss + rng.normal(0, 0.05, 400)
+    observed = torch.tensor(np.stack([loss, loss, labels], 1), dtype=torch.float32)
+    results = {}
+    for divide in ("global", "per_class"):
+        cfg = load_config(None, ["method.name=dividemix", f"method.dividemix_divide={divide}"])
+        w = division_rule(cfg.method, 2).end_epoch(torch.ones(400, 3), observed)[:, 0].numpy()
+        results[divide] = ((w > 0.5) == ~wrong).mean()
+    assert results["per_class"] >= 0.98
+    assert results["global"] <= 0.75  # class 1's right labels called wrong
 
 
 def test_sharpen_by_hand():
@@ -108,7 +129,7 @@ def peer_gradients(memory: torch.Tensor) -> dict[str, list[torch.Tensor]]:
 
 def test_each_peer_trains_on_the_division_its_peer_made():
     """Column k is peer k's division: changing it changes what the other peer learns only."""
-    base = torch.ones(8, 2)
+    base = torch.ones(8, 3)
     changed = base.clone()
     changed[:4, 0] = 0.0  # peer 0 now calls half the batch noisy
     grads_a, out_a = peer_gradients(base)
@@ -119,4 +140,5 @@ def test_each_peer_trains_on_the_division_its_peer_made():
     )
     assert out_a.terms["labelled"].item() == pytest.approx(1.0)
     assert out_b.terms["labelled"].item() == pytest.approx(0.75)  # (1 + 1/2) / 2
-    assert out_a.memory.shape == (8, 2) and torch.isfinite(out_a.memory).all()
+    assert out_a.memory.shape == (8, 3) and torch.isfinite(out_a.memory).all()
+    assert out_a.memory[:, 2].tolist() == [0.0, 1.0] * 4  # the labels, for a per-class division
