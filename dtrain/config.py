@@ -97,6 +97,9 @@ class MethodConfig:
     # CIFAR-10 values)
     elr_lambda: float = 3.0
     elr_beta: float = 0.7
+    # from this epoch on (0: never) the CE term trains each sample towards w y + (1 - w) t: its
+    # label where a per-class GMM on the last epoch's losses trusts it, else its ELR target t
+    elr_refine_from: int = 0
     # DivideMix (the paper's CIFAR-10 values; method.warmup_epochs is its CE warm-up): the
     # unlabelled loss weight (ramped up over dividemix_rampup_epochs after the warm-up), the
     # clean probability that keeps a label, the sharpening temperature, the Beta(a, a) of MixMatch
@@ -234,6 +237,7 @@ class Config:
             "sce_beta",
             "coteaching_ramp_epochs",
             "elr_lambda",
+            "elr_refine_from",
             "dividemix_lambda_u",
             "dividemix_alpha",
         ):

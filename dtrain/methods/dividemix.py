@@ -34,25 +34,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.mixture import GaussianMixture
 
 from dtrain.config import MethodConfig
 from dtrain.methods import losses
+from dtrain.methods.division import divide
 from dtrain.methods.model import CoTeachingNet
 from dtrain.methods.steps import MemoryRule, StepContext, StepOutput
-
-
-def clean_probability(sample_loss: np.ndarray) -> np.ndarray:
-    """Co-divide: each sample's posterior of the low-loss component of a two-component GMM on
-    the min-max normalised losses (the paper's GMM settings: 10 EM steps, tol 1e-2, reg 5e-4)."""
-    loss = np.asarray(sample_loss, dtype=np.float64)
-    span = loss.max() - loss.min()
-    if len(loss) < 2 or span <= 0:
-        return np.ones_like(loss)  # one loss value: nothing to divide
-    x = ((loss - loss.min()) / span).reshape(-1, 1)
-    gmm = GaussianMixture(n_components=2, max_iter=10, tol=1e-2, reg_covar=5e-4, random_state=0)
-    gmm.fit(x)
-    return gmm.predict_proba(x)[:, int(gmm.means_.argmin())]
 
 
 def division_rule(cfg: MethodConfig, num_classes: int) -> MemoryRule:
@@ -61,18 +48,13 @@ def division_rule(cfg: MethodConfig, num_classes: int) -> MemoryRule:
     clean before the first division."""
 
     def end_epoch(previous: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
+        per_class = cfg.dividemix_divide == "per_class"
         losses_seen, labels = observed[:, :2].double().numpy(), observed[:, 2].numpy()
-        groups = [labels == c for c in np.unique(labels)]
-        if cfg.dividemix_divide == "global":
-            groups = [np.ones(len(labels), dtype=bool)]
-        division = np.ones_like(losses_seen)
-        for members in groups:
-            for k in range(2):
-                division[members, k] = clean_probability(losses_seen[members, k])
+        division = np.stack([divide(losses_seen[:, k], labels, per_class) for k in range(2)], 1)
         new = torch.from_numpy(division).to(previous.dtype)
         return torch.cat([new, observed[:, 2:].to(previous.dtype)], 1)
 
-    return MemoryRule(width=3, initial=1.0, end_epoch=end_epoch)
+    return MemoryRule(initial=(1.0, 1.0, -1.0), end_epoch=end_epoch)
 
 
 def sharpen(p: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -20,6 +20,7 @@ from torch.profiler import record_function
 from dtrain.config import Config, MethodConfig
 from dtrain.errors import ConfigError
 from dtrain.methods import losses
+from dtrain.methods.division import divide
 from dtrain.methods.model import CoTeachingNet, NoiseRobustNet
 from dtrain.methods.registry import METHODS
 
@@ -40,13 +41,16 @@ class StepOutput:
 @dataclass(frozen=True)
 class MemoryRule:
     """A method's per-sample memory (ELR's targets, DivideMix's division), kept by the trainer:
-    `width` values per sample, `initial` before its first epoch. A step reads the sample's row
-    as batch["memory"] and hands back StepOutput.memory; at each epoch's end the rows of the
+    a row per sample, `initial` before its first epoch. A step reads the sample's row as
+    batch["memory"] and hands back StepOutput.memory; at each epoch's end the rows of the
     samples seen become end_epoch(row, what the steps handed back)."""
 
-    width: int
-    initial: float
+    initial: tuple[float, ...]
     end_epoch: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+    @property
+    def width(self) -> int:
+        return len(self.initial)
 
 
 @dataclass(frozen=True)
@@ -86,7 +90,12 @@ def attention_method_step(model: NoiseRobustNet, batch: dict, ctx: StepContext) 
             loss = losses.afm_loss(h1, attention, labels, model.classifier, ctx.num_classes, valid)
         terms["afm"] = loss.detach()
     else:
-        loss = losses.masked_mean(sample_loss, valid)
+        ce = sample_loss
+        if spec.elr and refining(cfg, ctx.epoch):
+            ce = losses.soft_cross_entropy(
+                logits, refined_targets(batch["memory"], labels, ctx.num_classes)
+            )
+        loss = losses.masked_mean(ce, valid)
         terms["ce"] = loss.detach()
         # the attention learns only through L_iam: without it its weights are noise, not a score
         if spec.mixup and cfg.lambda_iam > 0 and ctx.epoch >= cfg.warmup_epochs:
@@ -116,7 +125,7 @@ def attention_method_step(model: NoiseRobustNet, batch: dict, ctx: StepContext) 
         terms["con"] = con.detach()
     observed = None
     if spec.elr:
-        elr, observed = losses.elr_term(logits, batch["memory"], cfg.elr_beta, valid)
+        elr, observed = _elr(logits, labels, sample_loss, batch["memory"], ctx, valid)
         loss = loss + cfg.elr_lambda * elr
         terms["elr"] = elr.detach()
     return StepOutput(
@@ -189,20 +198,63 @@ def sce_step(model: torch.nn.Module, batch: dict, ctx: StepContext) -> StepOutpu
 def elr_step(model: torch.nn.Module, batch: dict, ctx: StepContext) -> StepOutput:
     """ELR: CE + elr_lambda * ELR's regulariser on view 1 (losses.elr_term)."""
     logits, labels, valid = model(batch["view1"]), batch["label"], batch["valid"]
-    ce = losses.masked_mean(F.cross_entropy(losses.wide(logits), labels, reduction="none"), valid)
-    elr, observed = losses.elr_term(logits, batch["memory"], ctx.cfg.elr_beta, valid)
-    out = _baseline_output(ce + ctx.cfg.elr_lambda * elr, logits, labels, "ce")
-    out.terms["elr"], out.memory = elr.detach(), observed
+    sample_loss = F.cross_entropy(losses.wide(logits), labels, reduction="none")
+    ce = sample_loss
+    if refining(ctx.cfg, ctx.epoch):
+        ce = losses.soft_cross_entropy(
+            logits, refined_targets(batch["memory"], labels, ctx.num_classes)
+        )
+    elr, observed = _elr(logits, labels, sample_loss, batch["memory"], ctx, valid)
+    loss = losses.masked_mean(ce, valid)
+    out = _baseline_output(loss + ctx.cfg.elr_lambda * elr, logits, labels, "ce")
+    out.terms["ce"], out.terms["elr"], out.memory = loss.detach(), elr.detach(), observed
     return out
 
 
+def _elr(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    sample_loss: torch.Tensor,
+    memory: torch.Tensor,
+    ctx: StepContext,
+    valid: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ELR's regulariser, and the row the step hands back: p, the CE against the given label
+    (for the division) and the label."""
+    elr, p = losses.elr_term(logits, memory[:, : ctx.num_classes], ctx.cfg.elr_beta, valid)
+    return elr, torch.cat([p, sample_loss.detach()[:, None], labels.float()[:, None]], 1)
+
+
+def refining(cfg: MethodConfig, epoch: int) -> bool:
+    """Whether the CE term trains towards the refined targets (method.elr_refine_from)."""
+    return 0 < cfg.elr_refine_from <= epoch
+
+
+def refined_targets(memory: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """w y + (1 - w) t / sum(t): the given label where the division trusts it, the sample's
+    running-average prediction where it does not (DivideMix's label co-refinement, with ELR's
+    targets in place of the current prediction)."""
+    t = memory[:, :num_classes].float()
+    t = t / t.sum(-1, keepdim=True).clamp_min(1e-12)
+    w = memory[:, num_classes : num_classes + 1].float()
+    return w * F.one_hot(labels, num_classes).float() + (1 - w) * t
+
+
 def elr_targets_rule(cfg: MethodConfig, num_classes: int) -> MemoryRule:
-    """ELR's targets: t(k) = beta t(k-1) + (1 - beta) p for each sample seen; t(0) = 0."""
+    """Per sample: ELR's target t(k) = beta t(k-1) + (1 - beta) p (t(0) = 0), the probability
+    that its label is clean (a per-class GMM on the epoch's CE losses, while refining; 1
+    otherwise) and its label."""
 
     def end_epoch(previous: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
-        return cfg.elr_beta * previous + (1 - cfg.elr_beta) * observed
+        c = num_classes
+        targets = cfg.elr_beta * previous[:, :c] + (1 - cfg.elr_beta) * observed[:, :c]
+        clean = torch.ones(len(observed), 1, dtype=previous.dtype)
+        if cfg.elr_refine_from > 0:
+            loss, labels = observed[:, c].double().numpy(), observed[:, c + 1].numpy()
+            clean[:, 0] = torch.from_numpy(divide(loss, labels, per_class=True))
+        return torch.cat([targets, clean, observed[:, c + 1 :].to(previous.dtype)], 1)
 
-    return MemoryRule(width=num_classes, initial=0.0, end_epoch=end_epoch)
+    return MemoryRule(initial=(0.0,) * num_classes + (1.0, -1.0), end_epoch=end_epoch)
 
 
 def mixup_step(model: torch.nn.Module, batch: dict, ctx: StepContext) -> StepOutput:

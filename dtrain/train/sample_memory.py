@@ -29,12 +29,15 @@ class SampleMemory:
 
     def lookup(self, keys: list[str], device: torch.device) -> torch.Tensor:
         """The rows of a batch's samples as at the epoch's start (`initial` for a new one)."""
-        out = torch.full((len(keys), self.rule.width), self.rule.initial)
+        out = self._initial(len(keys))
         found = [(i, self.index[k]) for i, k in enumerate(keys) if k in self.index]
         if found:
             at, rows = zip(*found, strict=True)
             out[list(at)] = self.rows[list(rows)]
         return out.to(device, non_blocking=True)
+
+    def _initial(self, rows: int) -> torch.Tensor:
+        return torch.tensor(self.rule.initial).expand(rows, self.rule.width).clone()
 
     def add(self, keys: list[str], valid: torch.Tensor, handed_back: torch.Tensor) -> None:
         """One batch's hand-backs, as device tensors: no read-back here."""
@@ -72,7 +75,7 @@ class SampleMemory:
         for key in new:
             self.index[key] = len(self.keys)
             self.keys.append(key)
-        grown = torch.full((len(new), self.rule.width), self.rule.initial)
+        grown = self._initial(len(new))
         self.rows = torch.cat([self.rows, grown])
         at = [self.index[k] for k in self.seen]
         self.rows[at] = self.rule.end_epoch(self.rows[at], torch.stack(list(self.seen.values())))

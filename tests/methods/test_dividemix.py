@@ -10,12 +10,8 @@ import pytest
 import torch
 
 from dtrain.config import load_config
-from dtrain.methods.dividemix import (
-    clean_probability,
-    division_rule,
-    mixmatch_loss,
-    sharpen,
-)
+from dtrain.methods.dividemix import division_rule, mixmatch_loss, sharpen
+from dtrain.methods.division import clean_probability
 from dtrain.methods.model import build_model
 from dtrain.methods.steps import training_step
 
@@ -43,7 +39,7 @@ def test_the_division_rule_divides_each_peers_losses_on_their_own():
     loss, is_clean = planted_losses()
     cfg = load_config(None, ["method.name=dividemix"]).method
     rule = division_rule(cfg, num_classes=2)
-    assert (rule.width, rule.initial) == (3, 1.0)
+    assert (rule.width, rule.initial) == (3, (1.0, 1.0, -1.0))
     peer_b = loss[::-1].copy()  # the second peer sees the planted order reversed
     labels = np.arange(400) % 2
     observed = torch.tensor(np.stack([loss, peer_b, labels], 1), dtype=torch.float32)

@@ -9,7 +9,7 @@ import torch
 
 from dtrain.config import load_config
 from dtrain.methods import losses
-from dtrain.methods.steps import elr_targets_rule
+from dtrain.methods.steps import elr_targets_rule, refined_targets, refining
 
 
 def test_the_regulariser_on_a_hand_computed_case():
@@ -36,6 +36,36 @@ def test_padding_does_not_count_and_probabilities_are_clamped():
 
 def test_the_targets_average_each_epochs_prediction_with_beta():
     rule = elr_targets_rule(load_config(None, ["method.elr_beta=0.7"]).method, num_classes=2)
-    assert (rule.width, rule.initial) == (2, 0.0)
-    new = rule.end_epoch(torch.tensor([[0.0, 0.0], [1.0, 0.0]]), torch.tensor([[0.2, 0.8]] * 2))
-    assert new.flatten().tolist() == pytest.approx([0.06, 0.24, 0.76, 0.24])
+    assert rule.initial == (0.0, 0.0, 1.0, -1.0)  # t, the clean probability, the label
+    previous = torch.tensor([[0.0, 0.0, 1.0, -1.0], [1.0, 0.0, 1.0, 0.0]])
+    observed = torch.tensor([[0.2, 0.8, 0.3, 1.0], [0.2, 0.8, 2.0, 0.0]])  # p, loss, label
+    new = rule.end_epoch(previous, observed)
+    assert new[:, :2].flatten().tolist() == pytest.approx([0.06, 0.24, 0.76, 0.24])
+    assert new[:, 2].tolist() == [1.0, 1.0]  # not refining: every label trusted
+    assert new[:, 3].tolist() == [1.0, 0.0]
+
+
+def test_while_refining_a_per_class_gmm_gives_each_label_its_clean_probability():
+    cfg = load_config(None, ["method.name=elr", "method.elr_refine_from=2"]).method
+    rule = elr_targets_rule(cfg, num_classes=2)
+    labels = torch.arange(40) % 2
+    wrong = torch.arange(40) < 10  # 5 per class, with high losses
+    loss = torch.where(labels == 0, 0.1, 0.5) + wrong * 2.0 + torch.rand(40) * 0.05
+    observed = torch.cat([torch.full((40, 2), 0.5), loss[:, None], labels[:, None].float()], 1)
+    clean = rule.end_epoch(torch.zeros(40, 4), observed)[:, 2]
+    assert ((clean > 0.5) == ~wrong).all()
+
+
+def test_the_refined_target_is_the_label_where_trusted_and_the_average_where_not():
+    # t = [0.3, 0.1] (normalised [0.75, 0.25]); w = 1: the label; w = 0: t; w = 1/2: halfway
+    memory = torch.tensor([[0.3, 0.1, 1.0, 0], [0.3, 0.1, 0.0, 0], [0.3, 0.1, 0.5, 0]])
+    target = refined_targets(memory, torch.tensor([1, 1, 1]), num_classes=2)
+    expected = [[0.0, 1.0], [0.75, 0.25], [0.375, 0.625]]
+    for row, want in zip(target.tolist(), expected, strict=True):
+        assert row == pytest.approx(want)
+
+
+def test_refinement_starts_at_its_epoch():
+    cfg = load_config(None, ["method.name=elr", "method.elr_refine_from=3"]).method
+    assert [refining(cfg, e) for e in (0, 2, 3, 9)] == [False, False, True, True]
+    assert not refining(load_config(None, ["method.name=elr"]).method, 9)

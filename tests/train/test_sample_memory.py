@@ -19,9 +19,7 @@ from dtrain.train.sample_memory import SampleMemory
 
 def averaging_memory() -> SampleMemory:
     """row <- (row + mean hand-back) / 2, from 1.0: easy to follow by hand."""
-    return SampleMemory(
-        MemoryRule(width=2, initial=1.0, end_epoch=lambda old, new: (old + new) / 2)
-    )
+    return SampleMemory(MemoryRule(initial=(1.0, 1.0), end_epoch=lambda old, new: (old + new) / 2))
 
 
 def test_rows_change_only_at_the_epoch_end_and_only_for_samples_seen():
@@ -70,11 +68,15 @@ def tiny(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["elr", "dividemix"])
-def test_a_stopped_and_resumed_run_has_the_uninterrupted_memory_and_weights(tiny, tmp_path, method):
+@pytest.mark.parametrize(
+    "method, refine", [("elr", ""), ("dividemix", ""), ("iam_elr", "method.elr_refine_from=1")]
+)
+def test_a_stopped_and_resumed_run_has_the_uninterrupted_memory_and_weights(
+    tiny, tmp_path, method, refine
+):
     """Stopped in epoch 2 (14 steps an epoch), after DivideMix's division of epoch 1 began to
     steer it, then resumed: the same memory rows and the same weights as a straight run."""
-    overrides = (f"method.name={method}", "method.warmup_epochs=1", "train.epochs=3")
+    overrides = (f"method.name={method}", "method.warmup_epochs=1", "train.epochs=3", refine)
 
     def config(run_dir: Path, *extra: str):
         return load_config(None, small_overrides(tiny, run_dir, 16, *overrides, *extra))
@@ -95,11 +97,13 @@ def test_a_stopped_and_resumed_run_has_the_uninterrupted_memory_and_weights(tiny
     assert a["memory"]["keys"] == b["memory"]["keys"] and len(a["memory"]["keys"]) == 224
     assert torch.equal(a["memory"]["rows"], b["memory"]["rows"])
     assert a["memory"]["seen_keys"] == []  # folded in at the last epoch's end
-    if method == "elr":  # every sample's target moved off its start, 0
-        assert (a["memory"]["rows"] != 0).any(1).all()
-    else:  # clean probabilities, some below the start, 1 (a posterior may round to 1)
-        assert ((a["memory"]["rows"] >= 0) & (a["memory"]["rows"] <= 1)).all() and (
-            a["memory"]["rows"] < 1
-        ).any()
+    rows = a["memory"]["rows"]
+    if method == "dividemix":  # clean probabilities, some below 1 (a posterior may round to 1)
+        assert ((rows[:, :2] >= 0) & (rows[:, :2] <= 1)).all() and (rows[:, :2] < 1).any()
+    else:  # every sample's ELR target moved off its start, 0
+        assert (rows[:, :2] != 0).any(1).all()
+    if refine:  # the per-class division ran: some labels distrusted
+        assert (rows[:, 2] < 0.5).any() and (rows[:, 2] > 0.5).any()
+    assert set(rows[:, -1].tolist()) == {0.0, 1.0}  # every row holds its sample's label
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
