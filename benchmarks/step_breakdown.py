@@ -48,7 +48,7 @@ VARIANTS = {
     "channels_last": ["train.channels_last=true"],
     "torch_mixup": ["method.mixup_backend=torch"],  # the reference, against eager's fused op
 }
-BASELINES = ["ce", "mixup", "gce", "sce", "coteaching", "afm"]
+BASELINES = ["ce", "mixup", "gce", "sce", "coteaching", "afm", "elr", "dividemix"]
 RANGES = {"contrastive": "dtrain.contrastive", "mixup": "dtrain.mixup"}
 
 
@@ -168,10 +168,12 @@ class StepRunner:
                 times[phase], mark = now - mark, now
 
         batch = engine.to_device(next(self.batches))
+        memory = self.trainer.memory  # ELR's and DivideMix's rows, as the trainer reads them
+        rows = memory.lookup(batch["key"], engine.device) if memory is not None else None
         lap("data_wait")
         with torch.profiler.record_function("step.forward"), engine.autocast():
             out = engine.model(
-                batch["view1"], batch["view2"], batch["label"], batch["valid"], self.epoch
+                batch["view1"], batch["view2"], batch["label"], batch["valid"], self.epoch, rows
             )
         lap("forward")
         engine.backward(out["loss"])
@@ -287,7 +289,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--methods", nargs="+", default=["ce", "iam", *BASELINES[1:]])
+    parser.add_argument("--methods", nargs="+", default=["ce", "iam", "iam_elr", *BASELINES[1:]])
     parser.add_argument("--variants", nargs="+", default=["eager"], choices=list(VARIANTS))
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--image-size", type=int, default=64)

@@ -47,6 +47,8 @@ METHODS = {  # name in the tables: (preset, extra overrides)
     "dividemix": ("dividemix", []),  # at equal compute: compute_matched
     "dividemix(per-class)": ("dividemix", ["method.dividemix_divide=per_class"]),
     "iam_elr": ("iam_elr", []),
+    # label refinement from a quarter of the study's 12 epochs (the main job's 10 of 40)
+    "iam_elr+refine": ("iam_elr", ["method.elr_refine_from=3"]),
     # the cell's ceiling: the same images and network with their clean labels
     CEILING: ("ce", ["data.train_labels=clean"]),
 }
