@@ -217,6 +217,9 @@ def measure_one(method: str, overrides: list[str], warmup: int, steps: int, prof
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
     )
     runner.engine.close()
+    # the loader's workers ignore SIGTERM (a SLURM preemption is the main process's to handle),
+    # so the interpreter's exit could not stop them: end the endless epoch loop first
+    runner.batches.close()
     return {"steps": timed, "shares": shares, "images_per_s": end_to_end, "peak_mib": peak}
 
 
