@@ -5,6 +5,8 @@ cleanlab's detection and prune-and-retrain as the anchor (`benchmarks/cleanlab_a
     python benchmarks/study.py                      # everything, in priority order; resumable
     python benchmarks/study.py --report-only        # tables and plot from the runs so far
     python benchmarks/study.py --methods elr dividemix --noises sym0.4 inst0.3   # some cells
+    python benchmarks/study.py --epochs 40 --runs runs/study40 \
+        --out benchmarks/results/study_40epochs --methods iam iam_no_mixup   # the main job's budget
 
 Each run is `benchmarks/study_run.py` in its own process, in runs/study/<noise>/<method>_seed<s>;
 a run whose study.json exists is not repeated, a run cut off is started again. After every run
@@ -34,8 +36,6 @@ from study_cells import (
 )
 
 from dtrain.config import TrainConfig
-
-OUT = RESULTS / "study"
 
 
 def prepare(noise: str, data_root: Path) -> Path:
@@ -110,6 +110,11 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--no-cleanlab", action="store_true")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (default 2)")
+    parser.add_argument(
+        "--out",
+        default=str(RESULTS / "study"),
+        help="its tables (default benchmarks/results/study; another budget, another folder)",
+    )
     parser.add_argument("--methods", nargs="+", choices=[*METHODS, *WARM_VARIANT])
     parser.add_argument("--noises", nargs="+", choices=list(NOISES))
     args = parser.parse_args()
@@ -128,28 +133,28 @@ def main() -> None:
             with ThreadPoolExecutor(args.jobs) as pool:
                 for future in [pool.submit(run_one, *run, args) for run in runs]:
                     future.result()
-                    write_report(Path(args.runs), TrainConfig.select, OUT)
-            return
-        anchor_after = runs.index(("iam+rounds(warm)", MAIN_NOISES[-1], args.seeds[0]))
-        with ThreadPoolExecutor(args.jobs) as pool:
-            # the anchor needs the first seed's iam runs: start it once those are done
-            first = [pool.submit(run_one, *run, args) for run in runs[: anchor_after + 1]]
-            for future in first:
-                future.result()
-            write_report(Path(args.runs), TrainConfig.select, OUT)
-            if not args.no_cleanlab:
-                from cleanlab_anchor import run_anchor
+                    write_report(Path(args.runs), TrainConfig.select, Path(args.out))
+        else:
+            anchor_after = runs.index(("iam+rounds(warm)", MAIN_NOISES[-1], args.seeds[0]))
+            with ThreadPoolExecutor(args.jobs) as pool:
+                # the anchor needs the first seed's iam runs: start it once those are done
+                first = [pool.submit(run_one, *run, args) for run in runs[: anchor_after + 1]]
+                for future in first:
+                    future.result()
+                write_report(Path(args.runs), TrainConfig.select, Path(args.out))
+                if not args.no_cleanlab:
+                    from cleanlab_anchor import run_anchor
 
-                anchors = [
-                    pool.submit(run_anchor, n, args.seeds[0], args, prepare(n, Path(args.data)))
-                    for n in MAIN_NOISES
-                ]
-            rest = [pool.submit(run_one, *run, args) for run in runs[anchor_after + 1 :]]
-            for future in [*rest, *(anchors if not args.no_cleanlab else [])]:
-                future.result()
-                write_report(Path(args.runs), TrainConfig.select, OUT)
-    summary = write_report(Path(args.runs), TrainConfig.select, OUT)
-    write_result("study", {**summary, "settings": vars(args)})
+                    anchors = [
+                        pool.submit(run_anchor, n, args.seeds[0], args, prepare(n, Path(args.data)))
+                        for n in MAIN_NOISES
+                    ]
+                rest = [pool.submit(run_one, *run, args) for run in runs[anchor_after + 1 :]]
+                for future in [*rest, *(anchors if not args.no_cleanlab else [])]:
+                    future.result()
+                    write_report(Path(args.runs), TrainConfig.select, Path(args.out))
+    summary = write_report(Path(args.runs), TrainConfig.select, Path(args.out))
+    write_result(Path(args.out).name, {**summary, "settings": vars(args)})
 
 
 if __name__ == "__main__":

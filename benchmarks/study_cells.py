@@ -49,7 +49,11 @@ METHODS = {  # name in the tables: (preset, extra overrides)
     "iam_elr": ("iam_elr", []),
     # label refinement from a quarter of the study's 12 epochs (the main job's 10 of 40)
     "iam_elr+refine": ("iam_elr", ["method.elr_refine_from=3"]),
-    # the cell's ceiling: the same images and network with their clean labels
+    # the ablation of iam_elr: without the attention mixup, without the contrastive term
+    "iam_elr-mixup": ("iam_elr", ["method.lambda_iam=0"]),
+    "iam_elr-con": ("iam_elr", ["method.lambda_con=0"]),
+    # the cell's ceilings: the same images with their clean labels, CE and the method
     CEILING: ("ce", ["data.train_labels=clean"]),
+    "iam_elr(clean labels)": ("iam_elr", ["data.train_labels=clean"]),
 }
 WARM_VARIANT = {"iam+rounds(warm)": ("iam", ["train.refine_rounds=1", "train.refine_init=warm"])}

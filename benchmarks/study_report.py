@@ -63,7 +63,8 @@ def collect(runs: Path) -> list[dict]:
 
 
 def mean_std(values: list) -> tuple[float, float, int] | None:
-    values = [v for v in values if v is not None]
+    """None and NaN (a run that could not score it, e.g. no wrong labels to find) are left out."""
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     if not values:
         return None
     return (
