@@ -4,6 +4,7 @@ stopped and resumed run trains on the same memory as an uninterrupted one."""
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -107,3 +108,19 @@ def test_a_stopped_and_resumed_run_has_the_uninterrupted_memory_and_weights(
     assert set(rows[:, -1].tolist()) == {0.0, 1.0}  # every row holds its sample's label
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
+
+
+@pytest.mark.slow
+def test_dividemix_divides_out_the_wrong_labels_of_an_easy_set(tiny, tmp_path):
+    """On stripes with 20% wrong labels, after a 2-epoch warm-up, each peer's division keeps
+    about the clean 80% as labelled and the model stays right on the clean val labels."""
+    run = tmp_path / "run"
+    overrides = ("method.name=dividemix", "method.warmup_epochs=2", "train.epochs=6")
+    train(load_config(None, small_overrides(tiny, run, 16, *overrides)))
+    epochs = [
+        json.loads(line)
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+        if '"kind": "epoch"' in line
+    ]
+    assert all(e["train_labelled"] == pytest.approx(0.8, abs=0.06) for e in epochs[3:])
+    assert epochs[-1]["val_clean_accuracy"] >= 0.95
