@@ -413,11 +413,11 @@ STUDY_SECTIONS = {
 }
 
 
-def study_sections() -> dict[str, list[str]]:
-    """study.md split at its `## ` headings (its `# ` title dropped), by heading."""
+def study_sections(path: Path = STUDY_MD) -> dict[str, list[str]]:
+    """A study.md split at its `## ` headings (its `# ` title dropped), by heading."""
     sections: dict[str, list[str]] = {"": []}
     current = ""
-    for line in STUDY_MD.read_text().splitlines():
+    for line in path.read_text().splitlines():
         if line.startswith("# "):
             continue
         if line.startswith("## "):
@@ -448,6 +448,16 @@ def study_md(block: str) -> list[str]:
     return [f"No '{prefix}' section in {STUDY_MD} yet: `python benchmarks/study.py`."]
 
 
+STUDY_40_MD = RESULTS / "study_40epochs" / "study.md"
+
+
+def study_40epochs_md() -> list[str]:
+    """The per-cell tables of the study at the main job's 40 epochs (some methods only)."""
+    if not STUDY_40_MD.is_file():
+        return ["Not run yet: `python benchmarks/study.py --epochs 40 --out ...` (docstring)."]
+    return [*study_sections(STUDY_40_MD)[""], ""]
+
+
 BLOCKS: dict[str, Callable[[], list[str]]] = {
     "performance": performance_md,
     "at-scale": at_scale_md,
@@ -458,6 +468,7 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
     "tracker-overhead": tracker_overhead_md,
     "selection-remeasure": selection_remeasure_md,
     "tune-objectives": tune_objectives_md,
+    "study-40epochs": study_40epochs_md,
 }
 FIGURE = "figure:"  # `figure:study/study.png`: a PNG under RESULTS
 # a marker is a line of its own (one quoted inside a sentence or a code span is text)
