@@ -77,7 +77,8 @@ def test_a_stopped_and_resumed_run_has_the_uninterrupted_memory_and_weights(
 ):
     """Stopped in epoch 2 (14 steps an epoch), after DivideMix's division of epoch 1 began to
     steer it, then resumed: the same memory rows and the same weights as a straight run."""
-    overrides = (f"method.name={method}", "method.warmup_epochs=1", "train.epochs=3", refine)
+    overrides = (f"method.name={method}", "method.warmup_epochs=1", "train.epochs=3")
+    overrides += (refine,) if refine else ()
 
     def config(run_dir: Path, *extra: str):
         return load_config(None, small_overrides(tiny, run_dir, 16, *overrides, *extra))
