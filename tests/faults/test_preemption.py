@@ -46,7 +46,7 @@ def test_three_warnings_requeue_three_times_and_end_with_the_uninterrupted_weigh
             wait_for(lambda d=run_dir: logged_a_step(d), 180, "logged step")
             cluster.run("scancel", "--batch", "--signal=USR1", job)
             # 2: as soon as the requeued job runs again, while its ranks are starting
-            wait_for(lambda j=job: running_again(cluster, j, 1), 180, "first requeue")
+            wait_for(lambda j=job: running_again(cluster, j, 1), 300, "first requeue")
             cluster.run("scancel", "--batch", "--signal=USR1", job)
             # 3: once the third start has logged epoch 2: early in the last epoch
             wait_for(lambda j=job: running_again(cluster, j, 2), 180, "second requeue")
