@@ -49,7 +49,7 @@ def test_three_warnings_requeue_three_times_and_end_with_the_uninterrupted_weigh
             wait_for(lambda j=job: running_again(cluster, j, 1), 300, "first requeue")
             cluster.run("scancel", "--batch", "--signal=USR1", job)
             # 3: once the third start has logged epoch 2: early in the last epoch
-            wait_for(lambda j=job: running_again(cluster, j, 2), 180, "second requeue")
+            wait_for(lambda j=job: running_again(cluster, j, 2), 300, "second requeue")
             wait_for(lambda d=run_dir: epochs_logged(d) >= 2, 240, "epoch 2")
             cluster.run("scancel", "--batch", "--signal=USR1", job)
         runs[name] = (finished(cluster, job, log, 400), log.read_text())
