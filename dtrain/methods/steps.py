@@ -90,11 +90,7 @@ def attention_method_step(model: NoiseRobustNet, batch: dict, ctx: StepContext) 
             loss = losses.afm_loss(h1, attention, labels, model.classifier, ctx.num_classes, valid)
         terms["afm"] = loss.detach()
     else:
-        ce = sample_loss
-        if spec.elr and refining(cfg, ctx.epoch):
-            ce = losses.soft_cross_entropy(
-                logits, refined_targets(batch["memory"], labels, ctx.num_classes)
-            )
+        ce = _label_ce(logits, sample_loss, batch, ctx) if spec.elr else sample_loss
         loss = losses.masked_mean(ce, valid)
         terms["ce"] = loss.detach()
         # the attention learns only through L_iam: without it its weights are noise, not a score
@@ -199,11 +195,7 @@ def elr_step(model: torch.nn.Module, batch: dict, ctx: StepContext) -> StepOutpu
     """ELR: CE + elr_lambda * ELR's regulariser on view 1 (losses.elr_term)."""
     logits, labels, valid = model(batch["view1"]), batch["label"], batch["valid"]
     sample_loss = F.cross_entropy(losses.wide(logits), labels, reduction="none")
-    ce = sample_loss
-    if refining(ctx.cfg, ctx.epoch):
-        ce = losses.soft_cross_entropy(
-            logits, refined_targets(batch["memory"], labels, ctx.num_classes)
-        )
+    ce = _label_ce(logits, sample_loss, batch, ctx)
     elr, observed = _elr(logits, labels, sample_loss, batch["memory"], ctx, valid)
     loss = losses.masked_mean(ce, valid)
     out = _baseline_output(loss + ctx.cfg.elr_lambda * elr, logits, labels, "ce")
@@ -223,6 +215,17 @@ def _elr(
     (for the division) and the label."""
     elr, p = losses.elr_term(logits, memory[:, : ctx.num_classes], ctx.cfg.elr_beta, valid)
     return elr, torch.cat([p, sample_loss.detach()[:, None], labels.float()[:, None]], 1)
+
+
+def _label_ce(
+    logits: torch.Tensor, sample_loss: torch.Tensor, batch: dict, ctx: StepContext
+) -> torch.Tensor:
+    """The per-sample CE term of an ELR method: against the given label, or against the refined
+    target once refining (method.elr_refine_from)."""
+    if not refining(ctx.cfg, ctx.epoch):
+        return sample_loss
+    target = refined_targets(batch["memory"], batch["label"], ctx.num_classes)
+    return losses.soft_cross_entropy(logits, target)
 
 
 def refining(cfg: MethodConfig, epoch: int) -> bool:

@@ -284,7 +284,9 @@ class Trainer:
                 self.guard.open()
             # this rank's share of the global mean, averaged over the window's micro-steps
             weight = rank_weight(valid, header[0], world) / micro_steps
-            memory = self.memory.lookup(batch["key"], engine.device) if self.memory else None
+            memory = (
+                None if self.memory is None else self.memory.lookup(batch["key"], engine.device)
+            )
             with engine.accumulating(boundary):
                 with engine.autocast():
                     out = engine.model(
