@@ -21,12 +21,19 @@ CONFIGS = REPO / "configs"
 
 
 def make_image(seed: int, side: int = 40, channels: int = 1) -> np.ndarray:
-    """A smooth random uint8 image: unlike white noise, it survives JPEG and downscaling."""
+    """A random uint8 image, smooth with some texture: unlike white noise it survives JPEG and
+    downscaling, and unlike a purely smooth one its perceptual hash is stable under a little
+    noise (near-duplicate detection looks at its 16x16 lowest frequencies)."""
     rng = np.random.default_rng(seed)
-    coarse = rng.integers(0, 256, size=(6, 6, channels)).astype(np.uint8)
     mode = "L" if channels == 1 else "RGB"
-    image = Image.fromarray(coarse[..., 0] if channels == 1 else coarse, mode)
-    return np.asarray(image.resize((side, side), Image.Resampling.BICUBIC))
+
+    def upsampled(cells: int) -> np.ndarray:
+        grid = rng.integers(0, 256, size=(cells, cells, channels)).astype(np.uint8)
+        image = Image.fromarray(grid[..., 0] if channels == 1 else grid, mode)
+        return np.asarray(image.resize((side, side), Image.Resampling.BICUBIC), np.float32)
+
+    coarse = upsampled(6)
+    return np.clip(0.75 * coarse + 0.25 * upsampled(side // 3), 0, 255).round().astype(np.uint8)
 
 
 def near_copy(array: np.ndarray, seed: int) -> np.ndarray:

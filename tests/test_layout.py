@@ -35,6 +35,7 @@ LEAVES = {
     "dtrain.distributed",
     "dtrain.errors",
     "dtrain.files",
+    "dtrain.ray_cluster",
     "dtrain.stop_signal",
     "dtrain.methods.registry",
     "dtrain.methods.pretrained",

@@ -18,11 +18,12 @@ import numpy as np
 from dtrain.dataset.format import IMAGE_EXTS, expand_urls, label_index, raw_label
 from dtrain.dataset.shard_reader import ShardScan
 from dtrain.errors import ConfigError, DataError
-from dtrain.prepare.dedup import BadImageError, decode_thumbnail
+from dtrain.prepare.dedup import BadImageError, is_grayscale
 from dtrain.prepare.folder import new_staging, publish
 from dtrain.prepare.prepare_config import FORMAT_VERSION
 from dtrain.prepare.records import (
     DATASET_JSON,
+    MANIFEST_COLUMNS,
     print_summary,
     split_stats,
     write_description,
@@ -75,7 +76,7 @@ def scan_shard(url: str, split: str, label_key: str, images_to_decode: int) -> S
         keys.append(sample.key)
         if decoded < images_to_decode:
             try:
-                grayscale += decode_thumbnail(sample.members[images[0]])[1]
+                grayscale += is_grayscale(sample.members[images[0]])
             except BadImageError as err:
                 raise DataError(f"{where}: cannot decode its .{images[0]} ({err})") from err
             decoded += 1

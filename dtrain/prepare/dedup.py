@@ -1,5 +1,16 @@
-"""Near-duplicate grouping: images whose downscaled pixels correlate above a threshold share a
-group, so that a split by group keeps copies of one scan out of both train and test."""
+"""Near-duplicate grouping: copies of one scan (resized, re-encoded, cropped a little, brightness
+shifted, mirrored) share a group, so that a split by group keeps them out of both train and
+test, while two patients filmed in the same layout do not.
+
+Each image gets a 256-bit perceptual hash (pHash: the signs of its low 16x16 DCT coefficients
+against their median, on 64x64 grayscale pixels; Zauner 2010, as `imagehash.phash(hash_size=16)`
+computes it) and the hash of its mirror image, which follows from the same coefficients
+(mirroring negates the odd horizontal frequencies). 64 bits, pHash's usual size, cannot tell
+apart two patients filmed in one layout (benchmarks/dedup_quality.py). Images whose hashes lie
+within a Hamming distance are joined. The search is exact, and its memory O(N): faiss' binary
+multi-index hashing finds every pair within the distance by the pigeonhole principle (a pair
+within r bits agrees exactly on one of r + 1 disjoint blocks), in blocks of queries.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +20,37 @@ from PIL import Image
 from dtrain.dataset.images import open_image, to_8bit
 from dtrain.prepare.split import number_by_first_appearance
 
-THUMB_SIDE = 16
+THUMB_SIDE = 16  # the instance-noise features: 16x16 grayscale pixels
+HASH_SIDE = 64  # pHash's input
+HASH_LOW = 16  # the low frequencies kept: 16x16 = 256 bits
+HASH_BITS = HASH_LOW * HASH_LOW
+HASH_BYTES = HASH_BITS // 8
+DEFAULT_DISTANCE = 28  # bits of 256; chosen on synthetic patients, see docs/own-data.md
+QUERY_BLOCK = 1 << 16
 
 
 class BadImageError(ValueError):
     """An image that cannot be decoded."""
 
 
-def decode_thumbnail(data: bytes, side: int = THUMB_SIDE) -> tuple[np.ndarray, bool, tuple]:
-    """Grayscale `side x side` float32 pixels, whether the image is grayscale, and its size.
+def _dct2(pixels: np.ndarray) -> np.ndarray:
+    from scipy.fft import dct
+
+    return dct(dct(pixels, axis=0), axis=1)
+
+
+def perceptual_hashes(gray: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+    """The packed pHash of square grayscale pixels, that of their mirror image, and whether the
+    pixels are constant (whose hash says nothing about them)."""
+    low = _dct2(gray.astype(np.float64))[:HASH_LOW, :HASH_LOW]
+    mirrored = low * np.where(np.arange(HASH_LOW) % 2, -1.0, 1.0)[None, :]
+    bits = [block > np.median(block) for block in (low, mirrored)]
+    return np.packbits(bits[0]), np.packbits(bits[1]), bool(np.ptp(gray) == 0)
+
+
+def fingerprint(data: bytes) -> dict:
+    """What prepare keeps of one image: its hashes (`hash`, `mirror`), whether it is constant,
+    whether it is grayscale, its size, and its 16x16 grayscale pixels (`thumb`, uint8).
 
     The JPEG decoder's draft mode downsamples while decoding, which makes this cheap. Truncated
     files and decompression bombs (`open_image`) are bad images.
@@ -25,54 +58,71 @@ def decode_thumbnail(data: bytes, side: int = THUMB_SIDE) -> tuple[np.ndarray, b
     try:
         image = open_image(data)
         size = image.size
-        image.draft(None, (side * 4, side * 4))
+        image.draft(None, (HASH_SIDE * 2, HASH_SIDE * 2))
         image = to_8bit(image).convert("RGB")
     except Exception as err:  # PIL raises OSError, ValueError, SyntaxError... on bad bytes
         raise BadImageError(str(err)) from err
-    rgb = np.asarray(image.resize((side, side), Image.Resampling.BOX), dtype=np.float32)
-    is_gray = bool(np.abs(rgb - rgb.mean(axis=2, keepdims=True)).max() < 8.0)
-    return rgb.mean(axis=2), is_gray, size
+    rgb = np.asarray(image.resize((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BOX), np.float32)
+    gray = image.convert("L")
+    pixels = np.asarray(gray.resize((HASH_SIDE, HASH_SIDE), Image.Resampling.LANCZOS))
+    code, mirror, constant = perceptual_hashes(pixels)
+    return {
+        "hash": code,
+        "mirror": mirror,
+        "constant": constant,
+        "gray": bool(np.abs(rgb - rgb.mean(axis=2, keepdims=True)).max() < 8.0),
+        "size": size,
+        "thumb": rgb.mean(axis=2).round().astype(np.uint8),
+        "value": int(pixels.flat[0]),
+    }
 
 
-def standardise(thumbs: np.ndarray) -> np.ndarray:
-    """Rows with zero mean and unit norm, so that a dot product is a Pearson correlation."""
-    x = thumbs.reshape(len(thumbs), -1).astype(np.float64)
-    x -= x.mean(axis=1, keepdims=True)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return (x / np.maximum(norms, 1e-8)).astype(np.float32)
+def is_grayscale(data: bytes) -> bool:
+    """Whether an image's colours are all grays (within 8 levels)."""
+    return fingerprint(data)["gray"]
 
 
-def near_duplicate_groups(thumbs: np.ndarray, threshold: float, block: int = 2048) -> np.ndarray:
-    """Group id per image: connected components of the graph `corr(i, j) > threshold`.
+def _pairs_within(codes: np.ndarray, queries: np.ndarray, radius: int) -> np.ndarray:
+    """(i, j) with Hamming(queries[i], codes[j]) <= radius, i != j, searched in blocks."""
+    import faiss
 
-    Exact copies correlate at 1.0. Constant images (no variance) only join their exact copies.
-    Work is O(N^2 P) in blocks of `block` rows, memory O(block N).
-    """
+    index = faiss.IndexBinaryFlat(HASH_BITS)
+    index.add(codes)
+    found = []
+    for start in range(0, len(queries), QUERY_BLOCK):
+        block = queries[start : start + QUERY_BLOCK]
+        limits, _, ids = index.range_search(block, radius + 1)  # faiss: distance < radius + 1
+        rows = np.repeat(np.arange(start, start + len(block)), np.diff(limits).astype(np.int64))
+        keep = rows != ids
+        found.append(np.stack([rows[keep], ids[keep]], axis=1))
+    return np.concatenate(found) if found else np.zeros((0, 2), np.int64)
+
+
+def near_duplicate_groups(
+    hashes: np.ndarray,
+    mirrors: np.ndarray,
+    constant: np.ndarray,
+    values: np.ndarray,
+    max_distance: int,
+) -> np.ndarray:
+    """Group id per image: connected components of "hashes within `max_distance` bits, either
+    way round" (an image or its mirror). Constant images only join their exact copies (same
+    value everywhere): their hashes are all alike."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    x = standardise(thumbs)
-    n = len(x)
-    flat = thumbs.reshape(n, -1)
-    constant = np.ptp(flat, axis=1) == 0
-    rows, cols = [], []
-    for start in range(0, n, block):
-        sim = x[start : start + block] @ x.T
-        i, j = np.nonzero(sim > threshold)
-        i += start
-        keep = j > i
-        rows.append(i[keep])
-        cols.append(j[keep])
-    # constant images: join only exact copies (same value everywhere)
-    if constant.any():
-        idx = np.flatnonzero(constant)
-        _, first = np.unique(flat[idx, 0], return_inverse=True)
-        for value in np.unique(first):
-            members = idx[first == value]
-            rows.append(members[:-1])
-            cols.append(members[1:])
-    r = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-    c = np.concatenate(cols) if cols else np.zeros(0, np.int64)
-    graph = coo_matrix((np.ones(len(r), np.int8), (r, c)), shape=(n, n))
+    n = len(hashes)
+    varied = np.flatnonzero(~constant)
+    edges = [np.zeros((0, 2), np.int64)]
+    if len(varied) > 1:
+        codes = np.ascontiguousarray(hashes[varied])
+        for queries in (codes, np.ascontiguousarray(mirrors[varied])):
+            edges.append(varied[_pairs_within(codes, queries, max_distance)])
+    flat = np.flatnonzero(constant)
+    for value in np.unique(values[flat]):
+        members = flat[values[flat] == value]
+        edges.append(np.stack([members[:-1], members[1:]], axis=1))
+    pairs = np.concatenate(edges)
+    graph = coo_matrix((np.ones(len(pairs), np.int8), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
     _, labels = connected_components(graph, directed=False)
     return number_by_first_appearance(labels)

@@ -5,6 +5,7 @@ rerun writes byte-identical shards."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TypeVar
@@ -12,18 +13,27 @@ from typing import TypeVar
 import numpy as np
 
 from dtrain.errors import ConfigError, DataError
-from dtrain.prepare.dedup import BadImageError, decode_thumbnail, near_duplicate_groups
+from dtrain.prepare.dedup import near_duplicate_groups
+from dtrain.prepare.engines import default_workers, run_tasks
 from dtrain.prepare.folder import holds_request, new_staging, publish
 from dtrain.prepare.noise import apply_noise, check_noise
 from dtrain.prepare.prepare_config import PrepareConfig, default_out
 from dtrain.prepare.records import (
     describe,
     kept_columns,
+    manifest_columns,
     print_summary,
     write_description,
     write_manifest,
 )
-from dtrain.prepare.shard_writer import sha256, write_shards
+from dtrain.prepare.fingerprints import Scan, scan_images
+from dtrain.prepare.shard_writer import (
+    Rows,
+    ShardJob,
+    plan_shards,
+    sample_bytes,
+    write_shard,
+)
 from dtrain.prepare.sources import SPLIT_COLUMN, Source, open_source
 from dtrain.prepare.split import (
     SPLITS,
@@ -36,56 +46,20 @@ T = TypeVar("T")
 SPLIT_TOLERANCE = 0.02  # how far a realised split fraction may miss the asked one unsaid
 
 
-def _progress(items: Iterable[T], total: int, desc: str, enabled: bool) -> Iterable[T]:
-    from tqdm.auto import tqdm
-
-    return tqdm(items, total=total, desc=desc, unit="img", disable=not enabled, leave=False)
-
-
-def _scan(source: Source, config: PrepareConfig) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Thumbnails of every readable item, the indices kept, and image statistics."""
-    thumbs, kept, skipped = [], [], []
-    gray, sizes = 0, []
-    for i in _progress(range(len(source)), len(source), "reading", config.progress):
-        data, _ = source.read(i)
-        try:
-            thumb, is_gray, size = decode_thumbnail(data)
-        except BadImageError as err:
-            if not config.skip_bad_images:
-                raise DataError(
-                    f"cannot decode image {source.paths[i]} ({err}); fix or remove the file, or "
-                    "pass --skip-bad-images to leave it out"
-                ) from err
-            skipped.append(source.paths[i])
-            continue
-        thumbs.append(thumb)
-        kept.append(i)
-        gray += is_gray
-        sizes.append(size)
-    if not kept:
-        raise DataError(f"source {source.name} has no readable images")
-    sizes_arr = np.asarray(sizes)
-    stats = {
-        "channels": 1 if gray >= 0.95 * len(kept) else 3,
-        "grayscale_fraction": round(gray / len(kept), 4),
-        "min_size": sizes_arr.min(axis=0).tolist(),
-        "max_size": sizes_arr.max(axis=0).tolist(),
-        "skipped_unreadable": skipped,
-    }
-    return np.stack(thumbs), np.asarray(kept), stats
-
-
 def _split(
-    source: Source, config: PrepareConfig, kept: np.ndarray, clean: np.ndarray, thumbs: np.ndarray
+    source: Source, config: PrepareConfig, scan: Scan, clean: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """The unit-of-splitting group and the split index of each kept item, and the number of
     near-duplicate groups. With a split column the user's splits stand; near-duplicates across
     them are only reported (a patient across them was refused when the manifest was read)."""
-    duplicates = near_duplicate_groups(thumbs, config.dedup_threshold)
+    kept = scan.kept
+    duplicates = near_duplicate_groups(
+        scan.hashes, scan.mirrors, scan.constant, scan.values, config.dedup_distance
+    )
     num_duplicates = int(duplicates.max() + 1)
     print(
         f"{source.name}: {len(kept)} images, {num_duplicates} near-duplicate groups "
-        f"(correlation > {config.dedup_threshold} on {thumbs.shape[1]}px thumbnails)"
+        f"(perceptual hashes within {config.dedup_distance} bits)"
     )
     groups = duplicates
     if source.group_of is not None:
@@ -124,7 +98,7 @@ def _check_fractions(
     largest = int(np.bincount(groups).max())
     why = (
         f"the largest group holds {largest} of {n} images ({largest / n:.0%}): near-duplicates "
-        f"(thumbnail correlation > {config.dedup_threshold})"
+        f"(perceptual hashes within {config.dedup_distance} bits)"
         + (f" joined with {source.group_column}" if source.group_of is not None else "")
         + " chain images into groups that a split cannot cut"
     )
@@ -132,7 +106,7 @@ def _check_fractions(
         if fractions[s] * n >= 1 and counts[s] == 0:
             raise DataError(
                 f"splitting {source.name} by group left {name} empty ({fractions[s]:g} of the "
-                f"images asked): {why}; raise --dedup-threshold (e.g. 0.99) or check "
+                f"images asked): {why}; lower --dedup-distance (e.g. 6) or check "
                 "--group-column"
             )
     got = counts / n
@@ -164,9 +138,19 @@ def prepare(config: PrepareConfig) -> Path:
         print(f"{out} already holds this dataset; nothing to do")
         return out
 
-    thumbs, kept, image_stats = _scan(source, config)
+    workers = config.workers or default_workers()
+    engine = {"engine": config.engine, "workers": workers, "address": config.address}
+    scan = scan_images(
+        source,
+        thumbs=noise_model == "instance",
+        payload_resize=None if config.shard_bytes is None else config.resize or 0,
+        skip_bad_images=config.skip_bad_images,
+        progress=config.progress,
+        **engine,
+    )
+    kept = scan.kept
     shipped = source.labels[kept]  # the labels a user has: what the split is stratified by
-    groups, split_of, num_duplicates = _split(source, config, kept, shipped, thumbs)
+    groups, split_of, num_duplicates = _split(source, config, scan, shipped)
     if source.clean_labels is not None:  # a benchmark set that ships both labels
         clean, noisy = source.clean_labels[kept], shipped.copy()
         if not config.noise_val:  # --clean-val: val's labels are the clean ones
@@ -183,46 +167,43 @@ def prepare(config: PrepareConfig) -> Path:
                 noise_rate,
                 seed=config.seed + 1000 * (s + 1),
                 mapping=config.noise_map,
-                features=thumbs[members],
+                features=None if scan.thumbs is None else scan.thumbs[members],
             )
 
+    # shard order: per split, a seeded shuffle that mixes classes and groups in each shard
     rng = np.random.default_rng(config.seed)
-    staging = new_staging(out)
-    rows_all: list[dict] = []
-    shards: dict[str, dict] = {}
-    for s, split in enumerate(SPLITS):
-        members = np.flatnonzero(split_of == s)
-        members = members[rng.permutation(len(members))]  # mix classes and groups in each shard
-        rows = [
-            {
-                "key": f"s{kept[m]:07d}",
-                "index": int(kept[m]),
-                "split": split,
-                "clean_label": int(clean[m]),
-                "noisy_label": int(noisy[m]),
-                "is_noisy": bool(clean[m] != noisy[m]),
-                "group": int(groups[m]),
-                "source": source.paths[kept[m]],
-            }
-            for m in members
+    order = np.concatenate(
+        [
+            members[rng.permutation(len(members))]
+            for members in (np.flatnonzero(split_of == s) for s in range(len(SPLITS)))
         ]
-        shards.update(
-            write_shards(
-                staging,
-                source,
-                _progress(rows, len(rows), f"writing {split}", config.progress),
-                split,
-                shard_size=config.shard_size,
-                shard_bytes=config.shard_bytes,
-                resize=config.resize,
-            )
-        )
-        rows_all += rows
-    for name, info in shards.items():
-        info["bytes"] = (staging / name).stat().st_size
-        info["sha256"] = sha256(staging / name)
+    )
+    rows = Rows(kept[order], split_of[order], clean[order], noisy[order], groups[order])
+    specs = []
+    for s, split in enumerate(SPLITS):
+        start, stop = np.searchsorted(rows.split, [s, s + 1])
+        sizes = np.zeros(stop - start, np.int64)
+        if config.shard_bytes is not None:
+            sizes = sample_bytes(rows, start, stop, scan.payload[order[start:stop]], source)
+        specs += plan_shards(split, int(start), sizes, config.shard_size, config.shard_bytes)
 
-    write_manifest(staging, rows_all, columns)
+    staging = new_staging(out)
+    job = ShardJob(_worker_source(source), rows, str(staging), config.resize)
+    shards: dict[str, dict] = {}
+    shard_of_row: list[str] = []
+    results = run_tasks(write_shard, job, specs, **engine)
+    for spec, written in zip(
+        specs, _progress(results, len(specs), "writing shards", config.progress), strict=True
+    ):
+        shards[spec.name] = {
+            "split": spec.split,
+            "count": spec.stop - spec.start,
+            "bytes": int(written["bytes"]),
+            "sha256": bytes(written["sha256"]).hex(),
+        }
+        shard_of_row += [spec.name] * (spec.stop - spec.start)
+
+    write_manifest(staging, manifest_columns(rows, shard_of_row, source), columns, rows.index)
     meta = describe(
         source,
         config,
@@ -231,7 +212,7 @@ def prepare(config: PrepareConfig) -> Path:
         noisy,
         groups,
         split_of,
-        image_stats,
+        scan.stats,
         shards,
         near_duplicate_groups=num_duplicates,
         kept=[] if columns is None else columns.column_names,
@@ -240,3 +221,14 @@ def prepare(config: PrepareConfig) -> Path:
     publish(staging, out)
     print_summary(out, meta)
     return out
+
+
+def _worker_source(source: Source) -> Source:
+    """What a worker needs of the source to read images: not the manifest's own columns."""
+    return dataclasses.replace(source, columns=None, split_of=None, group_of=None)
+
+
+def _progress(items: Iterable[T], total: int, desc: str, enabled: bool) -> Iterable[T]:
+    from tqdm.auto import tqdm
+
+    return tqdm(items, total=total, desc=desc, unit="shard", disable=not enabled, leave=False)

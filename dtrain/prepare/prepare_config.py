@@ -11,10 +11,14 @@ from typing import Any
 
 from dtrain.config_values import option
 from dtrain.errors import ConfigError
+from dtrain.prepare.dedup import DEFAULT_DISTANCE
+from dtrain.prepare.engines import Engine
 from dtrain.prepare.noise import NoiseModel
 from dtrain.prepare.sources import DEFAULT_GROUP_COLUMNS, EMBEDDED_NAME, SPLIT_COLUMN, Source
 
 FORMAT_VERSION = 1
+# how the work is done, not what is written: a dataset built with other values is the same
+OPERATIONAL = ("out", "overwrite", "progress", "workers", "engine", "address")
 DEFAULT_SPLIT = (0.7, 0.1, 0.2)
 EMBEDDED_DEFAULT_NOISE: tuple[NoiseModel, float] = ("symmetric", 0.4)
 DEFAULT_NOISE_RATE = 0.4
@@ -109,8 +113,11 @@ class PrepareConfig:
         "difference, and runs report clean metrics and the wrong-label AUROC",
         default_help="none: the labels are what they are",
     )
-    dedup_threshold: float = option(
-        0.95, "thumbnail correlation above which images share a near-duplicate group"
+    dedup_distance: int = option(
+        DEFAULT_DISTANCE,
+        "Hamming distance (bits of a 64-bit perceptual hash, the image's or its mirror's) "
+        "within which images share a near-duplicate group; lower it if distinct patients are "
+        "joined, raise it if copies are missed",
     )
     shard_size: int = option(1000, "samples per shard")
     shard_bytes: int | None = option(
@@ -121,6 +128,15 @@ class PrepareConfig:
         "re-encode images with the shorter side this many pixels",
         default_help="keep the image bytes as they are",
     )
+    workers: int | None = option(
+        None, "processes reading and writing images", default_help="every core"
+    )
+    engine: Engine = option(
+        "process",
+        "where the work runs: process (this machine) or ray (Ray Data: a private local Ray, or "
+        "the cluster at --address; shards are then written where every node can reach --out)",
+    )
+    address: str = option("", "with --engine ray, a Ray cluster to join ('auto': this node's)")
     skip_bad_images: bool = option(False, "leave unreadable images out instead of failing")
     overwrite: bool = option(False, "replace a different dtrain dataset at --out")
     progress: bool = option(
@@ -150,8 +166,12 @@ class PrepareConfig:
                 )
             if abs(sum(self.split) - 1) > 1e-6:
                 raise ConfigError(f"split fractions {self.split} must sum to 1")
-        if not 0 < self.dedup_threshold <= 1:
-            raise ConfigError(f"dedup threshold {self.dedup_threshold} must lie in (0, 1]")
+        if not 0 <= self.dedup_distance <= 64:
+            raise ConfigError(f"dedup distance {self.dedup_distance} must lie in 0..64 (bits)")
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError(f"workers {self.workers} must be at least 1")
+        if self.address and self.engine != "ray":
+            raise ConfigError(f"--address {self.address} joins a Ray cluster: add --engine ray")
         if self.shard_size < 1:
             raise ConfigError(f"shard size {self.shard_size} must be at least 1")
         if self.shard_bytes is not None and self.shard_bytes < 1:
@@ -176,11 +196,9 @@ class PrepareConfig:
         The manifest's split, group and other columns enter as checksums (a source without
         them asks what it asked before they existed, so its dataset is still found intact)."""
         model, rate = self.resolved_noise()
-        keep = {
-            k: v
-            for k, v in asdict(self).items()
-            if k not in ("out", "overwrite", "progress", "noise", "noise_rate", "group_column")
-        }
+        keep = {k: v for k, v in asdict(self).items() if k not in OPERATIONAL}
+        for k in ("noise", "noise_rate", "group_column"):  # below: resolved, or as checksums
+            del keep[k]
         if self.clean_label_column is None:  # as asked before the option existed
             del keep["clean_label_column"]
         fractions = self.split_fractions(source)

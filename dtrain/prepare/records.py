@@ -15,6 +15,7 @@ import numpy as np
 from dtrain.errors import DataError
 from dtrain.prepare.noise import transition_matrix
 from dtrain.prepare.prepare_config import FORMAT_VERSION, PrepareConfig
+from dtrain.prepare.shard_writer import Rows, key_of
 from dtrain.prepare.sources import SPLIT_COLUMN, Source
 from dtrain.prepare.split import SPLITS
 
@@ -54,14 +55,35 @@ def kept_columns(source: Source) -> pa.Table | None:
     return source.columns.rename_columns(kept)
 
 
-def write_manifest(folder: Path, rows: list[dict], columns: pa.Table | None = None) -> None:
-    """dtrain's columns, then the source manifest's own (`kept_columns`), one row per sample."""
+def manifest_columns(rows: Rows, shard_of_row: list[str], source: Source) -> dict[str, list]:
+    """dtrain's manifest columns of prepared rows, built column by column (a million rows as
+    Python dicts would take gigabytes)."""
+    return {
+        "key": [key_of(i) for i in rows.index.tolist()],
+        "shard": shard_of_row,
+        "split": np.asarray(SPLITS)[rows.split].tolist(),
+        "clean_label": rows.clean.tolist(),
+        "noisy_label": rows.noisy.tolist(),
+        "is_noisy": (rows.clean != rows.noisy).tolist(),
+        "group": rows.group.tolist(),
+        "source": [source.paths[i] for i in rows.index.tolist()],
+    }
+
+
+def write_manifest(
+    folder: Path,
+    columns: dict[str, list],
+    own: pa.Table | None = None,
+    own_rows: np.ndarray | None = None,
+) -> None:
+    """dtrain's columns (`MANIFEST_COLUMNS`), then rows `own_rows` of the source manifest's own
+    (`kept_columns`), one row per sample."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.table({c: [r[c] for r in rows] for c in MANIFEST_COLUMNS})
-    if columns is not None:
-        own = columns.take(pa.array([r["index"] for r in rows], pa.int64()))
+    table = pa.table({c: columns[c] for c in MANIFEST_COLUMNS})
+    if own is not None:
+        own = own.take(pa.array(own_rows, pa.int64()))
         for name, column in zip(own.column_names, own.columns, strict=True):
             table = table.append_column(name, column)
     pq.write_table(table, folder / MANIFEST)
@@ -128,7 +150,11 @@ def describe(
         "classes": source.classes,
         "source": {"kind": source.kind, **source.description},
         "images": image_stats,
-        "dedup": {"threshold": config.dedup_threshold, "groups": near_duplicate_groups},
+        "dedup": {
+            "method": "phash64+mirror",
+            "distance": config.dedup_distance,
+            "groups": near_duplicate_groups,
+        },
         "split_by": {
             "fractions": None if fractions is None else list(fractions),
             "column": None if fractions is not None else SPLIT_COLUMN,

@@ -10,48 +10,13 @@ from pathlib import Path
 
 import yaml
 
-from dtrain.errors import ConfigError, DtrainError, RunFolderError
+from dtrain.errors import ConfigError, RunFolderError
 from dtrain.files import write_atomic
+from dtrain.ray_cluster import start_ray
 from dtrain.tune.settings import Search, epochs_of, max_epochs_of
 from dtrain.tune.trial import OBJECTIVE, TrialJob, run_trial
 
 SAVED = "search.yaml"
-
-
-def start_ray(address: str, object_store_mb: int) -> None:
-    """Join `address` (a cluster started by `ray start`, e.g. inside a SLURM allocation), or
-    start a private local Ray with a small object store (trials pass no data through it).
-    Private: `address="local"`, as Ray's own default joins whatever cluster its address file
-    (left by any earlier `ray start` here, maybe long gone) or RAY_ADDRESS names. A local head
-    needs no token: RAY_AUTH_MODE=disabled unless the user set it. A Ray that does not start
-    is the user's to fix: one line, no traceback."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    try:
-        if address:
-            ray.init(address=address, log_to_driver=False)
-            return
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(
-            address="local",
-            object_store_memory=object_store_mb * 2**20,
-            include_dashboard=False,
-            log_to_driver=False,  # each trial's output goes to its own file (log_to_file)
-        )
-    except Exception as err:  # Ray raises plain ValueError, ConnectionError, RuntimeError...
-        ray.shutdown()
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        if address:
-            raise DtrainError(
-                f"cannot join the Ray cluster at --address={address} ({reason}); start it "
-                "first (`ray start --head`) or drop --address for a private local Ray"
-            ) from err
-        raise DtrainError(
-            f"a local Ray did not start ({reason}); check the space and permissions of "
-            "Ray's temp folder, or point RAY_TMPDIR at another short path"
-        ) from err
 
 
 def _search_alg(search: Search):

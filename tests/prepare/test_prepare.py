@@ -287,7 +287,7 @@ def test_unreadable_dataset_json_needs_overwrite(image_folder, tmp_path):
     [
         ({"split": (0.5, 0.5, 0.1)}, "must sum to 1"),
         ({"split": (0.9, 0.1)}, "must be three fractions"),
-        ({"dedup_threshold": 0.0}, r"must lie in \(0, 1\]"),
+        ({"dedup_distance": 65}, r"must lie in 0..64"),
         ({"shard_size": 0}, "at least 1"),
         ({"shard_bytes": 0}, "must be positive"),
         ({"resize": 4}, "at least 8 pixels"),
@@ -328,10 +328,13 @@ CLI_ARGS = {
     "split": (["--split", "0.8,0,0.2"], (0.8, 0.0, 0.2)),
     "group_column": (["--group-column", "patient_id"], "patient_id"),
     "clean_label_column": (["--clean-label-column", "clean"], "clean"),
-    "dedup_threshold": (["--dedup-threshold", "0.9"], 0.9),
+    "dedup_distance": (["--dedup-distance", "6"], 6),
     "shard_size": (["--shard-size", "50"], 50),
     "shard_bytes": (["--shard-bytes", "500MB"], 500_000_000),
     "resize": (["--resize", "224"], 224),
+    "workers": (["--workers", "4"], 4),
+    "engine": (["--engine", "ray"], "ray"),
+    "address": (["--address", "auto"], "auto"),
     "skip_bad_images": (["--skip-bad-images"], True),
     "overwrite": (["--overwrite"], True),
     "progress": (["--no-progress"], False),
@@ -380,6 +383,6 @@ def test_help_shows_every_option_with_its_default():
     for option in [a[0] for a, _ in CLI_ARGS.values() if a[0].startswith("--")]:
         assert option in text
     assert text.count("(default: ") == len(CLI_ARGS)
-    for shown in ("(default: 0.7,0.1,0.2)", "(default: 0.95)", "(default: 1000)"):
+    for shown in ("(default: 0.7,0.1,0.2)", "(default: 28)", "(default: 1000)"):
         assert shown in text
     assert "{none,symmetric,asymmetric,instance}" in text

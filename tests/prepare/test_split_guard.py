@@ -34,7 +34,7 @@ def test_a_split_emptied_by_one_huge_group_is_refused_with_what_to_change(tmp_pa
     with pytest.raises(DataError, match=r"left val empty .*largest group holds 30 of 64 images"):
         prepare(config)
     assert not (tmp_path / "ds").exists()
-    match = "--dedup-threshold"
+    match = "--dedup-distance"
     with pytest.raises(DataError, match=match):
         prepare(config)
 
