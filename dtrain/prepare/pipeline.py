@@ -15,6 +15,7 @@ import numpy as np
 from dtrain.errors import ConfigError, DataError
 from dtrain.prepare.dedup import near_duplicate_groups
 from dtrain.prepare.engines import default_workers, run_tasks
+from dtrain.prepare.fingerprints import Scan, scan_images
 from dtrain.prepare.folder import holds_request, new_staging, publish
 from dtrain.prepare.noise import apply_noise, check_noise
 from dtrain.prepare.prepare_config import PrepareConfig, default_out
@@ -26,7 +27,6 @@ from dtrain.prepare.records import (
     write_description,
     write_manifest,
 )
-from dtrain.prepare.fingerprints import Scan, scan_images
 from dtrain.prepare.shard_writer import (
     Rows,
     ShardJob,
@@ -43,6 +43,7 @@ from dtrain.prepare.split import (
 )
 
 T = TypeVar("T")
+IMAGES_PER_WORKER = 2000  # fewer per default worker, and starting it costs more than it saves
 SPLIT_TOLERANCE = 0.02  # how far a realised split fraction may miss the asked one unsaid
 
 
@@ -138,7 +139,8 @@ def prepare(config: PrepareConfig) -> Path:
         print(f"{out} already holds this dataset; nothing to do")
         return out
 
-    workers = config.workers or default_workers()
+    # by default a process per core, but not for a small set: a worker takes a second to start
+    workers = config.workers or min(default_workers(), max(1, len(source) // IMAGES_PER_WORKER))
     engine = {"engine": config.engine, "workers": workers, "address": config.address}
     scan = scan_images(
         source,

@@ -129,7 +129,9 @@ class PrepareConfig:
         default_help="keep the image bytes as they are",
     )
     workers: int | None = option(
-        None, "processes reading and writing images", default_help="every core"
+        None,
+        "processes reading and writing images",
+        default_help="every core, one per 2,000 images at most",
     )
     engine: Engine = option(
         "process",
