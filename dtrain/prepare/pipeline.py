@@ -6,7 +6,8 @@ rerun writes byte-identical shards."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+import functools
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
 
@@ -48,14 +49,14 @@ SPLIT_TOLERANCE = 0.02  # how far a realised split fraction may miss the asked o
 
 
 def _split(
-    source: Source, config: PrepareConfig, scan: Scan, clean: np.ndarray
+    source: Source, config: PrepareConfig, scan: Scan, clean: np.ndarray, run: Callable
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """The unit-of-splitting group and the split index of each kept item, and the number of
     near-duplicate groups. With a split column the user's splits stand; near-duplicates across
     them are only reported (a patient across them was refused when the manifest was read)."""
     kept = scan.kept
     duplicates = near_duplicate_groups(
-        scan.hashes, scan.mirrors, scan.constant, scan.values, config.dedup_distance
+        scan.hashes, scan.mirrors, scan.constant, scan.values, config.dedup_distance, run
     )
     num_duplicates = int(duplicates.max() + 1)
     print(
@@ -152,7 +153,9 @@ def prepare(config: PrepareConfig) -> Path:
     )
     kept = scan.kept
     shipped = source.labels[kept]  # the labels a user has: what the split is stratified by
-    groups, split_of, num_duplicates = _split(source, config, scan, shipped)
+    groups, split_of, num_duplicates = _split(
+        source, config, scan, shipped, functools.partial(run_tasks, **engine)
+    )
     if source.clean_labels is not None:  # a benchmark set that ships both labels
         clean, noisy = source.clean_labels[kept], shipped.copy()
         if not config.noise_val:  # --clean-val: val's labels are the clean ones
