@@ -9,7 +9,8 @@ committed; `python benchmarks/run.py --render docs/PAGE.md` prints one page as t
 Blocks (`BLOCKS`): `performance` (the step breakdown, the loader, the mixup op, scaling),
 `at-scale` (the scale model), `study-cells`, `study-selection`, `study-cleanlab` (sections of
 `study/study.md`, which benchmarks/study_report.py writes), `accuracy-quick`, `tune`,
-`review-gain`, `tracker-overhead`, `selection-remeasure`; and `figure:PATH`, a PNG under
+`review-gain`, `tracker-overhead`, `selection-remeasure`, `growth`, `dedup-quality`,
+`prepare-throughput`; and `figure:PATH`, a PNG under
 benchmarks/results/ (the hook serves them under the site's `figures/`)."""
 
 from __future__ import annotations
@@ -403,6 +404,109 @@ def selection_remeasure_md() -> list[str]:
     return [head, "", *_table(header, rows), ""]
 
 
+def growth_md() -> list[str]:
+    results = _load("growth.json")
+    if not results:
+        return ["Not run yet: `python benchmarks/growth.py`."]
+    r = results[0]
+    smallest = min(r["sizes"])
+    against = {(x["size"], x["step"]): x for x in r["ratios"]}
+    rows = []
+    for row in r["rows"]:
+        ratio = against.get((row["size"], row["step"]))
+        rows.append(
+            [
+                f"{row['size']:,}",
+                row["step"],
+                f"{row['seconds']:.1f}",
+                f"{row['us_per_image']:.1f}",
+                f"{row['peak_rss_mb']:.0f}",
+                f"{row['kb_per_image']:.2f}",
+                "—" if ratio is None else f"{ratio['time_ratio']:.2f}",
+                "—" if ratio is None else f"{ratio['memory_ratio']:.2f}",
+                "—" if ratio is None else f"{ratio['marginal_us_per_image']:.1f}",
+            ]
+        )
+    head = (
+        f"**Growth with the dataset** (synthetic {r['settings']['side']} px films; each step in "
+        f"its own process, peak RSS its largest process; × against {smallest:,} images per "
+        f"image, + the marginal µs of each image added since the size before; {_where(r)})."
+    )
+    header = ["images", "step", "s", "µs/image", "peak MB", "KB/image", "time ×", "memory ×"]
+    return [head, "", *_table([*header, "+µs/image"], rows), ""]
+
+
+def dedup_quality_md() -> list[str]:
+    results = _load("dedup_quality.json")
+    if not results:
+        return ["Not run yet: `python benchmarks/dedup_quality.py`."]
+    r = results[0]
+    rows = []
+    for part in ("tune", "report"):
+        for name, m in r[part]["by_setting"].items():
+            rows.append(
+                [
+                    part,
+                    f"{r[part]['n']:,}",
+                    name,
+                    f"{m['recall_all_but_cropped']:.3f}",
+                    f"{m['recall'].get('cropped', float('nan')):.3f}",
+                    f"{m['false_join_rate']:.2%}",
+                    str(m["largest_group_patients"]),
+                    _pct(m["copies_across_splits"]),
+                    "/".join(f"{v:.3f}" for v in m["split"].values()),
+                ]
+            )
+    crops = ", ".join(
+        f"≤ {k.removeprefix('up_to_')}: {v:.2f}" for k, v in r["crop_recall_at_chosen"].items()
+    )
+    head = (
+        f"**Near-duplicates at scale** (synthetic chest films, each original its own patient, "
+        f"10 % planted copies under new patient ids; distance chosen on the tuning set: "
+        f"{r['chosen_distance']} bits; {_where(r)})."
+    )
+    header = [
+        "set",
+        "images",
+        "grouping",
+        "recall (no crops)",
+        "recall crop 3–8 %",
+        "patients joined",
+        "largest group",
+        "copies across splits",
+        "train/val/test",
+    ]
+    tail = (
+        f"Cropped copies found at {r['chosen_distance']} bits, by the most cut per side: {crops}."
+    )
+    return [head, "", *_table(header, rows), "", tail, ""]
+
+
+def prepare_throughput_md() -> list[str]:
+    results = _load("prepare_throughput.json")
+    if not results:
+        return ["Not run yet: `python benchmarks/prepare_throughput.py`."]
+    r = results[0]
+    floor = r["floor_decode_encode_per_s"]
+    rows = [
+        [
+            x["what"],
+            str(x["cores"]),
+            f"{x['seconds']:.1f}",
+            f"{x['images_per_s']:.0f}",
+            f"{x['images_per_s'] / x['cores'] / floor:.2f}",
+            {None: "—", True: "yes", False: "**no**"}[x["same"]],
+        ]
+        for x in r["runs"]
+    ]
+    head = (
+        f"**prepare's throughput** ({r['images']:,} synthetic {r['side']} px films; per core "
+        f"against one process's PIL decode + JPEG encode, {floor:.0f} images/s; {_where(r)})."
+    )
+    header = ["what", "cores", "s", "images/s", "per core vs floor", "same bytes as x1"]
+    return [head, "", *_table(header, rows), ""]
+
+
 STUDY_MD = RESULTS / "study" / "study.md"
 # the blocks showing study.md: "" is its part before the first `## ` heading (one table per
 # noise kind), the others a section by the start of its heading
@@ -469,6 +573,9 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
     "selection-remeasure": selection_remeasure_md,
     "tune-objectives": tune_objectives_md,
     "study-40epochs": study_40epochs_md,
+    "growth": growth_md,
+    "dedup-quality": dedup_quality_md,
+    "prepare-throughput": prepare_throughput_md,
 }
 FIGURE = "figure:"  # `figure:study/study.png`: a PNG under RESULTS
 # a marker is a line of its own (one quoted inside a sentence or a code span is text)

@@ -15,8 +15,9 @@ result file is on the site at the next `mkdocs build`, with nothing to paste or 
 Benchmarks: step_breakdown (where a training step's time goes, per method), loader (streaming
 loader vs plain decode, local and `pipe:` shards), mixup_op (the fused mixup op vs torch),
 scaling (1 vs 2 processes, full suite), accuracy (method vs baselines, full suite; the complete
-study is benchmarks/study.py) and scale_model (what 1M images x 64 GPUs needs, from the others'
-results: it runs last).
+study is benchmarks/study.py), growth (prepare to relabel at 10k and 100k images, full suite; 1M
+with `benchmarks/growth.py` alone) and scale_model (what 1M images x 64 GPUs needs, from the
+others' results: it runs last).
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ BENCHMARKS = {
         ["--methods", "iam", "ce", "--seeds", "0", "1", "--epochs", "12"],
         "accuracy_quick.json",
     ),
+    "growth": Benchmark("growth.py", None, ["--sizes", "10000", "100000"], "growth.json"),
     "scale_model": Benchmark("scale_model.py", [], [], "scale_model.json"),
 }
 
@@ -148,6 +150,20 @@ def headline(name: str, result: dict) -> list[tuple[str, float | None, str]]:
         return [
             (f"{m} clean test acc (last)", row["test_last"][0], "")
             for m, row in result["summary"].items()
+        ]
+    if name == "growth":
+        largest = max(result["sizes"])
+        last = [r for r in result["ratios"] if r["size"] == largest]
+        if not last:  # one size only: nothing to compare
+            return [(f"steps at {largest:,} images", len(result["rows"]), "")]
+        target = f"<= {result['target_ratio']}"
+        return [
+            (f"worst per-image time x at {largest:,}", max(r["time_ratio"] for r in last), target),
+            (
+                f"worst per-image memory x at {largest:,}",
+                max(r["memory_ratio"] for r in last),
+                target,
+            ),
         ]
     if name == "scale_model":
         rows = [

@@ -1,6 +1,7 @@
 """Process-group plumbing: rank and world from the launcher or from SLURM, a preflight that fails
-fast and readably, a roll call that names a rank whose process died, and an all-gather that keeps
-gradients (for contrastive negatives over the global batch)."""
+fast and readably, a roll call that names a rank whose process died, an all-gather that keeps
+gradients (for contrastive negatives over the global batch) and rank 0's result handed to every
+rank."""
 
 from __future__ import annotations
 
@@ -11,11 +12,14 @@ import socket
 import time
 import warnings
 from collections.abc import Iterator
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 from dtrain.errors import DistributedError
+
+T = TypeVar("T")
 
 
 def silence_understood_warnings() -> None:
@@ -133,6 +137,15 @@ def world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def from_rank_0(value: T) -> T:
+    """Rank 0's `value` on every rank (pickled: for what only rank 0 computes, once)."""
+    if world()[1] == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:

@@ -100,20 +100,18 @@ class ShardStream(IterableDataset):
         # evaluation on fewer shards than readers: split by sample instead of by shard
         slots = world_size * workers
         self.split_samples = not train and counts is not None and len(counts) < slots
+        self._planned: tuple[int, EpochPlan] | None = None  # (epoch, its plan)
 
     def plan(self) -> EpochPlan | None:
+        """This epoch's plan, made once (the trainer asks for the length at every log step)."""
         if self.counts is None:
             return None
-        return plan_epoch(
-            self.counts,
-            self.world_size,
-            self.workers,
-            self.batch_size,
-            self.seed,
-            self.epoch,
-            shuffle=self.train,
-            split_samples=self.split_samples,
-        )
+        if self._planned is None or self._planned[0] != self.epoch:
+            sizes = (self.world_size, self.workers, self.batch_size, self.seed, self.epoch)
+            split = self.split_samples
+            plan = plan_epoch(self.counts, *sizes, shuffle=self.train, split_samples=split)
+            self._planned = (self.epoch, plan)
+        return self._planned[1]
 
     def resampled_batches_per_slot(self) -> int:
         slots = self.world_size * self.workers

@@ -4,6 +4,7 @@ a rank's DataLoader hands out its workers' batches (to start an epoch part-way).
 
 from __future__ import annotations
 
+import heapq
 import math
 import random
 from dataclasses import dataclass
@@ -33,8 +34,11 @@ def plan_epoch(
     shuffle: bool,
     split_samples: bool = False,
 ) -> EpochPlan:
-    """Balanced shard assignment (largest first to the emptiest slot, in a seeded random order
-    among equals) and the padding that gives every rank the same number of full batches.
+    """Balanced shard assignment (largest first to the emptiest slot, the lowest-numbered among
+    equally empty ones, in a seeded random order among equal shards) and the padding that gives
+    every rank the same number of full batches. A heap finds the emptiest slot: shards x
+    log(slots), not shards x slots (10k shards over 512 readers: milliseconds, not a third of a
+    second, on every rank and worker).
 
     `split_samples` (evaluation on fewer shards than readers): every slot reads every shard in
     order and keeps the samples whose running index is its own modulo the slot count."""
@@ -60,11 +64,14 @@ def plan_epoch(
         random.Random(seed * 1_000_003 + epoch).shuffle(urls)
     urls.sort(key=lambda u: -counts[u])
     assigned: list[list[str]] = [[] for _ in range(slots)]
-    samples = [0] * slots
+    emptiest = [(0, slot) for slot in range(slots)]  # (samples so far, slot): a heap
     for url in urls:
-        slot = min(range(slots), key=lambda s: (samples[s], s))
+        samples, slot = emptiest[0]
         assigned[slot].append(url)
-        samples[slot] += counts[url]
+        heapq.heapreplace(emptiest, (samples + counts[url], slot))
+    samples = [0] * slots
+    for total, slot in emptiest:
+        samples[slot] = total
     return _equalise(assigned, samples, world_size, workers, batch_size)
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from dtrain.dataset.format import IMAGE_EXTS, expand_urls, label_index, raw_label
 from dtrain.dataset.shard_reader import ShardScan
@@ -23,7 +25,6 @@ from dtrain.prepare.folder import new_staging, publish
 from dtrain.prepare.prepare_config import FORMAT_VERSION
 from dtrain.prepare.records import (
     DATASET_JSON,
-    MANIFEST_COLUMNS,
     print_summary,
     split_stats,
     write_description,
@@ -36,13 +37,14 @@ CHANNEL_SAMPLES = 32  # images decoded to tell grayscale from colour, spread ove
 
 @dataclass
 class ShardIndex:
-    """What one read of a shard found: its samples' keys and labels (as stored), its digest,
-    and how many of the images decoded for the channel count were grayscale."""
+    """What one read of a shard found: its samples' keys (an Arrow array: a million keys as
+    Python strings take a hundred megabytes) and labels (as stored, then class indices), its
+    digest, and how many of the images decoded for the channel count were grayscale."""
 
     url: str
     split: str
-    keys: list[str]
-    labels: list[int | str]
+    keys: pa.Array
+    labels: list[int | str] | np.ndarray
     sha256: str
     grayscale: int
     decoded: int
@@ -59,6 +61,7 @@ def scan_shard(url: str, split: str, label_key: str, images_to_decode: int) -> S
     scan = ShardScan(url)
     keys: list[str] = []
     labels: list[int | str] = []
+    distinct: dict[int | str, int | str] = {}  # one object per label value, not per sample
     grayscale = decoded = 0
     for sample in scan:
         if sample.problem:
@@ -68,7 +71,8 @@ def scan_shard(url: str, split: str, label_key: str, images_to_decode: int) -> S
         if not images:
             raise DataError(f"{where}: no image member (.{', .'.join(IMAGE_EXTS)})")
         try:
-            labels.append(raw_label(sample.members, label_key))
+            label = raw_label(sample.members, label_key)
+            labels.append(distinct.setdefault(label, label))
         except ValueError as err:
             raise DataError(
                 f"{where}: {err}; --label-key {label_key} names the label's member"
@@ -82,7 +86,9 @@ def scan_shard(url: str, split: str, label_key: str, images_to_decode: int) -> S
             decoded += 1
     if not keys:
         raise DataError(f"shard {url} holds no samples")
-    return ShardIndex(url, split, keys, labels, scan.sha256, grayscale, decoded)
+    return ShardIndex(
+        url, split, pa.array(keys, pa.string()), labels, scan.sha256, grayscale, decoded
+    )
 
 
 def _scan_all(
@@ -105,7 +111,8 @@ def _scan_all(
 
 def _class_indices(scans: list[ShardIndex], classes: list[str] | None) -> list[str]:
     """The class names (`classes`, else the sorted names found, else "0".."max" for indices);
-    each scan's labels become indices in place."""
+    each scan's labels become an array of indices in place (each distinct value looked up
+    once)."""
     if classes is None:
         found = {v for s in scans for v in s.labels}
         names = {v for v in found if isinstance(v, str) and not v.lstrip("-").isdigit()}
@@ -117,19 +124,28 @@ def _class_indices(scans: list[ShardIndex], classes: list[str] | None) -> list[s
             )
         classes = sorted(names) or [str(i) for i in range(max(int(v) for v in found) + 1)]
     for scan in scans:
-        for i, (key, value) in enumerate(zip(scan.keys, scan.labels, strict=True)):
-            try:
-                scan.labels[i] = label_index(value, classes)
-            except ValueError as err:
-                raise DataError(f"shard {scan.url} sample {key}: {err}") from err
+        index: dict[int | str, int] = {}
+        for i, value in enumerate(scan.labels):
+            if value not in index:
+                try:
+                    index[value] = label_index(value, classes)
+                except ValueError as err:
+                    raise DataError(
+                        f"shard {scan.url} sample {scan.keys[i].as_py()}: {err}"
+                    ) from err
+        scan.labels = np.fromiter((index[v] for v in scan.labels), np.int64, len(scan.labels))
     return classes
 
 
 def _check_unique(scans: list[ShardIndex]) -> None:
-    """Keys name samples in the manifest, the scores and the checkpoints: one shard per key."""
+    """Keys name samples in the manifest, the scores and the checkpoints: one shard per key
+    (counted in Arrow; the keys become Python strings only to name a repeated one)."""
+    keys = pa.chunked_array([s.keys for s in scans], pa.string())
+    if pc.count_distinct(keys).as_py() == len(keys):
+        return
     where: dict[str, str] = {}
     for scan in scans:
-        for key in scan.keys:
+        for key in scan.keys.to_pylist():
             if key in where:
                 raise DataError(
                     f"key {key!r} is in shard {where[key]} and in shard {scan.url}: every sample "
@@ -219,24 +235,26 @@ def index_shards(
     _check_unique(scans)
     classes = _class_indices(scans, classes)
     meta = _describe(out.name, scans, classes, request)
-    rows, group = [], 0
-    for name, scan in zip(meta["shards"], scans, strict=True):
-        for key, label in zip(scan.keys, scan.labels, strict=True):
-            rows.append(
-                {
-                    "key": key,
-                    "shard": name,
-                    "split": scan.split,
-                    "clean_label": label,
-                    "noisy_label": label,
-                    "is_noisy": False,
-                    "group": group,
-                    "source": f"{scan.url}#{key}",
-                }
-            )
-            group += 1
+    counts = [len(scan.keys) for scan in scans]
+    labels = np.concatenate([scan.labels for scan in scans])
+    columns = {  # column by column: a Python dict per sample would take gigabytes at 1M
+        "key": pa.chunked_array([scan.keys for scan in scans], pa.string()),
+        "shard": pa.chunked_array(
+            [pa.repeat(name, count) for name, count in zip(meta["shards"], counts, strict=True)]
+        ),
+        "split": pa.chunked_array(
+            [pa.repeat(scan.split, count) for scan, count in zip(scans, counts, strict=True)]
+        ),
+        "clean_label": labels,
+        "noisy_label": labels,
+        "is_noisy": np.zeros(len(labels), bool),
+        "group": np.arange(len(labels)),
+        "source": pa.chunked_array(
+            [pc.binary_join_element_wise(scan.url, scan.keys, "#") for scan in scans], pa.string()
+        ),
+    }
     staging = new_staging(out)
-    write_manifest(staging, rows)
+    write_manifest(staging, columns)
     write_description(staging, meta)
     publish(staging, out)
     print_summary(out, meta)
@@ -257,7 +275,9 @@ def _describe(name: str, scans: list[ShardIndex], classes: list[str], request: d
         numbered[scan.split] += 1
     per_split = {}
     for split in SPLITS:
-        labels = np.asarray([v for s in scans if s.split == split for v in s.labels], np.int64)
+        labels = np.concatenate(
+            [np.empty(0, np.int64), *(s.labels for s in scans if s.split == split)]
+        )
         per_split[split] = split_stats(labels, labels, np.arange(len(labels)), len(classes))
     decoded = sum(s.decoded for s in scans)
     grayscale = sum(s.grayscale for s in scans)

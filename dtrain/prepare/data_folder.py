@@ -1,5 +1,6 @@
 """Which dataset folder a run trains on: the user's (`data.path`, which must hold a
-`dataset.json`), or, with no path, the embedded Br35H set, prepared on first use."""
+`dataset.json`), or, with no path, the embedded Br35H set, prepared on first use (and again
+when a newer dtrain prepares it differently)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ def resolve_data_dir(path: str, progress: bool) -> Path:
                 "(or `dtrain index` for shards of your own)"
             )
         return folder
-    prep = PrepareConfig(progress=progress)
+    # the embedded set's folder is dtrain's own cache: one an older dtrain built is rebuilt
+    prep = PrepareConfig(progress=progress, overwrite=True)
     folder = default_out(prep, from_embedded())
     rank, size = world()
     if rank == 0:

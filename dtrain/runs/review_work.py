@@ -126,7 +126,9 @@ def _fitted_png(data: bytes, side: int, enlarge: bool) -> bytes:
 def write_images(dataset: Path, names: dict[str, str], folder: Path, progress: bool) -> None:
     """`folder/THUMBS/<names[key]>` and `folder/ZOOM/<names[key]>` for each key, read from the
     dataset's shards: only those that hold one of the keys, each checked against its recorded
-    sha256."""
+    sha256. Of the manifest only the reviewed keys' rows become Python values."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
     from tqdm.auto import tqdm
 
@@ -134,8 +136,9 @@ def write_images(dataset: Path, names: dict[str, str], folder: Path, progress: b
     from dtrain.dataset.shard_reader import read_shard
 
     meta = read_dataset_json(str(dataset))
-    manifest = pq.read_table(dataset / MANIFEST, columns=["key", "shard"]).to_pydict()
-    shard_of = dict(zip(manifest["key"], manifest["shard"], strict=True))
+    manifest = pq.read_table(dataset / MANIFEST, columns=["key", "shard"])
+    reviewed = manifest.filter(pc.is_in(manifest.column("key"), pa.array(list(names))))
+    shard_of = dict(zip(*reviewed.to_pydict().values(), strict=True))
     missing = [key for key in names if key not in shard_of]
     if missing:
         raise DataError(
@@ -146,7 +149,7 @@ def write_images(dataset: Path, names: dict[str, str], folder: Path, progress: b
         (folder / sub).mkdir(parents=True, exist_ok=True)
     todo = set(names)
     for name in tqdm(
-        sorted({shard_of[k] for k in names}), desc="images", disable=None if progress else True
+        sorted(set(shard_of.values())), desc="images", disable=None if progress else True
     ):
         info = meta["shards"][name]
         url = info.get("url", str(dataset / name))  # indexed shards lie where they were
@@ -169,6 +172,18 @@ def write_images(dataset: Path, names: dict[str, str], folder: Path, progress: b
         raise DataError(f"{dataset} holds no sample {sorted(todo)[0]} where its manifest says")
 
 
+def most_suspicious(scores_path: Path, top: int | None, fraction: float | None) -> tuple[list, int]:
+    """The rows of label_scores.parquet to review, by rank, and how many the run ranked: only
+    the chosen rows are read into Python (a run of a million samples ranks a million)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    scores = pq.read_table(scores_path)
+    count = review_size(scores.num_rows, top, fraction)
+    chosen = pc.select_k_unstable(scores, count, sort_keys=[("rank", "ascending")])
+    return scores.take(chosen).to_pylist(), scores.num_rows
+
+
 def write_review(
     run_dir: str | Path,
     out: str | Path | None = None,
@@ -180,8 +195,6 @@ def write_review(
 ) -> Path:
     """Write the review of the run's most suspicious training labels to `out` (default
     RUN/review; built in a hidden sibling folder, moved into place at the end); return `out`."""
-    import pyarrow.parquet as pq
-
     from dtrain.runs.run_folder import run_dataset
 
     run_dir = Path(run_dir)
@@ -195,8 +208,7 @@ def write_review(
     _check_out(out, overwrite)
     dataset = run_dataset(run_dir)
     classes = json.loads((dataset / DATASET_JSON).read_text())["classes"]
-    ranked = sorted(pq.read_table(scores_path).to_pylist(), key=lambda r: r["rank"])
-    chosen = ranked[: review_size(len(ranked), top, fraction)]
+    chosen, total = most_suspicious(scores_path, top, fraction)
     rows = [
         {
             "rank": r["rank"],
@@ -223,9 +235,7 @@ def write_review(
             writer = csv.DictWriter(handle, fieldnames=COLUMNS, lineterminator="\n")
             writer.writeheader()
             writer.writerows(rows)
-        page = render_page(
-            rows, losses, classes, COLUMNS, run_dir, dataset, review_id, total=len(ranked)
-        )
+        page = render_page(rows, losses, classes, COLUMNS, run_dir, dataset, review_id, total=total)
         (staging / PAGE).write_text(page, encoding="utf-8")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -233,7 +243,7 @@ def write_review(
     publish(staging, out)
     print(
         f"wrote {out}: {PAGE} and {REVIEW_CSV}, the {len(rows)} most suspicious of "
-        f"{len(ranked)} training labels; open {out / PAGE} in a browser, review, export "
+        f"{total} training labels; open {out / PAGE} in a browser, review, export "
         f"{REVIEW_CSV} (or fill its {CORRECTION_COLUMN} by hand), then\n"
         f"  dtrain relabel {dataset} {REVIEW_CSV} --out {dataset}_reviewed"
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import datetime
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from dtrain.errors import DataError
-from dtrain.files import link_atomic
 from dtrain.prepare.folder import holds_request, new_staging, publish
 from dtrain.prepare.records import DATASET_JSON, MANIFEST, split_stats, write_description
 from dtrain.prepare.shard_writer import sha256
@@ -60,10 +60,12 @@ def resolve_label(value: str, classes: list[str]) -> int | None:
     raise ValueError(value)
 
 
-def read_corrections(csv_path: Path, classes: list[str], known: set[str]) -> dict[str, Correction]:
+def read_corrections(
+    csv_path: Path, classes: list[str], known: pa.ChunkedArray
+) -> dict[str, Correction]:
     """The decisions of a filled review.csv, by key; every row checked before anything is
     written. Rows with an empty corrected_label keep their label (their key must still be one of
-    `known`: a review of another dataset is refused, not half applied)."""
+    `known`, the manifest's keys: a review of another dataset is refused, not half applied)."""
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as handle:  # Excel adds a BOM
             header = handle.readline()
@@ -81,8 +83,11 @@ def read_corrections(csv_path: Path, classes: list[str], known: set[str]) -> dic
 
 
 def _corrections(
-    reader: csv.DictReader, csv_path: Path, classes: list[str], known: set[str]
+    reader: csv.DictReader, csv_path: Path, classes: list[str], known: pa.ChunkedArray
 ) -> dict[str, Correction]:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     columns = reader.fieldnames or []
     for needed in (KEY_COLUMN, CORRECTION_COLUMN):
         if needed not in columns:
@@ -90,16 +95,21 @@ def _corrections(
                 f"{csv_path} has no {needed!r} column (its columns: {', '.join(columns) or 'none'})"
                 f"; a review needs {KEY_COLUMN} and {CORRECTION_COLUMN}, as dtrain review writes"
             )
+    rows = [
+        ((row[KEY_COLUMN] or "").strip(), (row[CORRECTION_COLUMN] or "").strip(), reader.line_num)
+        for row in reader
+    ]
+    # one look-up of all the review's keys among the manifest's (a million keys as a Python
+    # set would take longer than the review and a hundred megabytes)
+    listed = pc.is_in(pa.array([key for key, _, _ in rows], pa.string()), value_set=known)
     found: dict[str, Correction] = {}
-    for row in reader:
-        key = (row[KEY_COLUMN] or "").strip()
-        value = (row[CORRECTION_COLUMN] or "").strip()
-        where = f"{csv_path} line {reader.line_num}"
+    for (key, value, line), is_known in zip(rows, listed.to_pylist(), strict=True):
+        where = f"{csv_path} line {line}"
         if not key:
             if value:
                 raise DataError(f"{where}: corrected_label {value!r} but no key")
             continue  # a blank line
-        if key not in known:
+        if not is_known:
             raise DataError(
                 f"{where}: key {key!r} is not in the dataset; is this the review of another "
                 "dataset?"
@@ -120,7 +130,7 @@ def _corrections(
                 f"{where}: key {key} was already corrected differently on line {earlier.line}; "
                 "keep one decision per key"
             )
-        found[key] = Correction(key, reader.line_num, label)
+        found[key] = Correction(key, line, label)
     return found
 
 
@@ -163,36 +173,36 @@ def rewrite_shard(
 
 def _new_manifest(table: pa.Table, changed: dict[str, int], dropped: set[str]) -> pa.Table:
     """The manifest with the new noisy labels, `original_label` (the label before the first
-    relabel), is_noisy against clean_label and the dropped rows removed; other columns kept."""
+    relabel), is_noisy against clean_label and the dropped rows removed; other columns kept.
+    Column operations only: its cost is that of the columns, whatever the few changes."""
     import pyarrow as pa
+    import pyarrow.compute as pc
 
-    keys = table.column("key").to_pylist()
-    old = table.column("noisy_label").to_pylist()
-    new = [changed.get(k, label) for k, label in zip(keys, old, strict=True)]
-    clean = table.column("clean_label").to_pylist()
+    keys, old = table.column("key"), table.column("noisy_label")
+    at = pc.index_in(keys, value_set=pa.array(list(changed), pa.string()))
+    new = pc.coalesce(pa.array(list(changed.values()), old.type).take(at), old)
     if "original_label" not in table.column_names:
-        table = table.append_column("original_label", table.column("noisy_label"))
+        table = table.append_column("original_label", old)
     names = table.column_names
-    label_type = table.schema.field("noisy_label").type
-    table = table.set_column(
-        names.index("noisy_label"), "noisy_label", pa.array(new, type=label_type)
-    )
-    is_noisy = pa.array([c != n for c, n in zip(clean, new, strict=True)], type=pa.bool_())
+    table = table.set_column(names.index("noisy_label"), "noisy_label", new)
+    is_noisy = pc.not_equal(table.column("clean_label"), new)
     table = table.set_column(names.index("is_noisy"), "is_noisy", is_noisy)
-    return table.filter(pa.array([k not in dropped for k in keys]))
+    gone = pc.is_in(keys, value_set=pa.array(list(dropped), pa.string()))
+    return table.filter(pc.invert(gone))
 
 
 def _split_description(table: pa.Table, old: dict, num_classes: int, review_csv: Path) -> dict:
     """dataset.json's per-split stats recomputed from the new manifest (other entries kept)."""
-    split = np.asarray(table.column("split").to_pylist(), dtype=object)
-    clean, noisy, group = (
-        np.asarray(table.column(c).to_pylist(), dtype=np.int64)
-        for c in ("clean_label", "noisy_label", "group")
-    )
+    import pyarrow.compute as pc
+
     out = {}
     for name in old:
-        members = split == name
-        stats = split_stats(clean[members], noisy[members], group[members], num_classes)
+        members = table.filter(pc.equal(table.column("split"), name))
+        clean, noisy, group = (
+            members.column(c).to_numpy().astype(np.int64)
+            for c in ("clean_label", "noisy_label", "group")
+        )
+        stats = split_stats(clean, noisy, group, num_classes)
         out[name] = {**old[name], **stats}
         if old[name]["count"] and not out[name]["count"]:
             raise DataError(f"{review_csv} drops every {name} sample; keep some")
@@ -232,6 +242,16 @@ def _read_dataset(folder: Path) -> tuple[dict, pa.Table]:
     return meta, pq.read_table(folder / MANIFEST)
 
 
+def _link(source: Path, target: Path) -> None:
+    """`target` a hard link to `source` (a copy where links are not possible). Straight into
+    the private staging folder, which is published whole: no temporary name and no fsync per
+    shard (a thousand directory syncs take seconds to minutes on a network file system)."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
 def _write_shards(
     dataset: Path,
     staging: Path,
@@ -252,7 +272,7 @@ def _write_shards(
         if name not in edits_in:
             if (dataset / name).stat().st_size != info["bytes"]:
                 raise DataError(f"shard {dataset / name} changed since dtrain prepare wrote it")
-            link_atomic(dataset / name, staging / name)
+            _link(dataset / name, staging / name)
         else:
             count, seen = rewrite_shard(dataset / name, staging / name, changed, dropped, info)
             if missing := sorted(edits_in[name] - seen):
@@ -275,6 +295,8 @@ def relabel(
 ) -> Path:
     """Write the new version of `dataset` that the filled `review_csv` asks for to `out` (built
     in a hidden sibling folder and moved into place at the end) and return `out`."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     dataset, review_csv, out = Path(dataset), Path(review_csv), Path(out)
@@ -285,9 +307,12 @@ def relabel(
             "of its own"
         )
     classes = meta["classes"]
-    rows = manifest.select(["key", "split", "shard", "noisy_label"]).to_pylist()
+    keys = manifest.column("key")
+    corrections = read_corrections(review_csv, classes, keys)
+    # of the manifest, only the rows the review decided on become Python values
+    decided = pc.is_in(keys, value_set=pa.array(list(corrections), pa.string()))
+    rows = manifest.select(["key", "split", "shard", "noisy_label"]).filter(decided).to_pylist()
     by_key = {r["key"]: r for r in rows}
-    corrections = read_corrections(review_csv, classes, set(by_key))
     dropped = {k for k, c in corrections.items() if c.label is None}
     changed = {
         k: c.label

@@ -14,10 +14,12 @@ import numpy as np
 
 from dtrain.config import Config
 from dtrain.files import write_atomic
-from dtrain.train.label_scores import ScoreRow
+from dtrain.train.label_scores import attention_score, loss_score
 from dtrain.train.metrics import auroc
 
 if TYPE_CHECKING:
+    import pyarrow as pa
+
     from dtrain.train.checkpoint import CheckpointSaver, TrainState
 
 SUSPECTS_SHOWN = 10
@@ -132,46 +134,50 @@ def _logged_before(line: str, step: int, epoch: int) -> bool:
     return record["step"] <= step if record["kind"] == "step" else record["epoch"] <= epoch
 
 
-def label_scores(rows: dict[str, ScoreRow], manifest: Path) -> tuple[list[dict], dict[str, float]]:
-    """Rows ranked most suspicious first, and the AUROC of each score for finding the labels
-    that were made wrong on purpose (known from the clean label kept beside each sample).
+def label_scores(scores: pa.Table, manifest: Path) -> tuple[pa.Table, dict[str, float]]:
+    """The rows of `scores` (`label_scores.SCHEMA`) ranked most suspicious first, and the AUROC
+    of each score for finding the labels that were made wrong on purpose (known from the clean
+    label kept beside each sample). Columnar throughout: a million samples are a few arrays.
 
     Suspicion is 1 - the mean attention weight where the method has one, else the mean
     per-sample loss: high means "this label looks wrong". Samples never scored by the attention
     (seen only before the mixup warm-up ended) rank after the others; the attention AUROC
     counts only the samples it scored."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    sources = {}
+    keys = scores.column("key")
+    sources = pa.nulls(len(keys), pa.string())
     if manifest.is_file():
-        table = pq.read_table(manifest, columns=["key", "source"]).to_pydict()
-        sources = dict(zip(table["key"], table["source"], strict=True))
-    has_attention = any(r.attention_count for r in rows.values())
-    out = []
-    for r in rows.values():
-        attention = r.attention_score
-        out.append(
-            {
-                "key": r.key,
-                "source": sources.get(r.key, ""),
-                "noisy_label": r.label,
-                "predicted_label": r.predicted,
-                "attention_score": attention,
-                "loss_score": r.loss_score,
-                "is_noisy": r.is_noisy,
-                "score": (1 - attention) if has_attention else r.loss_score,
-            }
-        )
-    out.sort(key=lambda row: math.inf if math.isnan(row["score"]) else -row["score"])
-    for rank, row in enumerate(out, 1):
-        row["rank"] = rank
-    truth = np.array([row["is_noisy"] for row in out], dtype=bool)
-    aurocs = {"loss": auroc(np.array([row["loss_score"] for row in out]), truth)}
+        listed = pq.read_table(manifest, columns=["key", "source"])
+        at = pc.index_in(keys, value_set=listed.column("key"))
+        sources = listed.column("source").take(at)
+    attention, loss = attention_score(scores), loss_score(scores)
+    has_attention = bool((scores.column("attention_count").to_numpy() > 0).any())
+    score = 1 - attention if has_attention else loss
+    # stable: ties keep the order the samples were first scored in
+    order = np.argsort(np.where(np.isnan(score), np.inf, -score), kind="stable")
+    ranked = pa.table(
+        {
+            "key": keys,
+            "source": pc.fill_null(sources, ""),
+            "noisy_label": scores.column("label"),
+            "predicted_label": scores.column("predicted"),
+            "attention_score": attention,
+            "loss_score": loss,
+            "is_noisy": scores.column("is_noisy"),
+            "score": score,
+        }
+    ).take(order)
+    ranked = ranked.append_column("rank", pa.array(np.arange(1, len(order) + 1)))
+    truth = ranked.column("is_noisy").to_numpy()
+    aurocs = {"loss": auroc(loss[order], truth)}
     if has_attention:
-        suspicion = np.array([1 - row["attention_score"] for row in out])
+        suspicion = 1 - attention[order]
         scored = ~np.isnan(suspicion)
         aurocs["attention"] = auroc(suspicion[scored], truth[scored])
-    return out, aurocs
+    return ranked, aurocs
 
 
 def plot_curves(history: list[dict], path: Path, clean_known: bool) -> None:
@@ -266,7 +272,7 @@ def write_run_report(
     run_dir: Path,
     config: Config,
     history: list[dict],
-    scores: dict[str, ScoreRow],
+    scores: pa.Table,
     *,
     test_best: dict | None,
     test_last: dict | None,
@@ -298,30 +304,17 @@ def write_run_report(
     }
     if history:
         plot_curves(history, run_dir / "curves.png", clean_known)
-    if scores:
-        rows, aurocs = label_scores(scores, manifest)
+    if scores.num_rows:
+        ranked, aurocs = label_scores(scores, manifest)
         sink = pa.BufferOutputStream()
-        pq.write_table(pa.Table.from_pylist(rows), sink)
+        pq.write_table(ranked, sink)
         write_atomic(run_dir / "label_scores.parquet", sink.getvalue().to_pybytes())
         # without injected noise there is nothing known to find (in a clean-up round the
         # shipped label would only mark the corrections)
         summary["mislabel_auroc"] = aurocs if clean_known else {}
-        summary["scored_samples"] = len(rows)
-        summary["top_suspects"] = [
-            {
-                k: r[k]
-                for k in (
-                    "rank",
-                    "key",
-                    "source",
-                    "noisy_label",
-                    "predicted_label",
-                    "score",
-                    "is_noisy",
-                )
-            }
-            for r in rows[:SUSPECTS_SHOWN]
-        ]
+        summary["scored_samples"] = ranked.num_rows
+        shown = ("rank", "key", "source", "noisy_label", "predicted_label", "score", "is_noisy")
+        summary["top_suspects"] = ranked.select(shown).slice(0, SUSPECTS_SHOWN).to_pylist()
     write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     if selection is not None and "val_accuracy" in history[-1]:
         print(selection_table(selection, clean_known))
@@ -336,7 +329,7 @@ def write_run_report(
                 f"{name} score {value:.3f}" for name, value in summary["mislabel_auroc"].items()
             )
         )
-    if scores:
+    if scores.num_rows:
         print(f"top suspects (re-review these first), of {summary['scored_samples']}:")
         for r in summary["top_suspects"]:
             injected = "  (injected)" if clean_known and r["is_noisy"] else ""

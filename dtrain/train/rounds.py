@@ -19,16 +19,23 @@ import json
 import math
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from dtrain.config import Config, load_config
+from dtrain.distributed import from_rank_0
 from dtrain.errors import RunFolderError
 from dtrain.files import write_atomic, write_json_atomic
 from dtrain.train.checkpoint import LAST
 from dtrain.train.engine import Engine, make_engine
-from dtrain.train.label_scores import ScoreRow
+from dtrain.train.label_scores import loss_score
 from dtrain.train.resolve import ResolvedRun
 from dtrain.train.trackers import parent_run
 from dtrain.train.trainer import EpochHook, StepHook, Trainer
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 ROUNDS = "rounds"
 CORRECTIONS = "corrections.parquet"
@@ -48,24 +55,31 @@ def has_progress(config: Config, saved_only: bool = False) -> bool:
     return any((d / mark).exists() for d in dirs for mark in marks)
 
 
-def propose(rows: list[ScoreRow]) -> list[dict]:
-    """The corrections a finished round proposes (see the module docstring), most suspicious
-    first. `was_wrong` says whether the old label was a wrong one, where that is known (the
-    clean label `dtrain prepare` kept); it is reported, never used."""
-    scored = [r for r in rows if not math.isnan(r.loss_score)]
-    disagree = sum(r.predicted != r.label for r in scored)
-    ranked = sorted(scored, key=lambda r: -r.loss_score)[:disagree]  # the top q
+def propose(scores: pa.Table) -> list[dict]:
+    """The corrections a finished round proposes from its score rows (`label_scores.SCHEMA`;
+    see the module docstring), most suspicious first. `was_wrong` says whether the old label
+    was a wrong one, where that is known (the clean label `dtrain prepare` kept); it is
+    reported, never used."""
+    loss = loss_score(scores)
+    label, predicted = (scores.column(c).to_numpy() for c in ("label", "predicted"))
+    scored = np.flatnonzero(~np.isnan(loss))
+    disagree = int((predicted[scored] != label[scored]).sum())
+    ranked = scored[np.argsort(-loss[scored], kind="stable")][:disagree]  # the top q
+    ranks = np.arange(1, len(ranked) + 1)
+    chosen = predicted[ranked] != label[ranked]
+    picked = scores.take(ranked[chosen])
     return [
         {
-            "key": r.key,
-            "old": r.label,
-            "new": r.predicted,
-            "suspicion": r.loss_score,
+            "key": row["key"],
+            "old": row["label"],
+            "new": row["predicted"],
+            "suspicion": suspicion,
             "rank": rank,
-            "was_wrong": r.is_noisy,
+            "was_wrong": row["is_noisy"],
         }
-        for rank, r in enumerate(ranked, 1)
-        if r.predicted != r.label
+        for row, suspicion, rank in zip(
+            picked.to_pylist(), loss[ranked[chosen]].tolist(), ranks[chosen].tolist(), strict=True
+        )
     ]
 
 
@@ -86,18 +100,19 @@ def read_corrections(path: Path) -> list[dict]:
 
 
 def _round_record(index: int, trainer: Trainer, summary: dict, corrections: list[dict]) -> dict:
-    rows = trainer.scores.rows.values()
+    """What a round did, for rounds.json (rank 0: it holds the score rows)."""
+    scores = trainer.scores.table
     # without injected noise the shipped label is the only one known: the label error and the
     # ranking's AUROC against it would only measure the corrections themselves
     known = trainer.meta.get("noise", {}).get("model", "none") != "none"
-    wrong = sum(r.is_noisy for r in rows)
+    wrong = int(scores.column("is_noisy").to_numpy().sum())
     return {
         "round": index,
         "run_dir": str(trainer.run_dir),
         "clean_labels_known": known,
         "labels_corrected_before": len(trainer.relabel or {}),
         # of the labels this round trained on
-        "label_error": wrong / max(1, len(rows)) if known else None,
+        "label_error": wrong / max(1, scores.num_rows) if known else None,
         "mislabel_auroc": summary.get("mislabel_auroc", {}),
         "test_best_clean_accuracy": (summary.get("test_best") or {}).get("clean_accuracy"),
         "test_last_clean_accuracy": (summary.get("test_last") or {}).get("clean_accuracy"),
@@ -179,14 +194,16 @@ def _run_rounds(
         result = trainer.fit()
         if result.get("stopped"):
             return result
-        corrections = propose(list(trainer.scores.rows.values())) if folder != run_dir else []
-        record = _round_record(index, trainer, result, corrections)
-        records.append(record)
-        if folder != run_dir:
-            if engine.is_main:  # round.json before the corrections: they mark it done
+        corrections = []
+        if folder != run_dir:  # rank 0 holds the score rows: it proposes for every rank
+            corrections = from_rank_0(propose(trainer.scores.table) if engine.is_main else None)
+        if engine.is_main:
+            record = _round_record(index, trainer, result, corrections)
+            records.append(record)
+            if folder != run_dir:  # round.json before the corrections: they mark it done
                 write_json_atomic(folder / "round.json", record)
                 write_corrections(corrections_file, corrections)
-            relabel.update({c["key"]: c["new"] for c in corrections})
+        relabel.update({c["key"]: c["new"] for c in corrections})
     if engine.is_main and rounds:
         result["rounds"] = records
         write_json_atomic(run_dir / "summary.json", result)

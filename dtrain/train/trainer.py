@@ -491,7 +491,7 @@ class Trainer:
             self.run_dir,
             cfg,
             state.history,
-            self.scores.rows,
+            self.scores.table,
             test_best=test_best,
             test_last=test_last,
             test_ema=test_ema,

@@ -137,3 +137,28 @@ def test_a_readme_without_the_markers_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="generated: performance"):
         update_readme(readme)
     assert readme.read_text() == "# nothing to fill\n"
+
+
+def test_growth_compares_per_image_and_prices_each_image_added(tmp_path):
+    from growth import ratios, split_patterns
+
+    def row(size: int, seconds: float, peak_mb: float) -> dict:
+        per = {"us_per_image": seconds / size * 1e6, "kb_per_image": peak_mb * 1024 / size}
+        return {"size": size, "step": "relabel", "seconds": seconds, "peak_rss_mb": peak_mb, **per}
+
+    rows = [row(10, 2.0, 100.0), row(100, 2.9, 100.9), row(1000, 20.0, 200.0)]
+    out = ratios(rows)
+    assert [r["size"] for r in out] == [100, 1000]
+    assert out[0]["time_ratio"] == pytest.approx(0.29 / 2.0)
+    assert out[0]["marginal_us_per_image"] == pytest.approx(0.9 / 90 * 1e6)
+    assert out[1]["marginal_us_per_image"] == pytest.approx(17.1 / 900 * 1e6)  # since 100
+    assert out[1]["marginal_kb_per_image"] == pytest.approx(99.1 * 1024 / 900)
+    assert out[1]["memory_ratio"] == pytest.approx((200 / 1000) / (100 / 10))
+
+    shards = {f"train-{i:06d}.tar": {"split": "train"} for i in range(3)}
+    shards |= {"val-000000.tar": {"split": "val"}, "val-000002.tar": {"split": "val"}}
+    (tmp_path / "dataset.json").write_text(json.dumps({"shards": shards}))
+    assert split_patterns(tmp_path) == {
+        "train": f"{tmp_path}/train-{{000000..000002}}.tar",
+        "val": f"{tmp_path}/val-000000.tar::{tmp_path}/val-000002.tar",  # a gap: listed
+    }

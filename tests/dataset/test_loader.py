@@ -17,7 +17,7 @@ from conftest import PROCS, copy_dataset, rewrite_shard, write_folder
 
 from dtrain.dataset import loader as data_module
 from dtrain.dataset.loader import CorruptSampleError, make_loader, split_urls
-from dtrain.dataset.loader_plan import worker_order, worker_skips
+from dtrain.dataset.loader_plan import plan_epoch, worker_order, worker_skips
 from dtrain.errors import DataError
 from dtrain.prepare import PrepareConfig, prepare
 from dtrain.prepare.data_folder import resolve_data_dir
@@ -387,3 +387,48 @@ def test_no_data_dir_means_the_embedded_set_prepared_by_rank_0(monkeypatch):
     path = resolve_data_dir("", progress=False)
     assert path == Path("data/br35h_symmetric0.4_seed0")
     assert len(calls) == 1 and calls[0].progress is False and calls[0].source is None
+
+
+def greedy_by_hand(counts: dict[str, int], slots: int, seed: int, epoch: int) -> list[list[str]]:
+    """The assignment rule spelled out: largest shard first (a seeded shuffle among equals), to
+    the emptiest slot, the lowest-numbered among equally empty ones."""
+    import random
+
+    urls = list(counts)
+    random.Random(seed * 1_000_003 + epoch).shuffle(urls)
+    urls.sort(key=lambda u: -counts[u])
+    assigned, samples = [[] for _ in range(slots)], [0] * slots
+    for url in urls:
+        slot = min(range(slots), key=lambda s: (samples[s], s))
+        assigned[slot].append(url)
+        samples[slot] += counts[url]
+    return assigned
+
+
+@pytest.mark.parametrize("shards, ranks, workers", [(18, 2, 2), (300, 4, 3), (1000, 16, 8)])
+def test_shards_go_largest_first_to_the_emptiest_slot(shards, ranks, workers):
+    counts = {f"train-{i:06d}.tar": 1000 - (i * 37) % 23 for i in range(shards)}
+    plan = plan_epoch(counts, ranks, workers, 64, seed=3, epoch=5, shuffle=True)
+    assert plan.shards == greedy_by_hand(counts, ranks * workers, 3, 5)
+    assert plan.samples == [sum(counts[u] for u in slot) for slot in plan.shards]
+
+
+def test_the_epoch_is_planned_once_however_often_its_length_is_asked(dataset, monkeypatch):
+    """The trainer asks for the loader's length at every log step; planning an epoch costs
+    shards x log(readers) on every rank, so it is done once per epoch."""
+    made = []
+
+    def counting(*args, **kwargs):
+        made.append(kwargs.get("epoch", args[5] if len(args) > 5 else None))
+        return plan_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(data_module, "plan_epoch", counting)
+    loader = make_loader(split_urls(dataset, "train"), train=True, batch_size=8, image_size=32)
+    lengths = {len(loader) for _ in range(5)}  # make_loader planned epoch 0 to fail early
+    loader.set_epoch(1)
+    lengths |= {len(loader) for _ in range(5)}
+    keys = set()
+    for batch in loader:
+        keys |= {k for k, real in zip(batch["key"], batch["valid"], strict=True) if real}
+    assert made == [0, 1] and len(lengths) == 1
+    assert keys == all_keys(dataset)

@@ -355,3 +355,37 @@ def test_shards_inside_the_output_folder_are_refused_not_deleted(foreign, tmp_pa
     with pytest.raises(DataError, match=r"lies inside --out .*index into a folder of its own"):
         index_shards({"train": str(mine)}, out, overwrite=True, progress=False)
     assert mine.read_bytes() == (shards / "val-0.tar").read_bytes()
+
+
+def test_many_samples_are_indexed_as_columns_not_python_rows(tmp_path):
+    """20k samples in 8 shards, 2 read at once: the manifest holds each once, with its shard,
+    label and source, and the Python heap grows by far less than a dict per sample (several
+    hundred bytes each; a million samples would take gigabytes)."""
+    import tracemalloc
+
+    pixel = image_bytes(0, False, "bmp")
+    shards, per_shard = 8, 2500
+    for n in range(shards):
+        samples = [
+            (f"s{n}_{i:05d}", {"bmp": pixel, "cls": str((i * 7 + n) % 3).encode()})
+            for i in range(per_shard)
+        ]
+        write_tar(tmp_path / f"train-{n}.tar", samples)
+    # the modules it imports on first use are no sample's
+    index_shards({"train": f"{tmp_path}/train-0.tar"}, tmp_path / "warm", progress=False)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        pattern = f"{tmp_path}/train-{{0..{shards - 1}}}.tar"
+        index_shards({"train": pattern}, tmp_path / "ds", progress=False, jobs=2)
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    manifest = pq.read_table(tmp_path / "ds" / "manifest.parquet").to_pylist()
+    assert len(manifest) == shards * per_shard
+    row = manifest[per_shard + 3]
+    assert row["key"] == "s1_00003" and row["shard"] == "train-000001" and row["split"] == "train"
+    assert row["clean_label"] == row["noisy_label"] == (3 * 7 + 1) % 3
+    assert row["source"] == f"{tmp_path}/train-1.tar#s1_00003"
+    assert [r["group"] for r in manifest] == list(range(len(manifest)))
+    assert peak / len(manifest) < 200, f"{peak / len(manifest):.0f} bytes of heap per sample"

@@ -572,3 +572,81 @@ def test_the_page_shows_hostile_text_as_text(trained, browser, tmp_path, capsys)
     )
     exported = export(browser, tmp_path / "downloads")
     assert exported.read_bytes() == (out / "review.csv").read_bytes()
+
+
+def python_heap_peak(work) -> int:
+    """The most the Python heap grew (tracemalloc) while `work()` ran."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        work()
+        return tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+
+
+LARGE = 100_000  # rows added to a manifest or a ranking to stand for a large dataset
+
+
+def test_review_reads_only_the_reviewed_rows_into_python(trained, tmp_path):
+    """A run of a million samples ranks a million: `dtrain review --top 5` must not make a
+    Python dict of each (about a kilobyte apiece), only of the five it shows."""
+    from dtrain.runs.review_work import write_review
+
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run)
+    scores = pq.read_table(run / "label_scores.parquet")
+    filler = [f"z{i:07d}" for i in range(LARGE)]  # ranked after every real sample
+    extra = {name: pa.repeat(scores.column(name)[0], LARGE) for name in scores.column_names}
+    extra |= {"key": filler, "source": filler, "rank": np.arange(LARGE) + scores.num_rows + 1}
+    extra = pa.table(extra, scores.schema)
+    pq.write_table(pa.concat_tables([extra, scores]), run / "label_scores.parquet")
+
+    out = tmp_path / "review"
+    peak = python_heap_peak(lambda: write_review(run, out, top=5, progress=False))
+    rows = read_csv(out / "review.csv")
+    best = sorted(scores.to_pylist(), key=lambda r: r["rank"])[:5]
+    assert [r["key"] for r in rows] == [r["key"] for r in best]
+    assert f"of {LARGE + scores.num_rows} by suspicion" in (out / "index.html").read_text()
+    assert peak / LARGE < 100, f"{peak / LARGE:.0f} bytes of Python heap per ranked sample"
+
+
+def test_relabel_of_a_few_rows_holds_no_python_row_per_manifest_row(
+    trained, filled, tmp_path, monkeypatch
+):
+    """A few corrections to a large dataset cost the manifest's columns, not a Python dict per
+    row, nor a directory sync per hard-linked shard: the manifest grows by LARGE train rows (in
+    an untouched shard), the relabelled version holds exactly the old rows with the review's
+    changes."""
+    data = copy_dataset(trained["data"], tmp_path / "data")
+    manifest = pq.read_table(data / "manifest.parquet")
+    meta = json.loads((data / "dataset.json").read_text())
+    changed_shards = {r["shard"] for r in manifest.to_pylist() if r["key"] in filled["changes"]}
+    untouched = next(n for n, i in meta["shards"].items() if n not in changed_shards)
+    filler = {name: np.zeros(LARGE, np.int64) for name in ("clean_label", "noisy_label", "group")}
+    filler |= {
+        "key": [f"z{i:07d}" for i in range(LARGE)],
+        "shard": [untouched] * LARGE,
+        "split": ["train"] * LARGE,
+        "is_noisy": np.zeros(LARGE, bool),
+        "source": [""] * LARGE,
+        "patient_id": [""] * LARGE,
+    }
+    large = pa.concat_tables(
+        [manifest, pa.table({n: filler[n] for n in manifest.column_names}, manifest.schema)]
+    )
+    pq.write_table(large, data / "manifest.parquet")
+
+    synced = []
+    monkeypatch.setattr(os, "fsync", synced.append)
+    new = tmp_path / "new"
+    peak = python_heap_peak(lambda: relabel(data, filled["csv"], new, progress=False))
+    assert len(synced) < len(meta["shards"]) - len(changed_shards)
+    written = pq.read_table(new / "manifest.parquet")
+    assert written.num_rows == large.num_rows - 1  # the one dropped row
+    assert written.slice(written.num_rows - LARGE).column("noisy_label").to_pylist() == [0] * LARGE
+    audit = {r["key"]: (r["split"], r["old"], r["new"]) for r in read_csv(new / "relabel.csv")}
+    assert audit == filled["changes"]
+    assert peak / LARGE < 100, f"{peak / LARGE:.0f} bytes of Python heap per manifest row"

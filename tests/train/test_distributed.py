@@ -349,3 +349,24 @@ def test_the_per_sample_memory_is_merged_over_the_ranks(method, tiny, tmp_path, 
         assert (memory["rows"] != 0).any(1).all()
     else:  # clean probabilities, some below the start, 1 (a posterior may round to 1)
         assert ((memory["rows"] >= 0) & (memory["rows"] <= 1)).all() and (memory["rows"] < 1).any()
+
+
+@pytest.mark.multiproc
+def test_label_scores_and_a_clean_up_round_over_two_ranks(tiny, tmp_path, env):
+    """Each rank scores the samples it trained on; rank 0 gathers them at each save and alone
+    keeps them, so each round's ranking and checkpoint hold every training sample once, and the
+    corrections it proposes reach both ranks (the final round trains on them everywhere)."""
+    run_dir = tmp_path / "run"
+    run(torchrun(2, *train_args(tiny, run_dir, "train.refine_rounds=1")), env)
+    manifest = pq.read_table(tiny / "manifest.parquet").to_pylist()
+    train_keys = sorted(r["key"] for r in manifest if r["split"] == "train")
+    for folder in (run_dir / "rounds" / "0", run_dir):
+        ranked = pq.read_table(folder / "label_scores.parquet").column("key").to_pylist()
+        assert sorted(ranked) == train_keys
+        saved = torch.load(folder / "last.pt", weights_only=True)["scores"]
+        assert sorted(saved["keys"]) == train_keys and saved["ints"].shape == (len(train_keys), 5)
+    corrections = pq.read_table(run_dir / "rounds" / "0" / "corrections.parquet").to_pylist()
+    rounds = json.loads((run_dir / "rounds.json").read_text())
+    assert [r["round"] for r in rounds] == [0, 1]
+    assert corrections and rounds[0]["corrections"] == len(corrections)
+    assert rounds[1]["labels_corrected_before"] == len(corrections)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from dtrain.train.label_scores import ScoreAccumulator, ScoreRow
+from dtrain.train import label_scores as scores_module
+from dtrain.train.label_scores import SCHEMA, ScoreAccumulator, loss_score
 from dtrain.train.report import label_scores
 
 NO_MANIFEST = Path("/nonexistent/dtrain-test/manifest.parquet")
@@ -25,24 +27,24 @@ def pair_auroc(scores: list[float], positives: list[bool]) -> float:
     return wins / (len(pos) * len(neg))
 
 
-def row(key, noisy, loss, attention=None, label=0, predicted=0, epochs=2) -> ScoreRow:
+def row(key, noisy, loss, attention=None, label=0, predicted=0, epochs=2) -> dict:
     """A row seen in `epochs` epochs with mean loss `loss` and mean attention `attention`
     (None: never scored by the attention)."""
     has = attention is not None
-    return ScoreRow(
-        key,
-        label,
-        noisy,
-        predicted,
-        loss_sum=loss * epochs,
-        count=epochs,
-        attention_sum=(attention * epochs) if has else 0.0,
-        attention_count=epochs if has else 0,
-    )
+    return {
+        "key": key,
+        "label": label,
+        "is_noisy": noisy,
+        "predicted": predicted,
+        "loss_sum": loss * epochs,
+        "count": epochs,
+        "attention_sum": (attention * epochs) if has else 0.0,
+        "attention_count": epochs if has else 0,
+    }
 
 
-def as_dict(rows: list[ScoreRow]) -> dict[str, ScoreRow]:
-    return {r.key: r for r in rows}
+def as_table(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=SCHEMA)
 
 
 # suspicion = 1 - attention: a 0.1, b 0.8, c 0.4, d 0.6 -> b, d, c, a
@@ -57,7 +59,8 @@ TINY = [
 
 
 def test_label_scores_rank_low_attention_first_and_aurocs_by_hand():
-    out, aurocs = label_scores(as_dict(TINY), NO_MANIFEST)
+    out, aurocs = label_scores(as_table(TINY), NO_MANIFEST)
+    out = out.to_pylist()
     assert [r["key"] for r in out] == ["b", "d", "c", "a"]
     assert [r["rank"] for r in out] == [1, 2, 3, 4]
     by_key = {r["key"]: r for r in out}
@@ -75,8 +78,9 @@ def test_label_scores_rank_low_attention_first_and_aurocs_by_hand():
 
 
 def test_label_scores_without_attention_rank_by_loss_high_first():
-    rows = [row(r.key, r.is_noisy, r.loss_score) for r in TINY]  # attention_count 0 everywhere
-    out, aurocs = label_scores(as_dict(rows), NO_MANIFEST)
+    rows = [row(r["key"], r["is_noisy"], r["loss_sum"] / 2) for r in TINY]  # no attention
+    out, aurocs = label_scores(as_table(rows), NO_MANIFEST)
+    out = out.to_pylist()
     assert [r["key"] for r in out] == ["b", "d", "a", "c"]  # losses 2.0, 1.0, 0.5, 0.3
     assert [r["rank"] for r in out] == [1, 2, 3, 4]
     assert [r["score"] for r in out] == pytest.approx([2.0, 1.0, 0.5, 0.3])
@@ -94,13 +98,14 @@ def test_label_scores_planted_noise_is_found():
         attention = rng.uniform(0.05, 0.45) if noisy else rng.uniform(0.35, 0.95)
         loss = rng.uniform(1.0, 3.0) if noisy else rng.uniform(0.05, 1.2)
         rows.append(row(f"k{i:03d}", noisy, float(loss), float(attention)))
-    out, aurocs = label_scores(as_dict(rows), NO_MANIFEST)
+    out, aurocs = label_scores(as_table(rows), NO_MANIFEST)
+    out = out.to_pylist()
     assert aurocs["attention"] > 0.9 and aurocs["loss"] > 0.9
-    noisy = [r.is_noisy for r in rows]
+    noisy = [r["is_noisy"] for r in rows]
     assert aurocs["attention"] == pytest.approx(
-        pair_auroc([1 - r.attention_score for r in rows], noisy)
+        pair_auroc([1 - r["attention_sum"] / 2 for r in rows], noisy)
     )
-    assert aurocs["loss"] == pytest.approx(pair_auroc([r.loss_score for r in rows], noisy))
+    assert aurocs["loss"] == pytest.approx(pair_auroc([r["loss_sum"] / 2 for r in rows], noisy))
     assert [r["rank"] for r in out] == list(range(1, 101))
     scores = [r["score"] for r in out]
     assert scores == sorted(scores, reverse=True)
@@ -112,11 +117,12 @@ def test_label_scores_unscored_attention_rows_rank_last(tmp_path):
     rank after every scored row, the attention AUROC counts only the scored rows, the loss AUROC
     counts all; the manifest gives each key its source."""
     unscored = [row("e", True, 9.0), row("f", False, 0.1)]  # e has the highest loss of all
-    rows = as_dict([*TINY, *unscored])
+    rows = as_table([*TINY, *unscored])
     manifest = tmp_path / "manifest.parquet"
     keys = ["a", "b", "c", "d", "e", "f", "other"]
     pq.write_table(pa.table({"key": keys, "source": [f"img/{k}.png" for k in keys]}), manifest)
     out, aurocs = label_scores(rows, manifest)
+    out = out.to_pylist()
     assert [r["key"] for r in out[:4]] == ["b", "d", "c", "a"]
     assert {r["key"] for r in out[4:]} == {"e", "f"}
     assert all(math.isnan(r["score"]) for r in out[4:])
@@ -150,28 +156,40 @@ def add_batches(acc: ScoreAccumulator) -> None:
     )
 
 
-EXPECTED_ROWS = {
-    "a": ScoreRow("a", 0, False, 0, 0.5, 1, 0.0, 0),
-    "b": ScoreRow("b", 1, True, 0, 1.25, 2, 0.5, 1),  # predicted: the last one (0)
-    "c": ScoreRow("c", 1, False, 1, 2.75, 2, 0.25, 1),
-    "d": ScoreRow("d", 0, False, 0, 1.5, 1, 0.75, 1),
-}
+def scored(key, label, noisy, predicted, loss_sum, count, attention_sum, attention_count) -> dict:
+    return dict(
+        zip(
+            SCHEMA.names,
+            (key, label, noisy, predicted, loss_sum, count, attention_sum, attention_count),
+            strict=True,
+        )
+    )
+
+
+EXPECTED_ROWS = [  # in the order the samples were first seen
+    scored("a", 0, False, 0, 0.5, 1, 0.0, 0),
+    scored("b", 1, True, 0, 1.25, 2, 0.5, 1),  # predicted: the last one (0)
+    scored("c", 1, False, 1, 2.75, 2, 0.25, 1),
+    scored("d", 0, False, 0, 1.5, 1, 0.75, 1),
+]
 
 
 def test_score_accumulator_sums_counts_and_skips_padding():
     acc = ScoreAccumulator()
     add_batches(acc)
-    assert acc.rows == {}  # nothing merged yet
+    assert acc.table.num_rows == 0  # nothing merged yet
     acc.merge()
-    assert acc.rows == EXPECTED_ROWS
-    assert acc.rows["b"].loss_score == 0.625 and acc.rows["b"].attention_score == 0.5
-    assert math.isnan(acc.rows["a"].attention_score)
+    assert acc.table.to_pylist() == EXPECTED_ROWS
+    assert loss_score(acc.table)[1] == 0.625
+    assert scores_module.attention_score(acc.table)[1] == 0.5
+    assert math.isnan(scores_module.attention_score(acc.table)[0])
     # a second merge adds to the first
     add_batches(acc)
     acc.merge()
-    assert acc.rows["b"].loss_sum == 2.5 and acc.rows["b"].count == 4
-    assert acc.rows["b"].attention_count == 2 and acc.rows["a"].count == 2
-    assert "pad" not in acc.rows
+    b = acc.table.to_pylist()[1]
+    assert b["key"] == "b" and b["loss_sum"] == 2.5 and b["count"] == 4
+    assert b["attention_count"] == 2 and acc.table.to_pylist()[0]["count"] == 2
+    assert "pad" not in acc.table.column("key").to_pylist()
 
 
 def test_score_accumulator_leaves_out_the_samples_of_a_skipped_step():
@@ -189,7 +207,7 @@ def test_score_accumulator_leaves_out_the_samples_of_a_skipped_step():
         torch.tensor([0.5, float("inf")]),
     )
     acc.merge()
-    assert acc.rows == EXPECTED_ROWS
+    assert acc.table.to_pylist() == EXPECTED_ROWS
 
 
 def test_score_accumulator_state_round_trip(tmp_path):
@@ -198,15 +216,86 @@ def test_score_accumulator_state_round_trip(tmp_path):
     acc.merge()
     again = ScoreAccumulator()
     again.load_state_dict(acc.state_dict())
-    assert again.rows == EXPECTED_ROWS
+    assert again.table.to_pylist() == EXPECTED_ROWS
     path = tmp_path / "scores.pt"
     torch.save(acc.state_dict(), path)
     loaded = ScoreAccumulator()
     loaded.load_state_dict(torch.load(path, weights_only=True))
-    assert loaded.rows == EXPECTED_ROWS
-    assert list(loaded.rows) == list(acc.rows)  # order kept
+    assert loaded.table.to_pylist() == EXPECTED_ROWS  # order kept
     # an empty accumulator round-trips too
     torch.save(ScoreAccumulator().state_dict(), path)
     empty = ScoreAccumulator()
     empty.load_state_dict(torch.load(path, weights_only=True))
-    assert empty.rows == {}
+    assert empty.table.num_rows == 0
+
+
+class TwoRanks:
+    """torch.distributed as seen by one of two ranks, whose peer sent `peer_rows`: enough for
+    `ScoreAccumulator.merge` (gather_object to rank 0)."""
+
+    def __init__(self, rank: int, peer_rows: pa.Table) -> None:
+        self.rank, self.peer_rows, self.sent = rank, peer_rows, []
+
+    def world(self) -> tuple[int, int]:
+        return self.rank, 2
+
+    def gather_object(self, obj, object_gather_list=None, dst=0):
+        self.sent.append((obj, dst))
+        if self.rank == dst:
+            object_gather_list[:] = [obj, self.peer_rows] if dst == 0 else [self.peer_rows, obj]
+
+
+def test_only_rank_0_keeps_the_score_rows(monkeypatch):
+    """Keys move between ranks from epoch to epoch, so one rank must see them all; the others
+    hand over what they scored at each save and keep no row per sample (a table on every rank
+    grows with the dataset, on every GPU of every node)."""
+    peer = ScoreAccumulator()
+    add_batches(peer)
+    peer.flush()
+    peer_rows = peer._local[0]
+    for rank in (0, 1):
+        fake = TwoRanks(rank, peer_rows)
+        monkeypatch.setattr(scores_module, "world", fake.world)
+        monkeypatch.setattr(scores_module.dist, "gather_object", fake.gather_object, raising=False)
+        acc = ScoreAccumulator()
+        add_batches(acc)
+        acc.merge()
+        assert [dst for _, dst in fake.sent] == [0]
+        assert fake.sent[0][0].num_rows == 6  # its own real samples, handed to rank 0
+        if rank == 0:  # both ranks' rows: every count doubled
+            assert acc.table.column("count").to_pylist() == [2, 4, 4, 2]
+        else:
+            assert acc.table.num_rows == 0 and acc._local == []
+            acc.load_state_dict(peer.state_dict())  # a resume: rank 0 alone takes the rows
+            assert acc.table.num_rows == 0
+
+
+def test_scores_of_many_samples_are_columns_not_python_objects():
+    """50k samples scored twice, merged and ranked: the Python heap grows by far less than an
+    object per sample would take (a dict or dataclass per row is several hundred bytes)."""
+    n, batch = 50_000, 1000
+    acc = ScoreAccumulator()
+    keys = [f"s{i:07d}" for i in range(n)]
+    labels = torch.arange(n) % 2
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(2):
+            for at in range(0, n, batch):
+                part = slice(at, at + batch)
+                acc.add(
+                    keys[part],
+                    torch.ones(batch, dtype=torch.bool),
+                    labels[part],
+                    labels[part],
+                    torch.rand(batch),
+                    1 - labels[part],
+                    None,
+                )
+            acc.merge()
+        ranked, _ = label_scores(acc.table, NO_MANIFEST)
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert ranked.num_rows == n and ranked.column("rank").to_pylist()[-1] == n
+    assert peak / n < 150, f"{peak / n:.0f} bytes of Python heap per sample"

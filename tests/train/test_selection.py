@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import math
 
+import pyarrow as pa
 import pytest
 
 from dtrain.train import selection
-from dtrain.train.label_scores import ScoreRow
+from dtrain.train.label_scores import SCHEMA
 from dtrain.train.rounds import propose
 
 
@@ -91,12 +92,17 @@ def test_candidates_report_each_rule_with_the_clean_numbers_at_its_pick():
     assert {r["rule"] for r in without_ema} == {"last", "noisy_val", "noisy_val_smoothed"}
 
 
-def row(key: str, label: int, predicted: int, loss: float, noisy: bool = False) -> ScoreRow:
-    return ScoreRow(key, label, noisy, predicted, loss_sum=loss, count=1)
+def row(key: str, label: int, predicted: int, loss: float, noisy: bool = False, count=1) -> dict:
+    values = (key, label, noisy, predicted, loss * count, count, 0.0, 0)
+    return dict(zip(SCHEMA.names, values, strict=True))
+
+
+def scores(*rows: dict) -> pa.Table:
+    return pa.Table.from_pylist(list(rows), schema=SCHEMA)
 
 
 def test_a_round_relabels_the_top_q_suspects_the_model_disagrees_with():
-    rows = [
+    rows = scores(
         row("a", 0, 1, 5.0, noisy=True),  # most suspicious, disagrees: corrected
         row("b", 1, 1, 4.0),  # suspicious but agreed with: kept
         row("c", 0, 1, 3.0, noisy=True),  # disagrees, third: inside q = 3/7
@@ -104,10 +110,8 @@ def test_a_round_relabels_the_top_q_suspects_the_model_disagrees_with():
         row("e", 0, 0, 0.1),
         row("f", 1, 1, 0.1),
         row("g", 0, 0, 0.1),
-        ScoreRow("h", 1, False, 0),  # never scored: left out
-    ]
-    rows[-1].loss_sum, rows[-1].count = 0.0, 0
-    assert math.isnan(rows[-1].loss_score)
+        row("h", 1, 0, 0.0, count=0),  # never scored: left out
+    )
     corrections = propose(rows)
     assert [(c["key"], c["old"], c["new"], c["rank"]) for c in corrections] == [
         ("a", 0, 1, 1),
@@ -115,4 +119,5 @@ def test_a_round_relabels_the_top_q_suspects_the_model_disagrees_with():
     ]
     assert [c["was_wrong"] for c in corrections] == [True, True]
     assert corrections[0]["suspicion"] == 5.0
-    assert propose([row("x", 0, 0, 1.0), row("y", 1, 1, 2.0)]) == []  # no disagreement, no q
+    assert propose(scores(row("x", 0, 0, 1.0), row("y", 1, 1, 2.0))) == []  # no disagreement
+    assert propose(scores()) == []
