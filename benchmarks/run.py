@@ -16,7 +16,9 @@ Benchmarks: step_breakdown (where a training step's time goes, per method), load
 loader vs plain decode, local and `pipe:` shards), mixup_op (the fused mixup op vs torch),
 scaling (1 vs 2 processes, full suite), accuracy (method vs baselines, full suite; the complete
 study is benchmarks/study.py), growth (prepare to relabel at 10k and 100k images, full suite; 1M
-with `benchmarks/growth.py` alone) and scale_model (what 1M images x 64 GPUs needs, from the
+with `benchmarks/growth.py` alone), dedup (near-duplicate recall and false joins on synthetic
+films, full suite), prepare (prepare's throughput per engine against decode+encode) and
+scale_model (what 1M images x 64 GPUs needs, from the
 others' results: it runs last).
 """
 
@@ -93,6 +95,8 @@ BENCHMARKS = {
         "accuracy_quick.json",
     ),
     "growth": Benchmark("growth.py", None, ["--sizes", "10000", "100000"], "growth.json"),
+    "dedup": Benchmark("dedup_quality.py", None, [], "dedup_quality.json"),
+    "prepare": Benchmark("prepare_throughput.py", None, [], "prepare_throughput.json"),
     "scale_model": Benchmark("scale_model.py", [], [], "scale_model.json"),
 }
 
@@ -164,6 +168,22 @@ def headline(name: str, result: dict) -> list[tuple[str, float | None, str]]:
                 max(r["memory_ratio"] for r in last),
                 target,
             ),
+        ]
+    if name == "dedup":
+        chosen = result["report"]["by_setting"][f"phash256 <= {result['chosen_distance']}"]
+        return [
+            ("copies found, crops aside", chosen["recall_all_but_cropped"], ">= 0.99"),
+            ("distinct patients joined", chosen["false_join_rate"], ""),
+        ]
+    if name == "prepare":
+        rate = {r["what"]: r["images_per_s"] for r in result["runs"]}
+        return [
+            (
+                "prepare x2 vs x1 processes",
+                rate["prepare process x2"] / rate["prepare process x1"],
+                "",
+            ),
+            ("Ray x2 vs process x2", rate["prepare ray x2"] / rate["prepare process x2"], ">= 1"),
         ]
     if name == "scale_model":
         rows = [
