@@ -16,7 +16,7 @@ and sub-quadratic on uniform hashes, was slower here: films that share a layout 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from dtrain.dataset.images import open_image, to_8bit
+from dtrain.prepare.engines import run_tasks
 from dtrain.prepare.split import number_by_first_appearance
 
 THUMB_SIDE = 16  # the instance-noise features: 16x16 grayscale pixels
@@ -54,29 +55,37 @@ def perceptual_hashes(gray: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
     return np.packbits(bits[0]), np.packbits(bits[1]), bool(np.ptp(gray) == 0)
 
 
-def fingerprint(data: bytes) -> dict:
-    """What prepare keeps of one image: its hashes (`hash`, `mirror`), whether it is constant,
-    whether it is grayscale, its size, and its 16x16 grayscale pixels (`thumb`, uint8).
-
-    The JPEG decoder's draft mode downsamples while decoding, which makes this cheap. Truncated
-    files and decompression bombs (`open_image`) are bad images.
-    """
+def _decoded(data: bytes) -> tuple[Image.Image, tuple[int, int]]:
+    """8-bit RGB pixels at about twice the hash's side, and the image's own size. The JPEG
+    decoder's draft mode downsamples while decoding, which makes this cheap. Truncated files and
+    decompression bombs (`open_image`) are bad images."""
     try:
         image = open_image(data)
         size = image.size
         image.draft(None, (HASH_SIDE * 2, HASH_SIDE * 2))
-        image = to_8bit(image).convert("RGB")
+        return to_8bit(image).convert("RGB"), size
     except Exception as err:  # PIL raises OSError, ValueError, SyntaxError... on bad bytes
         raise BadImageError(str(err)) from err
+
+
+def _thumbnail(image: Image.Image) -> tuple[np.ndarray, bool]:
+    """16x16 RGB pixels, and whether they are all grays (within 8 levels)."""
     rgb = np.asarray(image.resize((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BOX), np.float32)
-    gray = image.convert("L")
-    pixels = np.asarray(gray.resize((HASH_SIDE, HASH_SIDE), Image.Resampling.LANCZOS))
+    return rgb, bool(np.abs(rgb - rgb.mean(axis=2, keepdims=True)).max() < 8.0)
+
+
+def fingerprint(data: bytes) -> dict:
+    """What prepare keeps of one image: its hashes (`hash`, `mirror`), whether it is constant,
+    whether it is grayscale, its size, and its 16x16 grayscale pixels (`thumb`, uint8)."""
+    image, size = _decoded(data)
+    rgb, gray = _thumbnail(image)
+    pixels = np.asarray(image.convert("L").resize((HASH_SIDE, HASH_SIDE), Image.Resampling.LANCZOS))
     code, mirror, constant = perceptual_hashes(pixels)
     return {
         "hash": code,
         "mirror": mirror,
         "constant": constant,
-        "gray": bool(np.abs(rgb - rgb.mean(axis=2, keepdims=True)).max() < 8.0),
+        "gray": gray,
         "size": size,
         "thumb": rgb.mean(axis=2).round().astype(np.uint8),
         "value": int(pixels.flat[0]),
@@ -84,8 +93,8 @@ def fingerprint(data: bytes) -> dict:
 
 
 def is_grayscale(data: bytes) -> bool:
-    """Whether an image's colours are all grays (within 8 levels)."""
-    return fingerprint(data)["gray"]
+    """Whether an image's colours are all grays (within 8 levels); no hashes computed."""
+    return _thumbnail(_decoded(data)[0])[1]
 
 
 @dataclass
@@ -124,22 +133,18 @@ def search_block(search: HashSearch, block: QueryBlock) -> dict:
     return {"pairs": np.stack([rows[keep], ids[keep].astype(np.int64)], axis=1)}
 
 
-def _inline(task: Callable, context: Any, specs: list) -> Iterator[dict]:
-    return (task(context, spec) for spec in specs)
-
-
 def near_duplicate_groups(
     hashes: np.ndarray,
     mirrors: np.ndarray,
     constant: np.ndarray,
     values: np.ndarray,
     max_distance: int,
-    run: Callable[[Callable, Any, list], Iterable[dict]] = _inline,
+    run: Callable[[Callable, Any, list], Iterable[dict]] = run_tasks,
 ) -> np.ndarray:
     """Group id per image: connected components of "hashes within `max_distance` bits, either
     way round" (an image or its mirror). Constant images only join their exact copies (same
     value everywhere): their hashes are all alike. The N^2 comparisons run in blocks of queries
-    as tasks of `run` (an engine: `run(task, context, specs)`, results in order)."""
+    as tasks of `run` (`run_tasks` with an engine's settings; by default in this process)."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
