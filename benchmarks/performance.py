@@ -9,7 +9,7 @@ committed; `python benchmarks/run.py --render docs/PAGE.md` prints one page as t
 Blocks (`BLOCKS`): `performance` (the step breakdown, the loader, the mixup op, scaling),
 `at-scale` (the scale model), `study-cells`, `study-selection`, `study-cleanlab` (sections of
 `study/study.md`, which benchmarks/study_report.py writes), `accuracy-quick`, `tune`,
-`review-gain`, `tracker-overhead`, `selection-remeasure`, `growth`, `dedup-quality`,
+`review-gain`, `tracker-overhead`, `selection-remeasure`, `growth`, `dedup-quality`, `dedup-scale`,
 `prepare-throughput`; and `figure:PATH`, a PNG under
 benchmarks/results/ (the hook serves them under the site's `figures/`)."""
 
@@ -562,6 +562,53 @@ def study_40epochs_md() -> list[str]:
     return [*study_sections(STUDY_40_MD)[""], ""]
 
 
+def dedup_scale_md() -> list[str]:
+    results = _load("dedup_scale.json")
+    if not results:
+        return ["Not run yet: `python benchmarks/dedup_scale.py`."]
+    r = results[0]
+    rows = []
+
+    def row(part: str, n: int, search: str, distance: int, m: dict, same: bool | None) -> None:
+        rows.append(
+            [
+                part,
+                f"{n:,}",
+                search,
+                str(distance),
+                f"{m['seconds']:.1f}",
+                f"{m['recall_all_but_cropped']:.4f}",
+                f"{m['false_join_rate']:.3%}",
+                str(m["largest_group_patients"]),
+                "" if same is None else ("yes" if same else "no"),
+            ]
+        )
+
+    for distance, m in r["tune"]["by_distance"].items():
+        row("tune", r["tune"]["n"], "inverted", int(distance), m, None)
+    for m in r["report"]["by_setting"].values():
+        row("report", r["report"]["n"], m["search"], m["distance"], m, m["same"])
+    head = (
+        f"**The distance and the search beyond 30k images** (the same films; the tuning set's "
+        f"distance at {r['tune']['n']:,} images: {r['chosen_distance_at_tune_n']} bits, a slope "
+        f"of {r['bits_per_decade_measured']:.2f} bits per tenfold; the rule's distance at "
+        f"{r['report']['n']:,}: {r['report']['rule_distance']} bits; search seconds on "
+        f"{r['workers']} worker processes; {_where(r)})."
+    )
+    header = [
+        "set",
+        "images",
+        "search",
+        "bits",
+        "search s",
+        "recall (no crops)",
+        "patients joined",
+        "largest group",
+        "same groups as exact",
+    ]
+    return [head, "", *_table(header, rows), ""]
+
+
 BLOCKS: dict[str, Callable[[], list[str]]] = {
     "performance": performance_md,
     "at-scale": at_scale_md,
@@ -575,6 +622,7 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
     "study-40epochs": study_40epochs_md,
     "growth": growth_md,
     "dedup-quality": dedup_quality_md,
+    "dedup-scale": dedup_scale_md,
     "prepare-throughput": prepare_throughput_md,
 }
 FIGURE = "figure:"  # `figure:study/study.png`: a PNG under RESULTS

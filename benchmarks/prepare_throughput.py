@@ -3,10 +3,12 @@
 On one synthetic chest-film set (benchmarks/synthetic_patients.py, 64 px JPEGs) it times:
 - the floor: one process that decodes every image with PIL and encodes it again as JPEG (what
   any converter must at least do), and one that decodes only;
-- `dtrain prepare` (a fresh output folder each time, no progress bars) on 1 and 2 processes and
-  on Ray Data with 2 local workers, with the image bytes kept as they are and with `--resize`.
-Each run is a subprocess; wall time includes start-up (Ray's included). The shards of every
-engine are compared byte for byte with the one-process run's.
+- `dtrain prepare` (a fresh output folder each time, no progress bars) on 1 and 2 processes, on
+  a private local Ray with 2 workers that the run starts itself, and on a 2-CPU Ray cluster
+  started beforehand with `ray start --head` and joined with `--address` (as on a cluster), with
+  the image bytes kept as they are and with `--resize`.
+Each run is a subprocess; wall time includes start-up (a private Ray's included). The shards of
+every engine are compared byte for byte with the one-process run's.
 
     python benchmarks/prepare_throughput.py [--n 20000] [--resize 64]
 """
@@ -19,6 +21,8 @@ import filecmp
 import io
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -51,6 +55,34 @@ def prepare(folder: Path, out: Path, extra: list[str], env: dict) -> float:
     return time.perf_counter() - start
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_ray_head(env: dict, cores: int) -> str:
+    """A Ray head on this node, as `ray start` makes one on a cluster's first node."""
+    address = f"127.0.0.1:{free_port()}"
+    command = [str(Path(sys.executable).parent / "ray"), "start", "--head"]
+    command += [f"--port={address.split(':')[1]}", f"--num-cpus={cores}"]
+    command += ["--include-dashboard=false", "--disable-usage-stats"]
+    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
+    return address
+
+
+def stop_processes_with(entry: str) -> None:
+    """Kill the processes whose environment holds `entry` (never `ray stop`: it would stop every
+    Ray on this machine, other users' too)."""
+    marker = entry.encode()
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker in environ.read_bytes().split(b"\0"):
+                os.kill(int(environ.parent.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            continue
+
+
 def same_shards(a: Path, b: Path) -> bool:
     names = sorted(p.name for p in a.iterdir())
     if names != sorted(p.name for p in b.iterdir()):
@@ -69,7 +101,12 @@ def main() -> None:
     if not (folder / "manifest.csv").is_file():
         generate(folder, args.n, seed=3, workers=2, progress=True)
     ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Ray's socket paths must be short
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONPATH": str(REPO)}
+    env = {
+        **os.environ,
+        "RAY_TMPDIR": ray_tmp,
+        "RAY_AUTH_MODE": "disabled",
+        "PYTHONPATH": str(REPO),
+    }
     table = Table(
         Column("what", 34, left=True),
         Column("cores", 5, "d"),
@@ -95,17 +132,24 @@ def main() -> None:
     add("floor: PIL decode + JPEG encode", 1, args.n / floor_rate, floor_rate, None)
     outputs = Path(tempfile.mkdtemp(prefix="prepare_throughput"))
     try:
+        address = start_ray_head(env, 2)
         for resize in ([], ["--resize", str(args.resize)]):
             tag = f" --resize {args.resize}" if resize else ""
-            runs = [("process", 1, []), ("process", 2, []), ("ray", 2, ["--engine", "ray"])]
+            runs = [
+                ("process", 1, []),
+                ("process", 2, []),
+                ("ray", 2, ["--engine", "ray"]),
+                ("ray cluster", 2, ["--engine", "ray", "--address", address]),
+            ]
             first = None
             for engine, cores, extra in runs:
-                out = outputs / f"{engine}{cores}{'r' if resize else ''}"
+                out = outputs / f"{engine.replace(' ', '_')}{cores}{'r' if resize else ''}"
                 seconds = prepare(folder, out, [*resize, "--workers", str(cores), *extra], env)
                 same = None if first is None else same_shards(first, out)
                 first = first or out
                 add(f"prepare {engine} x{cores}{tag}", cores, seconds, floor_rate, same)
     finally:
+        stop_processes_with(f"RAY_TMPDIR={ray_tmp}")
         shutil.rmtree(outputs, ignore_errors=True)
         shutil.rmtree(ray_tmp, ignore_errors=True)
     write_result(

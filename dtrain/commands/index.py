@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from dtrain.commands import Command
 from dtrain.commands.flags import add_flags, flag_values
@@ -39,7 +40,13 @@ class IndexOptions:
     )
     out: str = option(help="the dataset folder to write")
     overwrite: bool = option(False, "replace another dataset at --out", show_default=False)
-    jobs: int = option(8, "shards read at once")
+    jobs: int = option(8, "shards read at once (threads, or Ray workers with --engine ray)")
+    engine: Literal["thread", "ray"] = option(
+        "thread",
+        "who reads the shards: threads of this process, or Ray (a private local Ray, or the "
+        "cluster at --address; every node must reach the shards)",
+    )
+    address: str = option("", "with --engine ray, a Ray cluster to join ('auto': this node's)")
     progress: bool = option(True, "hide the progress bar", flag="--no-progress", show_default=False)
 
 
@@ -59,6 +66,8 @@ def run(args: argparse.Namespace) -> None:
         overwrite=o.overwrite,
         progress=o.progress,
         jobs=o.jobs,
+        engine=o.engine,
+        address=o.address,
     )
 
 

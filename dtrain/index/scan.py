@@ -2,7 +2,11 @@
 stream it: its exact sample count, its sha256 (the loader checks it as it streams, so a shard
 changed since is refused), each sample's key and label. A few images spread over the shards
 decide grayscale or colour. The folder gets the `dataset.json` (with each shard's URL) and
-`manifest.parquet` that `dtrain train` reads; the shards stay where they are."""
+`manifest.parquet` that `dtrain train` reads; the shards stay where they are.
+
+Shards are read by threads of this process (their I/O and hashing release the GIL; a network
+store is read many shards at once), or as tasks on a Ray cluster (`engine="ray"`: prepare's
+engine, each node reading the shards it is handed)."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlparse
 
 import numpy as np
@@ -21,6 +26,7 @@ from dtrain.dataset.format import IMAGE_EXTS, expand_urls, label_index, raw_labe
 from dtrain.dataset.shard_reader import ShardScan
 from dtrain.errors import ConfigError, DataError
 from dtrain.prepare.dedup import BadImageError, is_grayscale
+from dtrain.prepare.engines import run_tasks
 from dtrain.prepare.folder import new_staging, publish
 from dtrain.prepare.prepare_config import FORMAT_VERSION
 from dtrain.prepare.records import (
@@ -33,6 +39,7 @@ from dtrain.prepare.records import (
 from dtrain.prepare.split import SPLITS
 
 CHANNEL_SAMPLES = 32  # images decoded to tell grayscale from colour, spread over the shards
+IndexEngine = Literal["thread", "ray"]
 
 
 @dataclass
@@ -91,22 +98,36 @@ def scan_shard(url: str, split: str, label_key: str, images_to_decode: int) -> S
     )
 
 
+def _scan_task(reading: tuple[str, int], task: tuple[str, str]) -> ShardIndex:
+    """One shard as a task of prepare's engines: `reading` is (label key, images to decode)."""
+    return scan_shard(*task, *reading)
+
+
 def _scan_all(
-    tasks: list[tuple[str, str]], label_key: str, jobs: int, progress: bool
+    tasks: list[tuple[str, str]],
+    label_key: str,
+    jobs: int,
+    progress: bool,
+    engine: IndexEngine = "thread",
+    address: str = "",
 ) -> list[ShardIndex]:
-    """Every shard scanned, `jobs` at a time (shards on a network are read concurrently), in
-    order; the first shard in order that fails raises."""
+    """Every shard scanned, `jobs` at a time, in order; the first shard in order that fails
+    raises."""
     from tqdm.auto import tqdm
 
-    per_shard = -(-CHANNEL_SAMPLES // len(tasks))
-    pool = ThreadPoolExecutor(max_workers=jobs)
+    reading = (label_key, -(-CHANNEL_SAMPLES // len(tasks)))
+    pool = ThreadPoolExecutor(max_workers=jobs) if engine == "thread" else None
     try:
-        scans = pool.map(lambda task: scan_shard(*task, label_key, per_shard), tasks)
+        if pool is None:
+            scans = run_tasks(_scan_task, reading, tasks, "ray", jobs, address)
+        else:
+            scans = pool.map(lambda task: _scan_task(reading, task), tasks)
         return list(
             tqdm(scans, total=len(tasks), desc="indexing", unit="shard", disable=not progress)
         )
     finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _class_indices(scans: list[ShardIndex], classes: list[str] | None) -> list[str]:
@@ -196,14 +217,18 @@ def index_shards(
     overwrite: bool = False,
     progress: bool = True,
     jobs: int = 8,
+    engine: IndexEngine = "thread",
+    address: str = "",
 ) -> Path:
     """Index the shards each split's pattern names (`{"train": ..., "val": ...}`) into the
-    dataset folder `out` and return it."""
+    dataset folder `out` and return it; `jobs` threads or Ray workers read them."""
     _check_label_key(label_key)
     if classes is not None and (not classes or len(set(classes)) < len(classes)):
         raise ConfigError(f"--classes {','.join(classes)} must name each class once")
     if jobs < 1:
         raise ConfigError(f"--jobs {jobs} must be at least 1")
+    if address and engine != "ray":
+        raise ConfigError(f"--address {address} joins a Ray cluster: add --engine ray")
     out = Path(out)
     request = {
         "patterns": patterns,
@@ -231,7 +256,7 @@ def index_shards(
             "index into a folder of its own"
         )
 
-    scans = _scan_all(tasks, label_key, jobs, progress)
+    scans = _scan_all(tasks, label_key, jobs, progress, engine, address)
     _check_unique(scans)
     classes = _class_indices(scans, classes)
     meta = _describe(out.name, scans, classes, request)

@@ -16,9 +16,10 @@ and sub-quadratic on uniform hashes, was slower here: films that share a layout 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
@@ -32,12 +33,34 @@ HASH_SIDE = 64  # pHash's input
 HASH_LOW = 16  # the low frequencies kept: 16x16 = 256 bits
 HASH_BITS = HASH_LOW * HASH_LOW
 HASH_BYTES = HASH_BITS // 8
-DEFAULT_DISTANCE = 28  # bits of 256; chosen on synthetic patients, see docs/own-data.md
+# bits of 256, up to REFERENCE_IMAGES images, then BITS_PER_DECADE fewer per tenfold more:
+# chosen on synthetic patients (benchmarks/dedup_quality.py at 30k, dedup_scale.py at 1M)
+DEFAULT_DISTANCE = 28
+REFERENCE_IMAGES = 30_000
+BITS_PER_DECADE = 4
 QUERY_BLOCK = 1 << 15  # queries per task: 32 tasks at a million images
+EXACT_UP_TO = 200_000  # images `auto` compares pair by pair; above, an inverted file
+LIST_SIZE = 256  # images per inverted list, on average
+PROBES = 16  # lists each query searches; chosen on synthetic patients (benchmarks/dedup_scale.py)
+
+
+SearchKind = Literal["auto", "exact", "inverted"]
 
 
 class BadImageError(ValueError):
     """An image that cannot be decoded."""
+
+
+def default_distance(images: int) -> int:
+    """The distance prepare joins images within unless told: DEFAULT_DISTANCE bits up to
+    REFERENCE_IMAGES images, BITS_PER_DECADE fewer for each tenfold beyond. At a fixed distance
+    the other patients within it grow with N, and chains of them join into ever larger groups
+    (synthetic films at 28 bits: 0.07 % of patients joined at 30k, 1.2 % at a million, the
+    largest group then 815 patients); each 2 bits fewer cut that about threefold, while copies
+    of one scan mostly lie within 16 bits."""
+    if images <= REFERENCE_IMAGES:
+        return DEFAULT_DISTANCE
+    return round(DEFAULT_DISTANCE - BITS_PER_DECADE * math.log10(images / REFERENCE_IMAGES))
 
 
 def _dct2(pixels: np.ndarray) -> np.ndarray:
@@ -100,12 +123,29 @@ def is_grayscale(data: bytes) -> bool:
 @dataclass
 class HashSearch:
     """What every search worker holds: the hashes (the index) and their mirrors (more queries),
-    and the distance. The faiss index is built once per worker, on its first block."""
+    the distance, and for an inverted file the centres of its lists (None: compare every
+    pair). The faiss index is built once per worker, on its first block."""
 
     codes: np.ndarray
     mirrors: np.ndarray
     radius: int
+    centroids: np.ndarray | None = None
+    probes: int = PROBES
     index: Any = field(default=None, repr=False)
+
+    def build(self) -> Any:
+        import faiss
+
+        if self.centroids is None:
+            index = faiss.IndexBinaryFlat(HASH_BITS)
+        else:
+            quantizer = faiss.IndexBinaryFlat(HASH_BITS)
+            quantizer.add(self.centroids)
+            index = faiss.IndexBinaryIVF(quantizer, HASH_BITS, len(self.centroids))
+            index.quantizer_ref = quantizer  # faiss does not own it: keep it alive
+            index.nprobe = self.probes
+        index.add(self.codes)
+        return index
 
     def __getstate__(self) -> dict:  # a worker builds its own index
         return {**self.__dict__, "index": None}
@@ -121,16 +161,33 @@ class QueryBlock:
 def search_block(search: HashSearch, block: QueryBlock) -> dict:
     """One task: the pairs (i, j), i in the block, with Hamming(query i, code j) <= radius and
     i != j (faiss' range is exclusive: distance < radius + 1)."""
-    import faiss
-
     if search.index is None:
-        search.index = faiss.IndexBinaryFlat(HASH_BITS)
-        search.index.add(search.codes)
+        search.index = search.build()
     queries = (search.mirrors if block.mirrored else search.codes)[block.start : block.stop]
     limits, _, ids = search.index.range_search(queries, search.radius + 1)
     rows = np.repeat(np.arange(block.start, block.stop), np.diff(limits).astype(np.int64))
     keep = rows != ids
     return {"pairs": np.stack([rows[keep], ids[keep].astype(np.int64)], axis=1)}
+
+
+def resolved_search(kind: SearchKind, images: int) -> SearchKind:
+    """`auto`: the exact search up to EXACT_UP_TO images, the inverted file above."""
+    if kind != "auto":
+        return kind
+    return "exact" if images <= EXACT_UP_TO else "inverted"
+
+
+def list_centres(
+    codes: np.ndarray, kind: SearchKind, list_size: int = LIST_SIZE
+) -> np.ndarray | None:
+    """The centres of an inverted file's lists, one per `list_size` hashes: a sample of the
+    hashes themselves (drawn with a fixed seed, so the same data makes the same lists; k-means
+    would balance the lists a little better and depend on the thread count). None for the
+    exact search."""
+    if resolved_search(kind, len(codes)) == "exact":
+        return None
+    lists = max(1, len(codes) // list_size)
+    return codes[np.sort(np.random.default_rng(0).choice(len(codes), lists, replace=False))]
 
 
 def near_duplicate_groups(
@@ -140,6 +197,7 @@ def near_duplicate_groups(
     values: np.ndarray,
     max_distance: int,
     run: Callable[[Callable, Any, list], Iterable[dict]] = run_tasks,
+    search_kind: SearchKind = "auto",
 ) -> np.ndarray:
     """Group id per image: connected components of "hashes within `max_distance` bits, either
     way round" (an image or its mirror). Constant images only join their exact copies (same
@@ -152,10 +210,12 @@ def near_duplicate_groups(
     varied = np.flatnonzero(~constant)
     edges = [np.zeros((0, 2), np.int64)]
     if len(varied) > 1:
+        codes = np.ascontiguousarray(hashes[varied])
         search = HashSearch(
-            np.ascontiguousarray(hashes[varied]),
+            codes,
             np.ascontiguousarray(mirrors[varied]),
             max_distance,
+            list_centres(codes, search_kind),
         )
         blocks = [
             QueryBlock(start, min(start + QUERY_BLOCK, len(varied)), mirrored)

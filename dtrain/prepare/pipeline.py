@@ -14,7 +14,7 @@ from typing import TypeVar
 import numpy as np
 
 from dtrain.errors import ConfigError, DataError
-from dtrain.prepare.dedup import near_duplicate_groups
+from dtrain.prepare.dedup import near_duplicate_groups, resolved_search
 from dtrain.prepare.engines import default_workers, run_tasks
 from dtrain.prepare.fingerprints import Scan, scan_images
 from dtrain.prepare.folder import holds_request, new_staging, publish
@@ -55,13 +55,20 @@ def _split(
     near-duplicate groups. With a split column the user's splits stand; near-duplicates across
     them are only reported (a patient across them was refused when the manifest was read)."""
     kept = scan.kept
+    distance = config.distance(len(source))
     duplicates = near_duplicate_groups(
-        scan.hashes, scan.mirrors, scan.constant, scan.values, config.dedup_distance, run
+        scan.hashes,
+        scan.mirrors,
+        scan.constant,
+        scan.values,
+        distance,
+        run,
+        resolved_search(config.dedup_search, len(source)),
     )
     num_duplicates = int(duplicates.max() + 1)
     print(
         f"{source.name}: {len(kept)} images, {num_duplicates} near-duplicate groups "
-        f"(perceptual hashes within {config.dedup_distance} bits)"
+        f"(perceptual hashes within {distance} bits)"
     )
     groups = duplicates
     if source.group_of is not None:
@@ -100,7 +107,7 @@ def _check_fractions(
     largest = int(np.bincount(groups).max())
     why = (
         f"the largest group holds {largest} of {n} images ({largest / n:.0%}): near-duplicates "
-        f"(perceptual hashes within {config.dedup_distance} bits)"
+        f"(perceptual hashes within {config.distance(len(source))} bits)"
         + (f" joined with {source.group_column}" if source.group_of is not None else "")
         + " chain images into groups that a split cannot cut"
     )

@@ -11,7 +11,15 @@ from typing import Any
 
 from dtrain.config_values import option
 from dtrain.errors import ConfigError
-from dtrain.prepare.dedup import DEFAULT_DISTANCE
+from dtrain.prepare.dedup import (
+    BITS_PER_DECADE,
+    DEFAULT_DISTANCE,
+    EXACT_UP_TO,
+    HASH_BITS,
+    REFERENCE_IMAGES,
+    SearchKind,
+    default_distance,
+)
 from dtrain.prepare.engines import Engine
 from dtrain.prepare.noise import NoiseModel
 from dtrain.prepare.sources import DEFAULT_GROUP_COLUMNS, EMBEDDED_NAME, SPLIT_COLUMN, Source
@@ -113,11 +121,20 @@ class PrepareConfig:
         "difference, and runs report clean metrics and the wrong-label AUROC",
         default_help="none: the labels are what they are",
     )
-    dedup_distance: int = option(
-        DEFAULT_DISTANCE,
-        "Hamming distance (bits of a 64-bit perceptual hash, the image's or its mirror's) "
-        "within which images share a near-duplicate group; lower it if distinct patients are "
-        "joined, raise it if copies are missed",
+    dedup_distance: int | None = option(
+        None,
+        f"Hamming distance (bits of a {HASH_BITS}-bit perceptual hash, the image's or its "
+        "mirror's) within which images share a near-duplicate group; lower it if distinct "
+        "patients are joined, raise it if copies are missed",
+        default_help=f"{DEFAULT_DISTANCE} up to {REFERENCE_IMAGES:,} images, {BITS_PER_DECADE} "
+        "fewer per tenfold more",
+    )
+    dedup_search: SearchKind = option(
+        "auto",
+        "how images within --dedup-distance are found: exact (every pair compared, quadratic: "
+        "about 15 min per million images on 2 cores) or inverted (an inverted file: each image "
+        "against the lists of its nearest centres, near-linear, may miss a rare pair)",
+        default_help=f"exact up to {EXACT_UP_TO:,} images, inverted above",
     )
     shard_size: int = option(1000, "samples per shard")
     shard_bytes: int | None = option(
@@ -168,8 +185,10 @@ class PrepareConfig:
                 )
             if abs(sum(self.split) - 1) > 1e-6:
                 raise ConfigError(f"split fractions {self.split} must sum to 1")
-        if not 0 <= self.dedup_distance <= 64:
-            raise ConfigError(f"dedup distance {self.dedup_distance} must lie in 0..64 (bits)")
+        if self.dedup_distance is not None and not 0 <= self.dedup_distance <= HASH_BITS:
+            raise ConfigError(
+                f"dedup distance {self.dedup_distance} must lie in 0..{HASH_BITS} (bits)"
+            )
         if self.workers is not None and self.workers < 1:
             raise ConfigError(f"workers {self.workers} must be at least 1")
         if self.address and self.engine != "ray":
@@ -180,6 +199,10 @@ class PrepareConfig:
             raise ConfigError(f"shard bytes {self.shard_bytes} must be positive")
         if self.resize is not None and self.resize < 8:
             raise ConfigError(f"resize {self.resize} must be at least 8 pixels")
+
+    def distance(self, images: int) -> int:
+        """The near-duplicate distance for a source of `images` images."""
+        return default_distance(images) if self.dedup_distance is None else self.dedup_distance
 
     def split_fractions(self, source: Source) -> tuple[float, float, float] | None:
         """The fractions to split by, or None where the manifest's split column says."""
@@ -203,6 +226,9 @@ class PrepareConfig:
             del keep[k]
         if self.clean_label_column is None:  # as asked before the option existed
             del keep["clean_label_column"]
+        if self.dedup_search == "auto":  # likewise
+            del keep["dedup_search"]
+        keep["dedup_distance"] = self.distance(len(source))
         fractions = self.split_fractions(source)
         keep["split"] = f"{SPLIT_COLUMN} column" if fractions is None else list(fractions)
         return {

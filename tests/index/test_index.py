@@ -8,7 +8,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -389,3 +392,31 @@ def test_many_samples_are_indexed_as_columns_not_python_rows(tmp_path):
     assert row["source"] == f"{tmp_path}/train-1.tar#s1_00003"
     assert [r["group"] for r in manifest] == list(range(len(manifest)))
     assert peak / len(manifest) < 200, f"{peak / len(manifest):.0f} bytes of heap per sample"
+
+
+@pytest.mark.ray
+def test_ray_workers_index_the_same_bytes_and_name_a_bad_shard_in_one_line(
+    foreign, indexed, tmp_path, ray_env
+):
+    shards, _ = foreign
+    out = tmp_path / "ds"  # named as `indexed` is: dataset.json records the folder's name
+    cut = tmp_path / "cut-0.tar"
+    whole = (shards / "train-0.tar").read_bytes()
+    cut.write_bytes(whole[: len(whole) // 2 + 100])
+
+    def ray_index(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "dtrain", "index", *args, "--no-progress"]
+        command += ["--engine", "ray", "--jobs", "2"]
+        env = {**ray_env, "PYTHONPATH": os.getcwd()}
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+    done = ray_index(*patterns(shards), "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("dataset.json", "manifest.parquet"):
+        assert (out / name).read_bytes() == (indexed / name).read_bytes(), name
+    broken = ray_index(str(cut), "--out", str(tmp_path / "broken"))
+    assert broken.returncode == 2
+    error = [line for line in broken.stderr.splitlines() if line.startswith("dtrain index")]
+    assert error and re.search(rf"shard {cut} breaks off (in|after) member", error[0]), error
+    assert "Traceback" not in broken.stderr
+    assert not (tmp_path / "broken").exists()

@@ -17,7 +17,18 @@ import pytest
 from PIL import Image
 
 from dtrain.prepare import PrepareConfig, prepare
-from dtrain.prepare.dedup import DEFAULT_DISTANCE, fingerprint, near_duplicate_groups
+from dtrain.prepare.dedup import (
+    DEFAULT_DISTANCE,
+    EXACT_UP_TO,
+    HashSearch,
+    QueryBlock,
+    default_distance,
+    fingerprint,
+    list_centres,
+    near_duplicate_groups,
+    resolved_search,
+    search_block,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
@@ -100,3 +111,44 @@ def test_planted_copies_join_their_original_and_patients_stay_apart(films, tmp_p
     assert (groups > 1).sum() <= 0.01 * len(originals)  # two patients joined: at most 1 %
     counts = np.bincount([["train", "val", "test"].index(r["split"]) for r in manifest.values()])
     assert np.abs(counts / counts.sum() - [0.7, 0.1, 0.2]).max() <= 0.02
+
+
+def pairs_found(search: HashSearch) -> set[tuple[int, int]]:
+    n = len(search.codes)
+    found = [search_block(search, QueryBlock(0, n, mirrored)) for mirrored in (False, True)]
+    return {tuple(sorted(p)) for f in found for p in f["pairs"].tolist()}
+
+
+def test_the_inverted_file_finds_what_the_exact_search_finds(films):
+    with open(films / "manifest.csv", newline="") as handle:
+        facts = [fingerprint((films / r["path"]).read_bytes()) for r in csv.DictReader(handle)]
+    codes = np.stack([f["hash"] for f in facts])
+    mirrors = np.stack([f["mirror"] for f in facts])
+    exact = pairs_found(HashSearch(codes, mirrors, DEFAULT_DISTANCE))
+    assert len(exact) >= 40  # the planted copies
+    centres = list_centres(codes, "inverted", list_size=8)
+    assert centres is not None and len(centres) == len(codes) // 8
+    assert pairs_found(HashSearch(codes, mirrors, DEFAULT_DISTANCE, centres, probes=8)) == exact
+    # one list per query: the lists really bound the search (and this is where pairs go missing)
+    assert pairs_found(HashSearch(codes, mirrors, DEFAULT_DISTANCE, centres, probes=1)) < exact
+
+
+def test_auto_searches_exactly_up_to_its_threshold():
+    assert resolved_search("auto", EXACT_UP_TO) == "exact"
+    assert resolved_search("auto", EXACT_UP_TO + 1) == "inverted"
+    assert resolved_search("exact", 10**7) == "exact"
+    codes = np.zeros((EXACT_UP_TO + 1, 32), np.uint8)
+    assert list_centres(codes[:EXACT_UP_TO], "auto") is None
+    assert list_centres(codes, "exact") is None
+    assert len(list_centres(codes, "auto")) == (EXACT_UP_TO + 1) // 256
+
+
+def test_the_default_distance_shrinks_as_the_data_grows():
+    # other patients within a fixed distance grow with N (benchmarks/dedup_quality.py)
+    assert [default_distance(n) for n in (3000, 30_000, 100_000, 10**6, 10**7)] == [
+        28,
+        28,
+        26,
+        22,
+        18,
+    ]

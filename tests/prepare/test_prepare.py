@@ -149,6 +149,12 @@ def test_near_duplicates_share_a_split_and_splits_are_disjoint(image_folder, tmp
     assert not keys["val"] & keys["test"]
     meta = json.loads((out / "dataset.json").read_text())
     assert meta["dedup"]["groups"] == 90  # 105 images, 15 of them near copies
+    assert meta["dedup"] == {
+        "method": "phash256+mirror",
+        "distance": 28,
+        "search": "exact",
+        "groups": 90,
+    }
     for split, fraction in zip(("train", "val", "test"), (0.7, 0.1, 0.2), strict=True):
         per_class = meta["splits"][split]["per_class_clean"]
         assert all(abs(n - fraction * 35) <= 3 for n in per_class), (split, per_class)
@@ -287,7 +293,7 @@ def test_unreadable_dataset_json_needs_overwrite(image_folder, tmp_path):
     [
         ({"split": (0.5, 0.5, 0.1)}, "must sum to 1"),
         ({"split": (0.9, 0.1)}, "must be three fractions"),
-        ({"dedup_distance": 65}, r"must lie in 0..64"),
+        ({"dedup_distance": 257}, r"must lie in 0..256"),
         ({"shard_size": 0}, "at least 1"),
         ({"shard_bytes": 0}, "must be positive"),
         ({"resize": 4}, "at least 8 pixels"),
@@ -329,6 +335,7 @@ CLI_ARGS = {
     "group_column": (["--group-column", "patient_id"], "patient_id"),
     "clean_label_column": (["--clean-label-column", "clean"], "clean"),
     "dedup_distance": (["--dedup-distance", "6"], 6),
+    "dedup_search": (["--dedup-search", "inverted"], "inverted"),
     "shard_size": (["--shard-size", "50"], 50),
     "shard_bytes": (["--shard-bytes", "500MB"], 500_000_000),
     "resize": (["--resize", "224"], 224),
@@ -383,6 +390,6 @@ def test_help_shows_every_option_with_its_default():
     for option in [a[0] for a, _ in CLI_ARGS.values() if a[0].startswith("--")]:
         assert option in text
     assert text.count("(default: ") == len(CLI_ARGS)
-    for shown in ("(default: 0.7,0.1,0.2)", "(default: 28)", "(default: 1000)"):
+    for shown in ("(default: 0.7,0.1,0.2)", "(default: 28 up to 30,000 images", "(default: 1000)"):
         assert shown in text
     assert "{none,symmetric,asymmetric,instance}" in text
