@@ -569,7 +569,7 @@ def dedup_scale_md() -> list[str]:
     r = results[0]
     rows = []
 
-    def row(part: str, n: int, search: str, distance: int, m: dict, same: bool | None) -> None:
+    def row(part: str, n: int, search: str, distance: int, m: dict, moved: int | None) -> None:
         rows.append(
             [
                 part,
@@ -580,14 +580,14 @@ def dedup_scale_md() -> list[str]:
                 f"{m['recall_all_but_cropped']:.4f}",
                 f"{m['false_join_rate']:.3%}",
                 str(m["largest_group_patients"]),
-                "" if same is None else ("yes" if same else "no"),
+                "—" if moved is None else f"{moved:,}",
             ]
         )
 
     for distance, m in r["tune"]["by_distance"].items():
         row("tune", r["tune"]["n"], "inverted", int(distance), m, None)
     for m in r["report"]["by_setting"].values():
-        row("report", r["report"]["n"], m["search"], m["distance"], m, m["same"])
+        row("report", r["report"]["n"], m["search"], m["distance"], m, m["regrouped"])
     head = (
         f"**The distance and the search beyond 30k images** (the same films; the tuning set's "
         f"distance at {r['tune']['n']:,} images: {r['chosen_distance_at_tune_n']} bits, a slope "
@@ -604,7 +604,7 @@ def dedup_scale_md() -> list[str]:
         "recall (no crops)",
         "patients joined",
         "largest group",
-        "same groups as exact",
+        "images grouped otherwise than by the exact search",
     ]
     return [head, "", *_table(header, rows), ""]
 

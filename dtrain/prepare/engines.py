@@ -23,8 +23,15 @@ Task = Callable[[Any, Any], Any]
 _context: Any = None  # a pool worker's context, set once by its initializer
 
 
-def default_workers() -> int:
-    """The cores this process may use."""
+def default_workers(engine: Engine = "process", address: str = "") -> int:
+    """The cores this process may use; on a Ray cluster joined at `address`, the cluster's."""
+    if engine == "ray" and address:
+        import ray
+
+        from dtrain.ray_cluster import start_ray
+
+        start_ray(address, object_store_mb=512)
+        return max(1, int(ray.cluster_resources().get("CPU", 1)))
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 

@@ -147,8 +147,12 @@ def prepare(config: PrepareConfig) -> Path:
         print(f"{out} already holds this dataset; nothing to do")
         return out
 
-    # by default a process per core, but not for a small set: a worker takes a second to start
-    workers = config.workers or min(default_workers(), max(1, len(source) // IMAGES_PER_WORKER))
+    # by default a worker per core (the cluster's with --address), but not for a small set: a
+    # worker takes a second to start
+    workers = config.workers or min(
+        default_workers(config.engine, config.address),
+        max(1, len(source) // IMAGES_PER_WORKER),
+    )
     engine = {"engine": config.engine, "workers": workers, "address": config.address}
     scan = scan_images(
         source,

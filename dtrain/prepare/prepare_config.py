@@ -147,12 +147,12 @@ class PrepareConfig:
     )
     workers: int | None = option(
         None,
-        "processes reading and writing images",
-        default_help="every core, one per 2,000 images at most",
+        "processes (or Ray workers) reading and writing images",
+        default_help="every core (with --address, the cluster's), one per 2,000 images at most",
     )
     engine: Engine = option(
         "process",
-        "where the work runs: process (this machine) or ray (Ray Data: a private local Ray, or "
+        "where the work runs: process (this machine) or ray (Ray workers: a private local Ray, or "
         "the cluster at --address; shards are then written where every node can reach --out)",
     )
     address: str = option("", "with --engine ray, a Ray cluster to join ('auto': this node's)")

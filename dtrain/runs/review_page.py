@@ -362,7 +362,7 @@ def render_page(
         "rows": rows,
     }
     csp = (
-        f"default-src 'none'; img-src 'self'; style-src {_csp_hash(STYLE)}; "
+        f"default-src 'none'; img-src 'self' data:; style-src {_csp_hash(STYLE)}; "
         f"script-src {_csp_hash(SCRIPT)}; base-uri 'none'; form-action 'none'"
     )
     keyed = ", ".join(
@@ -374,6 +374,7 @@ def render_page(
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="{csp}">
+<link rel="icon" href="data:,">
 <title>Label review: {_esc(run_dir)}</title>
 <style>{STYLE}</style></head><body>
 <header>

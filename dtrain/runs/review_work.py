@@ -243,8 +243,10 @@ def write_review(
     publish(staging, out)
     print(
         f"wrote {out}: {PAGE} and {REVIEW_CSV}, the {len(rows)} most suspicious of "
-        f"{total} training labels; open {out / PAGE} in a browser, review, export "
-        f"{REVIEW_CSV} (or fill its {CORRECTION_COLUMN} by hand), then\n"
+        f"{total} training labels. Serve it (a browser keeps a file:// page's work unreliably)\n"
+        f"  python -m http.server 8765 --bind 127.0.0.1 -d {out}\n"
+        f"open http://127.0.0.1:8765/, review, export {REVIEW_CSV} (or fill its "
+        f"{CORRECTION_COLUMN} by hand), then\n"
         f"  dtrain relabel {dataset} {REVIEW_CSV} --out {dataset}_reviewed"
     )
     return out
