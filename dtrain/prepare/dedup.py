@@ -56,7 +56,7 @@ def default_distance(images: int) -> int:
     REFERENCE_IMAGES images, BITS_PER_DECADE fewer for each tenfold beyond. At a fixed distance
     the other patients within it grow with N, and chains of them join into ever larger groups
     (synthetic films at 28 bits: 0.07 % of patients joined at 30k, 1.2 % at a million, the
-    largest group then 815 patients); each 2 bits fewer cut that about threefold, while copies
+    largest group then over 800 patients); each 2 bits fewer cut that about threefold, while copies
     of one scan mostly lie within 16 bits."""
     if images <= REFERENCE_IMAGES:
         return DEFAULT_DISTANCE
