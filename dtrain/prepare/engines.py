@@ -21,16 +21,18 @@ Engine = Literal["process", "ray"]
 Task = Callable[[Any, Any], Any]
 
 _context: Any = None  # a pool worker's context, set once by its initializer
+RAY_OBJECT_STORE_MB = 512  # a private Ray's: its workers pass only fingerprints and checksums
 
 
 def default_workers(engine: Engine = "process", address: str = "") -> int:
-    """The cores this process may use; on a Ray cluster joined at `address`, the cluster's."""
+    """The cores this process may use; on a Ray cluster at `address`, the cluster's (joined here:
+    the engine then finds Ray started)."""
     if engine == "ray" and address:
         import ray
 
         from dtrain.ray_cluster import start_ray
 
-        start_ray(address, object_store_mb=512)
+        start_ray(address, object_store_mb=RAY_OBJECT_STORE_MB)
         return max(1, int(ray.cluster_resources().get("CPU", 1)))
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
@@ -113,7 +115,7 @@ def _ray_results(
 
     from dtrain.ray_cluster import start_ray
 
-    start_ray(address, object_store_mb=512, num_cpus=None if address else workers)
+    start_ray(address, object_store_mb=RAY_OBJECT_STORE_MB, num_cpus=None if address else workers)
     actors = _ray_actors(workers)[: len(specs)]
     job, context_ref = uuid.uuid4().hex, [ray.put(context)]  # in a list: Ray passes it as is
     free, pending = list(actors) * 2, deque()

@@ -1,6 +1,7 @@
-"""The engines write the same dataset: one process, a pool of processes, and Ray Data on a real
-local Ray cluster give byte-identical shards, manifest and dataset.json for the same request;
-`--shard-bytes` is planned before writing, so pooled shards are cut where one process cuts them."""
+"""The engines write the same dataset: one process, a pool of processes, and Ray workers on a
+private local Ray or on a running Ray cluster give byte-identical shards, manifest and
+dataset.json for the same request; `--shard-bytes` is planned before writing, so pooled shards
+are cut where one process cuts them."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from dtrain.prepare import PrepareConfig, prepare
 from dtrain.prepare.shard_writer import TAR_BLOCK
 from tests.conftest import write_folder
 
-FILES = ("dataset.json", "manifest.parquet")
+CLUSTER_CPUS = (os.cpu_count() or 1) + 3  # more than this machine has: counted from the cluster
 
 
 def dataset_bytes(folder: Path) -> dict[str, bytes]:
@@ -50,7 +51,7 @@ def test_shard_bytes_cut_the_same_in_a_pool_and_no_shard_passes_the_limit(scans,
 
 
 @pytest.mark.ray
-def test_ray_data_writes_the_same_bytes_as_one_process(scans, tmp_path, ray_env):
+def test_ray_workers_write_the_same_bytes_as_one_process(scans, tmp_path, ray_env):
     common = ["--shard-size", "7", "--noise", "symmetric", "--no-progress"]
     one = prepare(
         PrepareConfig(
@@ -66,6 +67,60 @@ def test_ray_data_writes_the_same_bytes_as_one_process(scans, tmp_path, ray_env)
     done = subprocess.run(
         [*dtrain, "--out", str(tmp_path / "ray"), "--engine", "ray", "--workers", "2", *common],
         env={**ray_env, "PYTHONPATH": os.getcwd()},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert dataset_bytes(tmp_path / "ray") == dataset_bytes(one)
+
+
+@pytest.mark.ray
+def test_on_a_running_cluster_prepare_sizes_by_its_cpus_and_writes_the_same_bytes(
+    scans, tmp_path, ray_env
+):
+    """`ray start --head` with more CPUs than this machine has cores, as a cluster has: prepare
+    joins it with --address, counts the cluster's CPUs as its default workers, and writes what
+    one process writes."""
+    from conftest import free_port
+
+    address = f"127.0.0.1:{free_port()}"
+    env = {**ray_env, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": os.getcwd()}
+    head = [
+        str(Path(sys.executable).parent / "ray"),
+        "start",
+        "--head",
+        f"--port={address.split(':')[1]}",
+        f"--num-cpus={CLUSTER_CPUS}",
+        "--include-dashboard=false",
+        "--object-store-memory=100000000",
+        "--disable-usage-stats",
+    ]
+    subprocess.run(head, env=env, capture_output=True, check=True, timeout=300)
+    probe = (
+        "from dtrain.prepare.engines import default_workers\n"
+        f"print(default_workers('ray', {address!r}))\n"
+    )
+    counted = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert counted.stdout.strip().splitlines()[-1] == str(CLUSTER_CPUS), counted.stderr[-3000:]
+
+    one = prepare(
+        PrepareConfig(source=str(scans), out=str(tmp_path / "one"), workers=1, progress=False)
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "dtrain",
+        "prepare",
+        str(scans),
+        "--out",
+        str(tmp_path / "ray"),
+    ]
+    done = subprocess.run(
+        [*command, "--engine", "ray", f"--address={address}", "--workers", "2", "--no-progress"],
+        env=env,
         capture_output=True,
         text=True,
         timeout=600,
