@@ -1,9 +1,12 @@
-"""The job step's supervisor: `exec python -m dtrain.launch.supervise COMMAND...` as the last
-line of a batch script, so that it *is* the batch shell that SLURM signals.
+"""The job step's supervisor: `python -m dtrain.launch.supervise --stop-file STOP COMMAND...`,
+run by a batch script that turns its own warning signals into STOP.
 
 SLURM warns a job before its time limit or a preemption with `--signal=B:USR1@<seconds>`, sent
-to the batch shell only. The supervisor turns the warning into a stop file that the training
-ranks on this node read at their next log step (`DTRAIN_STOP_FILE`, dtrain.stop_signal). The
+to the batch shell only. The shell's `trap` creates a stop file that the training ranks on this
+node read at their next log step (`DTRAIN_STOP_FILE`, dtrain.stop_signal); the shell traps from
+its first line and waits for the supervisor, so no warning can fall between two programs'
+handlers (an `exec`ed supervisor left one: a USR1 before its handlers were in place was lost).
+Signalled itself, the supervisor creates the same file. The
 ranks agree on one step, checkpoint and exit 0; then the supervisor requeues the job
 (`scontrol requeue`) and exits 0. The requeued job runs the same script again with
 `SLURM_RESTART_COUNT` > 0, and `dtrain train --resume auto` continues from `last.pt`.
@@ -23,7 +26,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 
 from dtrain.launch.slurm_env import ClusterUnavailable, scontrol_show
@@ -65,26 +67,16 @@ def requeue(job_id: str) -> int:
     return result.returncode
 
 
-def supervise(
-    command: list[str], env: dict[str, str], warned: bool = False, remove: Sequence[Path] = ()
-) -> int:
+def supervise(command: list[str], env: dict[str, str], stop: Path | None = None) -> int:
     """Run `command` with the stop file in its environment; the exit status of the job.
-    `warned`: the batch script caught the warning before the supervisor started. `remove`: the
-    job script's own temporary files (it `exec`s the supervisor, so it cannot clean up itself)."""
-    try:
-        return _supervise(command, env, warned)
-    finally:
-        for path in remove:
-            path.unlink(missing_ok=True)
-
-
-def _supervise(command: list[str], env: dict[str, str], warned: bool) -> int:
-    stop = stop_file_for(env)
-    for path in (stop, acknowledgement(stop)):
-        path.unlink(missing_ok=True)
-    if warned:
+    `stop`: the batch script's stop file, which may already hold a warning from its start-up;
+    without it, a fresh one per job start (`stop_file_for`)."""
+    if stop is None:
+        stop = stop_file_for(env)
+        stop.unlink(missing_ok=True)
+    acknowledgement(stop).unlink(missing_ok=True)
+    if stop.exists():
         _say("warned during start-up: the ranks will checkpoint and stop at their first log step")
-        stop.touch()
 
     def on_warning(signum: int, frame: object) -> None:
         if not stop.exists():
@@ -115,15 +107,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         prog="python -m dtrain.launch.supervise", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--warned", action="store_true", help="warned before the start")
     parser.add_argument(
-        "--remove", action="append", type=Path, default=[], help="a file to delete at the end"
+        "--stop-file", type=Path, help="the batch script's stop file, created by its trap"
     )
     parser.add_argument("command", nargs=argparse.REMAINDER, help="COMMAND [ARGS...]")
     args = parser.parse_args()
     if not args.command:
         parser.error("no command to supervise")
-    sys.exit(supervise(args.command, dict(os.environ), args.warned, args.remove))
+    sys.exit(supervise(args.command, dict(os.environ), args.stop_file))
 
 
 if __name__ == "__main__":

@@ -45,8 +45,10 @@ def test_three_warnings_requeue_three_times_and_end_with_the_uninterrupted_weigh
             # 1: mid-epoch 1, once a step was logged
             wait_for(lambda d=run_dir: logged_a_step(d), 180, "logged step")
             cluster.run("scancel", "--batch", "--signal=USR1", job)
-            # 2: as soon as the requeued job runs again, while its ranks are starting
+            # 2: as soon as the requeued job's script runs again, while its ranks are starting
+            # (not before: a signal that beats a script's first `trap` kills any batch script)
             wait_for(lambda j=job: running_again(cluster, j, 1), 300, "first requeue")
+            wait_for(lambda j=job, f=log: f"job {j} start 2:" in f.read_text(), 60, "restart")
             cluster.run("scancel", "--batch", "--signal=USR1", job)
             # 3: once the third start has logged epoch 2: early in the last epoch
             wait_for(lambda j=job: running_again(cluster, j, 2), 300, "second requeue")
@@ -63,11 +65,8 @@ def test_three_warnings_requeue_three_times_and_end_with_the_uninterrupted_weigh
     # the warning during start-up was kept, not fatal: it stopped at the first log step
     assert stops[1] == (stops[0][0], str(int(stops[0][1]) + 2)), stops
     assert text.count("--resume auto: resuming") == 3
-    # each warning was caught once: by the supervisor, or by the batch shell before the
-    # supervisor started (the second one races the restart, so either may catch it)
-    caught = text.count("SIGUSR1: asking the ranks to checkpoint and stop")
-    early = text.count("warned during start-up")
-    assert caught + early == 3 and caught >= 2, (caught, early)
+    # each warning was caught once, by the batch shell, however early it came
+    assert text.count("SIGUSR1: asking the ranks to checkpoint and stop") == 3, text[-3000:]
     a, b = (torch.load(tmp_path / n / "last.pt", weights_only=True) for n in runs)
     assert a["state"]["step"] == b["state"]["step"] == 3 * 12  # 45 images per rank, 4 a batch
     for key, tensor in a["model"].items():

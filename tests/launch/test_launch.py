@@ -363,19 +363,12 @@ def test_the_warning_becomes_the_stop_file_the_ranks_read(tmp_path):
 def test_a_failing_command_fails_the_job_and_is_not_requeued(tmp_path):
     env = {"SLURM_JOB_ID": "7", "TMPDIR": str(tmp_path), "PATH": os.environ["PATH"]}
     stop = stop_file_for(env)
-    # warned at start-up (the stop file is there at once), the ranks fail without a checkpoint
+    # warned at start-up (the batch script's trap made the stop file), the ranks fail without
+    # a checkpoint
+    stop.touch()
     command = [sys.executable, "-c", RANKS, "failed", "3"]
-    assert supervise(command, env, warned=True) == 3
+    assert supervise(command, env, stop) == 3
     assert not stop.exists() and not acknowledgement(stop).exists()
-
-
-def test_the_supervisor_removes_the_job_scripts_files(tmp_path):
-    """The deepspeed template's hostfile: the script `exec`s the supervisor and cannot."""
-    hostfile = tmp_path / "dtrain-hostfile-7"
-    hostfile.write_text("n1 slots=2\n")
-    env = {"SLURM_JOB_ID": "7", "TMPDIR": str(tmp_path), "PATH": os.environ["PATH"]}
-    assert supervise([sys.executable, "-c", "pass"], env, remove=[hostfile]) == 0
-    assert not hostfile.exists()
 
 
 # -- dtrain train under a stop signal and --resume auto ------------------------------------------
