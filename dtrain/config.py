@@ -97,6 +97,9 @@ class MethodConfig:
     # CIFAR-10 values)
     elr_lambda: float = 3.0
     elr_beta: float = 0.7
+    # the weight rises to elr_lambda over this many first epochs (a sigmoid-shaped ramp; 0: the
+    # paper's constant weight), so that the targets it pulls towards come from a model past chance
+    elr_rampup_epochs: int = 0
     # from this epoch on (0: never) the CE term trains each sample towards w y + (1 - w) t: its
     # label where a per-class GMM on the last epoch's losses trusts it, else its ELR target t
     elr_refine_from: int = 0
@@ -237,6 +240,7 @@ class Config:
             "sce_beta",
             "coteaching_ramp_epochs",
             "elr_lambda",
+            "elr_rampup_epochs",
             "elr_refine_from",
             "dividemix_lambda_u",
             "dividemix_alpha",

@@ -10,6 +10,7 @@ cost apart from the network's."""
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -122,7 +123,7 @@ def attention_method_step(model: NoiseRobustNet, batch: dict, ctx: StepContext) 
     observed = None
     if spec.elr:
         elr, observed = _elr(logits, labels, sample_loss, batch["memory"], ctx, valid)
-        loss = loss + cfg.elr_lambda * elr
+        loss = loss + elr_weight(cfg, ctx.epoch) * elr
         terms["elr"] = elr.detach()
     return StepOutput(
         loss,
@@ -198,9 +199,19 @@ def elr_step(model: torch.nn.Module, batch: dict, ctx: StepContext) -> StepOutpu
     ce = _label_ce(logits, sample_loss, batch, ctx)
     elr, observed = _elr(logits, labels, sample_loss, batch["memory"], ctx, valid)
     loss = losses.masked_mean(ce, valid)
-    out = _baseline_output(loss + ctx.cfg.elr_lambda * elr, logits, labels, "ce")
+    out = _baseline_output(loss + elr_weight(ctx.cfg, ctx.epoch) * elr, logits, labels, "ce")
     out.terms["ce"], out.terms["elr"], out.memory = loss.detach(), elr.detach(), observed
     return out
+
+
+def elr_weight(cfg: MethodConfig, epoch: int) -> float:
+    """ELR's weight in epoch `epoch` (from 0): elr_lambda exp(-5 (1 - t)^2), t the share of
+    method.elr_rampup_epochs done (the ramp of Laine and Aila's temporal ensembling, ICLR 2017):
+    near zero while the model is still at chance, whose confident guesses the term would lock
+    in, then elr_lambda from the end of the ramp."""
+    if epoch >= cfg.elr_rampup_epochs:
+        return cfg.elr_lambda
+    return cfg.elr_lambda * math.exp(-5 * (1 - epoch / cfg.elr_rampup_epochs) ** 2)
 
 
 def _elr(

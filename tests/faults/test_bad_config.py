@@ -69,6 +69,7 @@ BAD_VALUES: dict[str, tuple[str, ...] | None] = {
     "method.elr_lambda": ("-1",),
     "method.elr_beta": ("-0.1", "1"),
     "method.elr_refine_from": ("-1",),
+    "method.elr_rampup_epochs": ("-1",),
     "method.dividemix_lambda_u": ("-1",),
     "method.dividemix_rampup_epochs": ("0",),
     "method.dividemix_threshold": ("-0.1", "1.5"),

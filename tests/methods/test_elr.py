@@ -9,7 +9,7 @@ import torch
 
 from dtrain.config import load_config
 from dtrain.methods import losses
-from dtrain.methods.steps import elr_targets_rule, refined_targets, refining
+from dtrain.methods.steps import elr_targets_rule, elr_weight, refined_targets, refining
 
 
 def test_the_regulariser_on_a_hand_computed_case():
@@ -69,3 +69,16 @@ def test_refinement_starts_at_its_epoch():
     cfg = load_config(None, ["method.name=elr", "method.elr_refine_from=3"]).method
     assert [refining(cfg, e) for e in (0, 2, 3, 9)] == [False, False, True, True]
     assert not refining(load_config(None, ["method.name=elr"]).method, 9)
+
+
+def test_the_weight_ramps_up_to_lambda_over_its_epochs():
+    # lambda exp(-5 (1 - e/4)^2) with lambda = 3, then lambda
+    cfg = load_config(None, ["method.name=iam_elr", "method.elr_rampup_epochs=4"]).method
+    expected = [
+        3 * math.exp(-5),
+        3 * math.exp(-45 / 16),
+        3 * math.exp(-1.25),
+        3 * math.exp(-5 / 16),
+    ]
+    assert [elr_weight(cfg, e) for e in range(6)] == pytest.approx([*expected, 3, 3])
+    assert elr_weight(load_config(None, ["method.name=elr"]).method, 0) == 3.0  # the paper's
