@@ -27,6 +27,13 @@ def test_afm_implies_feature_attention_unless_set():
     )
 
 
+def test_the_method_with_elr_ramps_its_weight_unless_set_and_elr_keeps_the_papers():
+    assert load_config(None, ["method.name=iam_elr"]).method.elr_rampup_epochs == 30
+    explicit = load_config(None, ["method.name=iam_elr", "method.elr_rampup_epochs=0"])
+    assert explicit.method.elr_rampup_epochs == 0
+    assert load_config(None, ["method.name=elr"]).method.elr_rampup_epochs == 0
+
+
 def test_registry_and_presets_agree():
     presets = sorted(p.stem for p in CONFIGS.glob("*.yaml"))
     assert presets == sorted(METHODS)
