@@ -77,7 +77,9 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    name: MethodName = "iam"  # dtrain.methods.registry.METHODS; `dtrain train --help` lists them
+    # the method + ELR's term, chosen on the main job's tuning seeds (benchmarks/main_job.py);
+    # `dtrain train --help` lists the others (dtrain.methods.registry.METHODS)
+    name: MethodName = "iam_elr"
     group_size: int = 8  # K
     temperature: float = 0.5  # tau of NT-Xent
     mixup_alpha: float = 1.0  # Beta(alpha, alpha) prior; 0 means lam = 0.5

@@ -186,6 +186,7 @@ def test_the_trainer_step_gives_the_same_loss_with_either_path(space, device):
         cfg = load_config(
             None,
             [
+                "method.name=iam",
                 "model.backbone=test_resnet",
                 "method.group_size=4",
                 f"method.mixup_space={space}",
