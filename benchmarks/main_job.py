@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -85,7 +86,8 @@ def read_run(run_dir: Path) -> dict:
 
 
 def mean(values: list[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
+    """The mean, or None where any value is missing (None, or NaN: no wrong labels to rank)."""
+    present = [v for v in values if v is not None and not math.isnan(v)]
     return statistics.fmean(present) if len(present) == len(values) and present else None
 
 

@@ -10,7 +10,7 @@ Blocks (`BLOCKS`): `performance` (the step breakdown, the loader, the mixup op, 
 `at-scale` (the scale model), `study-cells`, `study-selection`, `study-cleanlab` (sections of
 `study/study.md`, which benchmarks/study_report.py writes), `accuracy-quick`, `tune`,
 `review-gain`, `tracker-overhead`, `selection-remeasure`, `growth`, `dedup-quality`, `dedup-scale`,
-`prepare-throughput`; and `figure:PATH`, a PNG under
+`prepare-throughput`, `main-job`; and `figure:PATH`, a PNG under
 benchmarks/results/ (the hook serves them under the site's `figures/`)."""
 
 from __future__ import annotations
@@ -436,6 +436,55 @@ def growth_md() -> list[str]:
     return [head, "", *_table([*header, "+µs/image"], rows), ""]
 
 
+def main_job_md() -> list[str]:
+    results = _load("main_job.json")
+    if not results:
+        return ["Not run yet: `python benchmarks/main_job.py`."]
+    r = results[0]
+    tuning, report = r["tuning_seeds"], r["report_seeds"]
+
+    def acc(runs: dict, seed: int, key: str) -> str:
+        run = runs.get(str(seed))
+        return "—" if run is None or run[key] is None else f"{run[key]:.3f}"
+
+    def number(value: float | None, scale: float = 1.0, fmt: str = ".3f") -> str:
+        return "—" if value is None else f"{value / scale:{fmt}}"
+
+    rows = []
+    for name, result in r["results"].items():
+        s = result["summary"]
+        rows.append(
+            [
+                f"**{name}**" if name == r["chosen"] else name,
+                r["candidates"][name],
+                f"`{' '.join(r['overrides'][name])}`",
+                *(acc(result["tuning"], seed, "val_clean_accuracy") for seed in tuning),
+                number(s["val_clean_mean"]),
+                *(acc(result.get("report", {}), seed, "test_clean_accuracy") for seed in report),
+                number(s["test_clean_mean"]),
+                number(s["mislabel_auroc_loss_mean"]),
+                number(s["wall_s_mean_of_timed"], 60, ".1f"),
+            ]
+        )
+    head = (
+        f"**The main job's candidates** ({r['protocol']}; clean accuracy of the handed-over "
+        f"model; the chosen one in bold; wrong-label AUROC of the per-sample loss; minutes per "
+        f"run where timed; {_where(r)})."
+    )
+    header = [
+        "candidate",
+        "what",
+        "`dtrain train` with",
+        *(f"val, seed {seed}" for seed in tuning),
+        "val mean",
+        *(f"test, seed {seed}" for seed in report),
+        "test mean",
+        "AUROC",
+        "min",
+    ]
+    return [head, "", *_table(header, rows), ""]
+
+
 def dedup_quality_md() -> list[str]:
     results = _load("dedup_quality.json")
     if not results:
@@ -624,6 +673,7 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
     "dedup-quality": dedup_quality_md,
     "dedup-scale": dedup_scale_md,
     "prepare-throughput": prepare_throughput_md,
+    "main-job": main_job_md,
 }
 FIGURE = "figure:"  # `figure:study/study.png`: a PNG under RESULTS
 # a marker is a line of its own (one quoted inside a sentence or a code span is text)

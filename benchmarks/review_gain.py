@@ -1,7 +1,7 @@
 """What a clinician's review of the top suspects buys: review a finished run's most suspicious
 training labels, correct them, retrain with the same config, compare.
 
-    python benchmarks/review_gain.py --before runs/iam_elr_seed0 --fraction 0.1
+    python benchmarks/review_gain.py --before runs/con_elr_seed0 --fraction 0.1
 
 `--before` is a finished run on a dataset with injected noise (the main job: the embedded Br35H
 set, 40% symmetric). The clean labels stand in for the clinician: `dtrain review` lists the top

@@ -77,9 +77,9 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    # the method + ELR's term, chosen on the main job's tuning seeds (benchmarks/main_job.py);
+    # CE + NT-Xent + ELR's term, chosen on the main job's tuning seeds (benchmarks/main_job.py);
     # `dtrain train --help` lists the others (dtrain.methods.registry.METHODS)
-    name: MethodName = "iam_elr"
+    name: MethodName = "con_elr"
     group_size: int = 8  # K
     temperature: float = 0.5  # tau of NT-Xent
     mixup_alpha: float = 1.0  # Beta(alpha, alpha) prior; 0 means lam = 0.5

@@ -112,6 +112,18 @@ def test_the_results_page_shows_the_json_results(site):
     share = asha["trial_epochs"] / full["trial_epochs"]
     _generated(site, "results", f"{asha['trial_epochs']} ({share:.0%})")
 
+    job = json.loads((RESULTS / "main_job.json").read_text())
+    chosen = job["results"][job["chosen"]]
+    _generated(
+        site,
+        "results",
+        *(
+            f"{chosen['tuning'][str(seed)]['val_clean_accuracy']:.3f}"
+            for seed in job["tuning_seeds"]
+        ),
+        f"{chosen['summary']['val_clean_mean']:.3f}",
+    )
+
     gain = json.loads((RESULTS / "review_gain.json").read_text())
     accuracy = gain["clean_test_accuracy"]
     _generated(

@@ -88,6 +88,15 @@ METHODS: dict[str, MethodSpec] = {
             # of two collapsed to one class
             implies={"method.elr_rampup_epochs": 30},
         ),
+        MethodSpec(
+            "con_elr",
+            "the default: CE + NT-Xent + ELR's term, ramped in (iam_elr without the mixup)",
+            _steps("attention_method_step"),
+            contrastive=True,
+            elr=True,
+            memory=_steps("elr_targets_rule"),
+            implies={"method.elr_rampup_epochs": 30},
+        ),
         MethodSpec("ce", "baseline: plain cross-entropy", _steps("ce_step")),
         MethodSpec("mixup", "baseline: input mixup, Beta(alpha, alpha)", _steps("mixup_step")),
         MethodSpec(

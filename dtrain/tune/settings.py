@@ -141,15 +141,21 @@ def load_search(
     overrides: list[str],
     flags: dict[str, Any],
 ) -> Search:
-    """The search file (`space:` and optionally `search:`), the base dtrain config (as for
-    `dtrain train`) and the flags given on the command line (they win)."""
+    """The search file (`space:`, optionally `search:` and `config:`), the base dtrain config (as
+    for `dtrain train`: `--config`, else the file's `config:`, a path relative to the file, so
+    that a search of the mixup's knobs trains a method that has one) and the flags given on the
+    command line (they win)."""
     path = Path(path)
     values = read_yaml_mapping(path, "search file")
-    unknown = set(values) - {"space", "search"}
+    unknown = set(values) - {"space", "search", "config"}
     if unknown:
         raise ConfigError(
-            f"search file {path}: only `space:` and `search:` sections are read; got {unknown}"
+            f"search file {path}: only `space:`, `search:` and `config:` are read; got {unknown}"
         )
+    if config_path is None and values.get("config"):
+        config_path = str(path.parent / str(values["config"]))
+        if not Path(config_path).is_file():
+            raise ConfigError(f"search file {path}: config: {values['config']} is not a file")
     settings = SearchSettings()
     names = {f.name for f in dataclasses.fields(SearchSettings)}
     given = {**(values.get("search") or {}), **{k: v for k, v in flags.items() if v is not None}}

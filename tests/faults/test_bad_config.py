@@ -274,7 +274,10 @@ def test_a_section_given_a_value_is_refused(cli, tmp_path, where):
 @pytest.mark.parametrize(
     "overrides, names",
     [
-        (["data.batch_size=12", "method.group_size=8"], ["method.group_size", "data.batch_size"]),
+        (
+            ["method.name=iam", "data.batch_size=12", "method.group_size=8"],
+            ["method.group_size", "data.batch_size"],
+        ),
         (["method.name=afm", "data.batch_size=7"], ["data.batch_size", "afm"]),
         (["data.resampled=true"], ["data.samples_per_epoch", "resampled"]),
     ],

@@ -185,7 +185,7 @@ def test_load_gives_the_model_and_the_preprocessing_of_predict(
         assert torch.equal(exported[name], tensor), name
     with safe_open(str(run / "model.safetensors"), framework="pt") as handle:
         meta = {k: json.loads(v) for k, v in handle.metadata().items()}
-    assert meta["classes"] == CLASSES and meta["method"] == "iam_elr"  # the default
+    assert meta["classes"] == CLASSES and meta["method"] == "con_elr"  # the default
     assert meta["preprocessing"]["image_size"] == 32 and meta["preprocessing"]["channels"] == 1
     assert meta["model"]["backbone"] == "test_resnet"
 

@@ -37,6 +37,6 @@ def test_a_round_gets_the_same_run_in_its_own_folder(tmp_path):
 
 
 def test_a_bad_value_is_refused_before_anything_is_read(tmp_path):
-    config = load_config(None, ["data.batch_size=30", "method.group_size=8"])
+    config = load_config(None, ["method.name=iam", "data.batch_size=30", "method.group_size=8"])
     with pytest.raises(ConfigError, match="group_size"):
         resolve(config)

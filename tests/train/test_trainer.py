@@ -77,7 +77,7 @@ def test_two_epochs_learn_and_leave_a_report(tiny, tmp_path, capsys):
         "is_noisy",
         "source",
     } <= set(scores[0])
-    assert set(summary["mislabel_auroc"]) == {"attention", "loss"}
+    assert set(summary["mislabel_auroc"]) == {"loss"}  # the default has no attention to rank by
     assert load_config(run / "config.yaml").to_dict() == config(tiny, run).to_dict()
 
 
@@ -202,6 +202,7 @@ def test_every_method_takes_a_finite_step(method):
         "afm": {"afm"},
         "elr": {"ce", "elr"},
         "iam_elr": {"ce", "iam", "con", "elr"},
+        "con_elr": {"ce", "con", "elr"},
         "dividemix": {"l_x", "l_u", "l_reg", "labelled"},
     }.get(method, {method})
     assert set(out.terms) == expected_terms
@@ -240,7 +241,10 @@ def test_every_preset_loads_and_validates(preset):
 @pytest.mark.parametrize(
     "overrides, match",
     [
-        (["method.group_size=6"], r"method.group_size=6 .*divisor of the per-rank batch"),
+        (
+            ["method.name=iam", "method.group_size=6"],
+            r"method.group_size=6 .*divisor of the per-rank batch",
+        ),
         (["method.temperature=0"], r"method.temperature=0.0 .*> 0"),
         (["method.mixup_alpha=-1"], r"method.mixup_alpha=-1.0 .*>= 0"),
         (["optim.lrr=0.1"], r"unknown config key 'optim.lrr'; did you mean optim.lr\?"),
@@ -386,3 +390,19 @@ def test_a_corrupt_training_sample_is_counted_in_the_run(tiny, tmp_path):
     skipped = json.loads((run / "summary.json").read_text())["skipped_samples"]
     assert skipped["count"] == 1 and len(skipped["which"]) == 1
     assert shard.name in skipped["which"][0] and victim[0] in skipped["which"][0]
+
+
+def test_the_default_trains_exactly_as_the_measured_iam_elr_without_its_mixup(tiny, tmp_path):
+    """benchmarks/main_job.py measured `iam_elr` with `method.lambda_iam=0`; `con_elr` ships
+    it under its own name: the same weights after a run, bit for bit."""
+    runs = {
+        "measured": ["method.name=iam_elr", "method.lambda_iam=0"],
+        "shipped": ["method.name=con_elr"],
+    }
+    weights = {}
+    for name, overrides in runs.items():
+        train(config(tiny, tmp_path / name, "train.epochs=1", *overrides))
+        weights[name] = torch.load(tmp_path / name / "last.pt", weights_only=True)["model"]
+    assert load_config(None, []).method.name == "con_elr"
+    for key, tensor in weights["measured"].items():
+        assert torch.equal(tensor, weights["shipped"][key]), key

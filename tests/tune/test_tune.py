@@ -43,7 +43,7 @@ BIN = Path(sys.executable).parent
 
 
 def test_group_sizes_that_do_not_divide_the_batch_are_dropped(capsys):
-    base = load_config(None, ["data.batch_size=24"])
+    base = load_config(None, ["method.name=iam", "data.batch_size=24"])
     (dim,) = parse_space({"method.group_size": {"choice": [2, 4, 8, 16]}}, base, "s.yaml")
     assert dim.values == (2, 4, 8)
     assert "[16] dropped" in capsys.readouterr().out
@@ -63,7 +63,7 @@ def test_group_sizes_that_do_not_divide_the_batch_are_dropped(capsys):
 )
 def test_a_bad_search_space_is_refused_with_the_key(space, message):
     with pytest.raises(ConfigError, match=message):
-        parse_space(space, load_config(None, ["data.batch_size=16"]), "s.yaml")
+        parse_space(space, load_config(None, ["method.name=iam", "data.batch_size=16"]), "s.yaml")
 
 
 def test_grid_values_of_a_log_range_are_log_spaced():
@@ -133,6 +133,21 @@ def test_the_most_epochs_a_trial_runs(tiny, tmp_path, space, expected):
     assert max_epochs_of(search) == expected
 
 
+def test_the_search_files_config_is_the_base_unless_config_is_given(tiny, tmp_path):
+    """tuning/iam_search.yaml searches the mixup's knobs: its base is the method's preset, not
+    the default (which has no mixup), and --config still wins."""
+    from dtrain.tune.settings import load_search
+
+    shipped = ROOT / "tuning" / "iam_search.yaml"
+    assert load_search(shipped, None, [f"data.path={tiny}"], {}).base.method.name == "iam"
+    ce = str(ROOT / "configs" / "ce.yaml")
+    assert load_search(shipped, ce, [f"data.path={tiny}"], {}).base.method.name == "ce"
+    path = tmp_path / "s.yaml"
+    path.write_text("config: nowhere.yaml\nspace:\n  method.temperature: {choice: [0.5]}\n")
+    with pytest.raises(ConfigError, match="config: nowhere.yaml is not a file"):
+        load_search(path, None, [f"data.path={tiny}"], {})
+
+
 def test_asha_grace_is_cut_to_the_epochs_before_ray_starts(tiny, tmp_path, capsys):
     """Ray's ASHA asserts grace_period <= max_t: one epoch under the default grace of 2."""
     from dtrain.tune.settings import load_search
@@ -179,7 +194,7 @@ def test_a_searched_method_brings_its_implied_values():
     [
         ("space: [unclosed", "search file .*s.yaml is not valid YAML"),
         ("- a list", "must hold a mapping"),
-        ("space: {}\nsearhc: {}", "only `space:` and `search:`"),
+        ("space: {}\nsearhc: {}", "only `space:`, `search:` and `config:`"),
         ("space: {}", "`space:` must map config keys"),
     ],
 )
