@@ -118,6 +118,9 @@ def main() -> None:
     for name in names:
         if name == chosen or name in ALWAYS_REPORTED:
             results[name]["report"] = {seed: run(name, seed) for seed in REPORT_SEEDS}
+        elif all((args.runs / name / f"seed{s}" / "summary.json").exists() for s in REPORT_SEEDS):
+            # a candidate chosen by an earlier, smaller grid: its report runs are shown too
+            results[name]["report"] = {seed: run(name, seed) for seed in REPORT_SEEDS}
 
     table = Table(
         Column("candidate", 18, left=True),
