@@ -98,9 +98,12 @@ def main() -> None:
     args = parser.parse_args()
     names = args.candidates or list(CANDIDATES)
 
+    def finished(name: str, seed: int) -> bool:
+        return (args.runs / name / f"seed{seed}" / "summary.json").exists()
+
     def run(name: str, seed: int) -> dict:
         folder = args.runs / name / f"seed{seed}"
-        if not (folder / "summary.json").exists():
+        if not finished(name, seed):
             print(f"training {name}, seed {seed} in {folder}", flush=True)
             train(folder, *CANDIDATES[name][1:], seed)
         return read_run(folder)
@@ -116,10 +119,9 @@ def main() -> None:
     chosen = max(tuned, key=lambda n: tuned[n] or 0.0)
     print(f"chosen on the tuning seeds' clean val accuracy: {chosen} ({tuned[chosen]:.3f})")
     for name in names:
-        if name == chosen or name in ALWAYS_REPORTED:
-            results[name]["report"] = {seed: run(name, seed) for seed in REPORT_SEEDS}
-        elif all((args.runs / name / f"seed{s}" / "summary.json").exists() for s in REPORT_SEEDS):
-            # a candidate chosen by an earlier, smaller grid: its report runs are shown too
+        # also shown: the report runs of a candidate chosen by an earlier, smaller grid
+        earlier = all(finished(name, seed) for seed in REPORT_SEEDS)
+        if name == chosen or name in ALWAYS_REPORTED or earlier:
             results[name]["report"] = {seed: run(name, seed) for seed in REPORT_SEEDS}
 
     table = Table(
