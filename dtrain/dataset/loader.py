@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import multiprocessing
 import os
 import random
 from collections import deque
@@ -252,6 +253,19 @@ class ShardStream(IterableDataset):
             chunk = []
 
 
+def worker_context() -> multiprocessing.context.BaseContext:
+    """Workers forked by a fork server, not by the rank. A rank has threads (gloo's run loop,
+    the TensorBoard writer), and forking a threaded process can hang the child: CPython before
+    3.11.8 (gh-112275) deadlocks a new worker inside `os.fork` when another thread held the
+    interpreter's thread-list lock at that moment; gloo's thread takes it whenever it frees a
+    tensor after a collective. Seen as an epoch that never ends. The server is one process per
+    rank, started by its first loader with workers (dtrain.dataset.worker_server).
+    """
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["dtrain.dataset.worker_server"])
+    return context
+
+
 def _worker_init(worker_id: int) -> None:
     """Stop signals are the rank's to handle, not its workers' (stop_signal.leave_to_the_parent)."""
     stop_signal.leave_to_the_parent()
@@ -271,6 +285,7 @@ class ShardLoader:
             prefetch_factor=4 if num_workers else None,
             generator=torch.Generator().manual_seed(stream.seed),
             worker_init_fn=_worker_init,
+            multiprocessing_context=worker_context() if num_workers else None,
         )
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:

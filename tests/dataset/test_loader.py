@@ -5,6 +5,7 @@ decode nothing they skip, clear errors; and the data folder a run trains on."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -15,6 +16,7 @@ import torch
 import webdataset as wds
 from conftest import PROCS, copy_dataset, rewrite_shard, write_folder
 
+from dtrain import stop_signal
 from dtrain.dataset import loader as data_module
 from dtrain.dataset.loader import CorruptSampleError, make_loader, split_urls
 from dtrain.dataset.loader_plan import plan_epoch, worker_order, worker_skips
@@ -322,6 +324,29 @@ def test_the_dataloader_takes_worker_batches_round_robin_passing_over_exhausted_
     for start in (3, 7, 8, 9, 10):
         loader.set_epoch(0, start_batch=start)
         _assert_same_batches(list(loader), full[start:])
+
+
+def _status(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
+
+
+def test_workers_are_forked_by_a_single_threaded_server_that_ignores_the_stop_signals(dataset):
+    """Forking the rank itself, which has threads, can hang a new worker inside `os.fork`
+    (CPython before 3.11.8, gh-112275); and SLURM's TERM to every process of a step must not
+    kill the server whose children the workers are."""
+    loader = make_loader(split_urls(dataset, "train")[:4], train=True, batch_size=2, num_workers=2)
+    batches = iter(loader)
+    next(batches)
+    workers = [w.pid for w in batches._workers]
+    servers = {int(_status(pid)["PPid"]) for pid in workers}
+    assert len(servers) == 1 and os.getpid() not in servers
+    server = _status(servers.pop())
+    assert server["Threads"].strip() == "1"
+    ignored = int(server["SigIgn"], 16)
+    for sig in stop_signal.STOP_SIGNALS:
+        assert ignored & (1 << (sig - 1)), f"the server does not ignore {sig.name}"
+    assert len(list(batches)) == len(loader) - 1
 
 
 @pytest.mark.parametrize("workers", [0, 2])

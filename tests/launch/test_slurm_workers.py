@@ -22,16 +22,18 @@ def tiny(tmp_path_factory) -> Path:
 
 
 def reading_with_workers(job: str, run_dir: Path) -> bool:
-    """A step logged, and 2 ranks with 2 workers each running: 6 `python -m dtrain`
-    processes (a worker is a fork of its rank), so that the TERM finds workers to kill."""
-    count = 0
+    """A step logged, 2 ranks (`python -m dtrain`) and their 2 workers each running: the
+    workers and each rank's fork server run `multiprocessing.forkserver` with
+    `dtrain.dataset.worker_server`, 2 servers and 4 workers; so that the TERM finds workers."""
+    ranks = forked = 0
     for pid in processes_with_env(f"SLURM_JOB_ID={job}"):
         try:
             args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue  # gone
-        count += b"dtrain" in args[1:4]  # python [-u] -m dtrain: a rank or a worker
-    return count >= 6 and logged_a_step(run_dir)
+        ranks += b"dtrain" in args[1:4]  # python [-u] -m dtrain
+        forked += any(b"dtrain.dataset.worker_server" in a for a in args)
+    return ranks == 2 and forked >= 6 and logged_a_step(run_dir)
 
 
 @pytest.mark.slurm
