@@ -8,8 +8,10 @@ is read. The seed changes the initialisation and the batch order; the split and 
 the embedded set's.
 
     python benchmarks/main_job.py [--candidates iam iam_elr ...] [--runs runs/main_job]
+                                  [--no-train] [--out FILE]
 
-Resumable: a run folder that holds a summary.json is read, not trained again. Each run this
+Resumable: a run folder that holds a summary.json is read, not trained again; with --no-train a
+missing one is an error that names it (the table from the runs there are). Each run this
 script starts is timed (wall clock, in `<run>/wall.json`); keep the machine otherwise idle for
 the times to mean something. Writes benchmarks/results/main_job.json."""
 
@@ -52,6 +54,16 @@ CANDIDATES: dict[str, tuple[str, str, list[str]]] = {
         "iam_elr",
         ["method.lambda_con=0"],
     ),
+    "con_elr_no_elr": (
+        "ablation: the default (con_elr) without ELR's term",
+        "con_elr",
+        ["method.elr_lambda=0"],
+    ),
+    "con_elr_no_con": (
+        "ablation: the default (con_elr) without the contrastive term",
+        "con_elr",
+        ["method.lambda_con=0"],
+    ),
     "ceiling": ("the method on the clean training labels", "iam", ["data.train_labels=clean"]),
 }
 ALWAYS_REPORTED = ("iam", "ceiling")
@@ -91,11 +103,13 @@ def mean(values: list[float | None]) -> float | None:
     return statistics.fmean(present) if len(present) == len(values) and present else None
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--candidates", nargs="+", choices=list(CANDIDATES), default=None)
     parser.add_argument("--runs", type=Path, default=REPO / "runs" / "main_job")
-    args = parser.parse_args()
+    parser.add_argument("--no-train", action="store_true", help="read finished runs only")
+    parser.add_argument("--out", type=Path, default=None, help="default: results/main_job.json")
+    args = parser.parse_args(argv)
     names = args.candidates or list(CANDIDATES)
 
     def finished(name: str, seed: int) -> bool:
@@ -104,6 +118,8 @@ def main() -> None:
     def run(name: str, seed: int) -> dict:
         folder = args.runs / name / f"seed{seed}"
         if not finished(name, seed):
+            if args.no_train:
+                sys.exit(f"main_job: no finished run in {folder} (--no-train)")
             print(f"training {name}, seed {seed} in {folder}", flush=True)
             train(folder, *CANDIDATES[name][1:], seed)
         return read_run(folder)
@@ -177,6 +193,7 @@ def main() -> None:
             },
             "results": results,
         },
+        args.out,
     )
 
 

@@ -54,6 +54,11 @@ METHODS = {  # name in the tables: (preset, extra overrides)
     # the ablation of iam_elr: without the attention mixup, without the contrastive term
     "iam_elr-mixup": ("iam_elr", ["method.lambda_iam=0"]),
     "iam_elr-con": ("iam_elr", ["method.lambda_con=0"]),
+    # the default, its ELR weight ramped over 9 of the 12 epochs (the main job's 30 of 40), and
+    # its ablation: without ELR's term, without the contrastive term
+    "con_elr": ("con_elr", ["method.elr_rampup_epochs=9"]),
+    "con_elr-elr": ("con_elr", ["method.elr_lambda=0"]),
+    "con_elr-con": ("con_elr", ["method.elr_rampup_epochs=9", "method.lambda_con=0"]),
     # the cell's ceilings: the same images with their clean labels, CE and the method
     CEILING: ("ce", ["data.train_labels=clean"]),
     "iam_elr(clean labels)": ("iam_elr", ["data.train_labels=clean"]),
