@@ -112,7 +112,7 @@ def raw_label(members: dict[str, bytes], label_key: str) -> int | str:
     JSON member `EXT:FIELD` (e.g. `json:label`); an index or a class name. ValueError saying
     why when there is none."""
     member, _, field_name = label_key.partition(":")
-    member = member.lower()  # as `shards.py` stores member extensions
+    member = member.lower()  # as `shard_reader.py` stores member extensions
     if member not in members:
         raise ValueError(f"no .{member} member")
     try:

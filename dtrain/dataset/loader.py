@@ -9,22 +9,23 @@ the same number of batches (no DDP hang on uneven shards). A resampled mode inst
 with replacement for a fixed number of samples per epoch.
 
 Only image members, `.cls` and `.json` are decoded; nothing is ever unpickled, whatever members a
-shard holds. A sample that cannot be decoded, or that a damaged shard no longer holds (`shards.py`
-checks each shard's end, count and checksum as it streams), is replaced by padding, counted
-(`corrupt=True`), logged and named in its batch's `skipped`; or raises with `strict=True`.
+shard holds. A sample that cannot be decoded, or that a damaged shard no longer holds
+(`shard_reader.py` checks each shard's end, count and checksum as it streams), is replaced by
+padding, counted (`corrupt=True`), logged and named in its batch's `skipped`; or raises with
+`strict=True`.
 
 `set_epoch(epoch, start_batch)` starts an epoch part-way (a resumed run): the skipped batches' raw
 samples are read, keeping the shuffle in step, but not decoded; augmentations are seeded per batch,
-so the batches that follow are exactly those of a full pass. Planning is in `plan.py`; dataset
-folders, `dataset.json` and sample decoding in `dataset.py`; reading a shard in `shards.py`;
-transforms and collation in `transforms.py`.
+so the batches that follow are exactly those of a full pass. Planning is in `loader_plan.py`;
+dataset folders, `dataset.json` and sample decoding in `format.py`; reading a shard in
+`shard_reader.py`; transforms and collation in `transforms.py`; how workers start in
+`workers.py`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import multiprocessing
 import os
 import random
 from collections import deque
@@ -34,7 +35,6 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dtrain import stop_signal
 from dtrain.dataset.format import (
     CorruptSampleError,
     decode_sample,
@@ -47,6 +47,7 @@ from dtrain.dataset.format import (
 from dtrain.dataset.loader_plan import EpochPlan, plan_epoch, worker_skips
 from dtrain.dataset.shard_reader import RawSample, read_shard
 from dtrain.dataset.transforms import collate, decode_side
+from dtrain.dataset.workers import worker_context, worker_init
 from dtrain.errors import DataError
 
 __all__ = [
@@ -253,24 +254,6 @@ class ShardStream(IterableDataset):
             chunk = []
 
 
-def worker_context() -> multiprocessing.context.BaseContext:
-    """Workers forked by a fork server, not by the rank. A rank has threads (gloo's run loop,
-    the TensorBoard writer), and forking a threaded process can hang the child: CPython before
-    3.11.8 (gh-112275) deadlocks a new worker inside `os.fork` when another thread held the
-    interpreter's thread-list lock at that moment; gloo's thread takes it whenever it frees a
-    tensor after a collective. Seen as an epoch that never ends. The server is one process per
-    rank, started by its first loader with workers (dtrain.dataset.worker_server).
-    """
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["dtrain.dataset.worker_server"])
-    return context
-
-
-def _worker_init(worker_id: int) -> None:
-    """Stop signals are the rank's to handle, not its workers' (stop_signal.leave_to_the_parent)."""
-    stop_signal.leave_to_the_parent()
-
-
 class ShardLoader:
     """A DataLoader over a ShardStream, with `set_epoch` and a known length per epoch."""
 
@@ -284,7 +267,7 @@ class ShardLoader:
             pin_memory=pin_memory,
             prefetch_factor=4 if num_workers else None,
             generator=torch.Generator().manual_seed(stream.seed),
-            worker_init_fn=_worker_init,
+            worker_init_fn=worker_init,
             multiprocessing_context=worker_context() if num_workers else None,
         )
 
