@@ -129,6 +129,8 @@ def test_a_report_keeps_the_recorded_runs_whose_folders_are_gone(tmp_path):
     assert len(rows_from_parquet(out / "runs.parquet")) == 2
 
 
-def test_dividemix_gets_the_compute_of_the_others():
+def test_the_per_method_overrides_follow_the_budget():
     assert compute_matched("dividemix", 12) == ["train.epochs=6", "method.warmup_epochs=3"]
+    assert compute_matched("con_elr", 12) == ["method.elr_rampup_epochs=9"]
+    assert compute_matched("con_elr", 40) == ["method.elr_rampup_epochs=30"]  # the main job's
     assert compute_matched("iam", 12) == []
