@@ -1,5 +1,5 @@
 """Imported once by the fork server that starts a rank's DataLoader workers (see
-`loader.worker_context`): the server ignores the stop signals, as its workers do, and holds the
+`workers.worker_context`): the server ignores the stop signals, as its workers do, and holds the
 loader's modules, so that each worker it forks starts without importing torch again.
 
 SLURM signals every process of a job step (`scancel --signal=TERM`, `scontrol requeue`, a
