@@ -17,7 +17,8 @@ TUNING_SEEDS = (0, 1)
 
 
 def compute_matched(method: str, epochs: int) -> list[str]:
-    """Overrides that give a method the compute of the others (forward and backward passes,
+    """Overrides that follow the budget: con_elr's ELR ramp over 3/4 of the epochs (the main
+    job's 30 of 40), and for DivideMix the compute of the others (forward and backward passes,
     both of DivideMix's networks counted). Per sample, in units of one image forward (a backward
     counts 2): the others' step is about 6 (two views forward and backward); DivideMix's warm-up
     step 6 (both peers, one view), its step after the warm-up 16 (4 no-grad forwards, then
