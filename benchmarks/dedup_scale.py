@@ -80,7 +80,7 @@ class FilmSet:
 
         start = time.perf_counter()
         groups = near_duplicate_groups(
-            s.hashes, s.mirrors, s.constant, s.values, distance, run, search
+            s.hashes, s.mirrors, s.constant, s.values, distance, run, search, s.windows
         )
         return groups, time.perf_counter() - start
 

@@ -7,11 +7,19 @@ against their median, on 64x64 grayscale pixels; Zauner 2010, as `imagehash.phas
 computes it) and the hash of its mirror image, which follows from the same coefficients
 (mirroring negates the odd horizontal frequencies). 64 bits, pHash's usual size, cannot tell
 apart two patients filmed in one layout (benchmarks/dedup_quality.py). Images whose hashes lie
-within a Hamming distance are joined. The search is exact: faiss compares every pair (N^2
-popcounts of 256 bits: 0.25 s at 30k images, minutes at a million), in blocks of queries that
-run as tasks on prepare's engine, so on every core or a cluster; each worker holds the hashes
-(32 bytes an image) and only the pairs found come back. Multi-index hashing, which is exact
-and sub-quadratic on uniform hashes, was slower here: films that share a layout share bits.
+within a Hamming distance are joined.
+
+A crop moves every pixel, so a cropped copy's hash is as far from its original's as another
+patient's. Each image therefore also hashes 16 windows of itself, each side cut by 4 % or 7 %
+(WINDOW_INSETS): a copy cut by 2.5-8.5 % a side lies within 1.5 % a side of one of them, and its
+hash near that window's. The windows are queries only; the index holds one hash per image.
+
+The search is exact: faiss compares every pair (N^2 popcounts of 256 bits: 0.25 s at 30k
+images, minutes at a million; the windows' queries 8 times that), in blocks of queries that run
+as tasks on prepare's engine, so on every core or a cluster; each worker holds the hashes (32
+bytes an image), a block carries its windows, and only the pairs found come back. Multi-index
+hashing, which is exact and sub-quadratic on uniform hashes, was slower here: films that share
+a layout share bits.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Literal
 
 import numpy as np
@@ -33,6 +42,8 @@ HASH_SIDE = 64  # pHash's input
 HASH_LOW = 16  # the low frequencies kept: 16x16 = 256 bits
 HASH_BITS = HASH_LOW * HASH_LOW
 HASH_BYTES = HASH_BITS // 8
+WINDOW_INSETS = (0.04, 0.07)  # the share of a side each window cuts off, per side
+WINDOWS = len(WINDOW_INSETS) ** 4
 # bits of 256, up to REFERENCE_IMAGES images, then BITS_PER_DECADE fewer per tenfold more:
 # chosen on synthetic patients (benchmarks/dedup_quality.py at 30k, dedup_scale.py at 1M)
 DEFAULT_DISTANCE = 28
@@ -78,6 +89,34 @@ def perceptual_hashes(gray: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
     return np.packbits(bits[0]), np.packbits(bits[1]), bool(np.ptp(gray) == 0)
 
 
+@lru_cache(maxsize=64)
+def _window_rows(side: int) -> np.ndarray:
+    """[len(WINDOW_INSETS)^2, HASH_LOW, side]: for each (start, end) inset pair along an axis of
+    `side` pixels, the low DCT-II rows of that span resampled to HASH_SIDE pixels by area: a
+    window's low frequencies are rows @ pixels @ columns.T, with no window resized."""
+    from scipy.fft import dct
+
+    basis = dct(np.eye(HASH_SIDE), axis=0)[:HASH_LOW]
+    pixel = np.arange(side)
+    out = []
+    for start in WINDOW_INSETS:
+        for end in WINDOW_INSETS:
+            edges = np.linspace(start * side, side - end * side, HASH_SIDE + 1)
+            overlap = np.minimum(pixel + 1, edges[1:, None]) - np.maximum(pixel, edges[:-1, None])
+            area = np.clip(overlap, 0, None)
+            out.append(basis @ (area / area.sum(axis=1, keepdims=True)))
+    return np.stack(out)
+
+
+def window_hashes(gray: np.ndarray) -> np.ndarray:
+    """[WINDOWS, HASH_BYTES]: the packed pHash of each window of grayscale pixels, every
+    combination of WINDOW_INSETS on the top, bottom, left and right sides."""
+    rows, cols = _window_rows(gray.shape[0]), _window_rows(gray.shape[1])
+    low = np.einsum("aih,hw,bjw->abij", rows, gray.astype(np.float64), cols)
+    low = low.reshape(WINDOWS, HASH_BITS)
+    return np.packbits(low > np.median(low, axis=1, keepdims=True), axis=1)
+
+
 def _decoded(data: bytes) -> tuple[Image.Image, tuple[int, int]]:
     """8-bit RGB pixels at about twice the hash's side, and the image's own size. The JPEG
     decoder's draft mode downsamples while decoding, which makes this cheap. Truncated files and
@@ -98,15 +137,17 @@ def _thumbnail(image: Image.Image) -> tuple[np.ndarray, bool]:
 
 
 def fingerprint(data: bytes) -> dict:
-    """What prepare keeps of one image: its hashes (`hash`, `mirror`), whether it is constant,
-    whether it is grayscale, its size, and its 16x16 grayscale pixels (`thumb`, uint8)."""
+    """What prepare keeps of one image: its hashes (`hash`, `mirror`, `windows`), whether it is
+    constant, whether it is grayscale, its size, and its 16x16 grayscale pixels (`thumb`)."""
     image, size = _decoded(data)
     rgb, gray = _thumbnail(image)
-    pixels = np.asarray(image.convert("L").resize((HASH_SIDE, HASH_SIDE), Image.Resampling.LANCZOS))
+    luma = image.convert("L")
+    pixels = np.asarray(luma.resize((HASH_SIDE, HASH_SIDE), Image.Resampling.LANCZOS))
     code, mirror, constant = perceptual_hashes(pixels)
     return {
         "hash": code,
         "mirror": mirror,
+        "windows": window_hashes(np.asarray(luma)),
         "constant": constant,
         "gray": gray,
         "size": size,
@@ -153,19 +194,28 @@ class HashSearch:
 
 @dataclass(frozen=True)
 class QueryBlock:
+    """Images start..stop, queried by their hashes, their mirrors' or their windows' (which
+    travel with the block: a worker holds one block's windows, not all of them)."""
+
     start: int
     stop: int
-    mirrored: bool
+    mirrored: bool = False
+    windows: np.ndarray | None = field(default=None, repr=False)  # [stop - start, WINDOWS, 32]
 
 
 def search_block(search: HashSearch, block: QueryBlock) -> dict:
-    """One task: the pairs (i, j), i in the block, with Hamming(query i, code j) <= radius and
-    i != j (faiss' range is exclusive: distance < radius + 1)."""
+    """One task: the pairs (i, j), i in the block, with Hamming(a query of i, code j) <= radius
+    and i != j (faiss' range is exclusive: distance < radius + 1)."""
     if search.index is None:
         search.index = search.build()
-    queries = (search.mirrors if block.mirrored else search.codes)[block.start : block.stop]
+    if block.windows is not None:
+        queries, per_image = block.windows.reshape(-1, HASH_BYTES), block.windows.shape[1]
+    else:
+        queries = (search.mirrors if block.mirrored else search.codes)[block.start : block.stop]
+        per_image = 1
     limits, _, ids = search.index.range_search(queries, search.radius + 1)
-    rows = np.repeat(np.arange(block.start, block.stop), np.diff(limits).astype(np.int64))
+    owner = block.start + np.arange(len(queries)) // per_image
+    rows = np.repeat(owner, np.diff(limits).astype(np.int64))
     keep = rows != ids
     return {"pairs": np.stack([rows[keep], ids[keep].astype(np.int64)], axis=1)}
 
@@ -198,11 +248,13 @@ def near_duplicate_groups(
     max_distance: int,
     run: Callable[[Callable, Any, list], Iterable[dict]] = run_tasks,
     search_kind: SearchKind = "auto",
+    windows: np.ndarray | None = None,
 ) -> np.ndarray:
     """Group id per image: connected components of "hashes within `max_distance` bits, either
-    way round" (an image or its mirror). Constant images only join their exact copies (same
-    value everywhere): their hashes are all alike. The N^2 comparisons run in blocks of queries
-    as tasks of `run` (`run_tasks` with an engine's settings; by default in this process)."""
+    way round" (an image, its mirror or, given `windows` [N, WINDOWS, HASH_BYTES], one of its
+    windows, against another image). Constant images only join their exact copies (same value
+    everywhere): their hashes are all alike. The N^2 comparisons run in blocks of queries as
+    tasks of `run` (`run_tasks` with an engine's settings; by default in this process)."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
@@ -222,6 +274,15 @@ def near_duplicate_groups(
             for mirrored in (False, True)
             for start in range(0, len(varied), QUERY_BLOCK)
         ]
+        if windows is not None:
+            queried = windows if len(varied) == n else windows[varied]  # a view when it can
+            step = QUERY_BLOCK // WINDOWS  # as many queries per task as a block of hashes
+            blocks += [
+                QueryBlock(
+                    start, min(start + step, len(varied)), windows=queried[start : start + step]
+                )
+                for start in range(0, len(varied), step)
+            ]
         edges += [varied[found["pairs"]] for found in run(search_block, search, blocks)]
     flat = np.flatnonzero(constant)
     for value in np.unique(values[flat]):

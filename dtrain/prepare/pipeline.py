@@ -64,6 +64,7 @@ def _split(
         distance,
         run,
         resolved_search(config.dedup_search, len(source)),
+        windows=scan.windows,
     )
     num_duplicates = int(duplicates.max() + 1)
     print(

@@ -2,7 +2,8 @@
 synthetic chest films (benchmarks/synthetic_patients.py, every film its own patient) land in
 their original's group and split, and the split meets the asked fractions where the old 16x16
 thumbnail correlation chained patients into one group and left val empty. The hash and the
-search are checked on their own: a mirror image's hash, and the distance boundary."""
+search are checked on their own: a mirror image's hash, a window's hash against the crop it
+stands for, and the distance boundary."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from dtrain.prepare import PrepareConfig, prepare
 from dtrain.prepare.dedup import (
     DEFAULT_DISTANCE,
     EXACT_UP_TO,
+    WINDOW_INSETS,
     HashSearch,
     QueryBlock,
     default_distance,
@@ -58,6 +60,34 @@ def test_a_mirror_image_hashes_to_the_mirror_hash(films):
     facts = fingerprint(jpeg(image))
     assert bits_apart(flipped["hash"], facts["mirror"]) <= 4  # JPEG rounding aside
     assert bits_apart(flipped["hash"], facts["hash"]) > 3 * DEFAULT_DISTANCE
+
+
+def test_a_window_hashes_like_the_crop_it_stands_for(films):
+    image = Image.open(films / sp.image_path(0)).convert("L")
+    side = image.size[0]
+    facts = fingerprint(jpeg(image))
+    for index, (top, bottom, left, right) in enumerate(
+        (t, b, left, r)
+        for t in WINDOW_INSETS
+        for b in WINDOW_INSETS
+        for left in WINDOW_INSETS
+        for r in WINDOW_INSETS
+    ):
+        box = (left * side, top * side, side - right * side, side - bottom * side)
+        crop = fingerprint(jpeg(image.resize((side, side), Image.Resampling.BILINEAR, box=box)))
+        assert bits_apart(crop["hash"], facts["windows"][index]) <= 16, (top, bottom, left, right)
+        assert bits_apart(crop["hash"], facts["hash"]) > 2 * DEFAULT_DISTANCE
+
+
+def test_a_window_joins_its_image_to_another_only_when_given():
+    rng = np.random.default_rng(1)
+    hashes = np.packbits(rng.integers(0, 2, (3, 256)).astype(np.uint8), axis=1)
+    windows = np.packbits(rng.integers(0, 2, (3, 16, 256)).astype(np.uint8), axis=2)
+    windows[2, 5] = hashes[0]  # image 0 is a crop of image 2: one of 2's windows
+    constant, values = np.zeros(3, bool), np.zeros(3, np.int16)
+    with_windows = near_duplicate_groups(hashes, hashes, constant, values, 6, windows=windows)
+    assert with_windows.tolist() == [0, 1, 0]
+    assert near_duplicate_groups(hashes, hashes, constant, values, 6).tolist() == [0, 1, 2]
 
 
 def test_the_distance_is_inclusive_and_either_way_round():
@@ -100,8 +130,8 @@ def test_planted_copies_join_their_original_and_patients_stay_apart(films, tmp_p
     with open(films / "manifest.csv", newline="") as handle:
         planted = list(csv.DictReader(handle))
     manifest = {r["source"]: r for r in pq.read_table(out / "manifest.parquet").to_pylist()}
-    copies = [r for r in planted if r["copy_kind"] and r["copy_kind"] != "cropped"]
-    assert len(copies) >= 40
+    copies = [r for r in planted if r["copy_kind"]]
+    assert len(copies) >= 40 and sum(r["copy_kind"] == "cropped" for r in copies) >= 5
     for row in copies:
         copy, original = manifest[row["path"]], manifest[row["copy_of"]]
         assert copy["group"] == original["group"], row
