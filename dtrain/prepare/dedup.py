@@ -45,8 +45,9 @@ HASH_BYTES = HASH_BITS // 8
 WINDOW_INSETS = (0.04, 0.07)  # the share of a side each window cuts off, per side
 WINDOWS = len(WINDOW_INSETS) ** 4
 # bits of 256, up to REFERENCE_IMAGES images, then BITS_PER_DECADE fewer per tenfold more:
-# chosen on synthetic patients (benchmarks/dedup_quality.py at 30k, dedup_scale.py at 1M)
-DEFAULT_DISTANCE = 28
+# chosen on synthetic patients (benchmarks/dedup_quality.py at 30k, dedup_scale.py at 1M). Two
+# hashes have 128 ones each, so they lie an even number of bits apart: 27 bits join as 26 do.
+DEFAULT_DISTANCE = 26
 REFERENCE_IMAGES = 30_000
 BITS_PER_DECADE = 4
 QUERY_BLOCK = 1 << 15  # queries per task: 32 tasks at a million images
@@ -112,7 +113,9 @@ def window_hashes(gray: np.ndarray) -> np.ndarray:
     """[WINDOWS, HASH_BYTES]: the packed pHash of each window of grayscale pixels, every
     combination of WINDOW_INSETS on the top, bottom, left and right sides."""
     rows, cols = _window_rows(gray.shape[0]), _window_rows(gray.shape[1])
-    low = np.einsum("aih,hw,bjw->abij", rows, gray.astype(np.float64), cols)
+    side = len(WINDOW_INSETS) ** 2
+    low = (rows @ gray.astype(np.float64)) @ cols.reshape(-1, gray.shape[1]).T  # [a, i, b j]
+    low = low.reshape(side, HASH_LOW, side, HASH_LOW).transpose(0, 2, 1, 3)
     low = low.reshape(WINDOWS, HASH_BITS)
     return np.packbits(low > np.median(low, axis=1, keepdims=True), axis=1)
 

@@ -123,9 +123,10 @@ class PrepareConfig:
     )
     dedup_distance: int | None = option(
         None,
-        f"Hamming distance (bits of a {HASH_BITS}-bit perceptual hash, the image's or its "
-        "mirror's) within which images share a near-duplicate group; lower it if distinct "
-        "patients are joined, raise it if copies are missed",
+        f"Hamming distance (bits of a {HASH_BITS}-bit perceptual hash, the image's, its "
+        "mirror's or a window's, against another image's) within which images share a "
+        "near-duplicate group; lower it if distinct patients are joined, raise it if copies "
+        "are missed",
         default_help=f"{DEFAULT_DISTANCE} up to {REFERENCE_IMAGES:,} images, {BITS_PER_DECADE} "
         "fewer per tenfold more",
     )

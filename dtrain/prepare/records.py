@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from dtrain.errors import DataError
-from dtrain.prepare.dedup import HASH_BITS, resolved_search
+from dtrain.prepare.dedup import HASH_BITS, WINDOWS, resolved_search
 from dtrain.prepare.noise import transition_matrix
 from dtrain.prepare.prepare_config import FORMAT_VERSION, PrepareConfig
 from dtrain.prepare.shard_writer import Rows, key_of
@@ -152,7 +152,7 @@ def describe(
         "source": {"kind": source.kind, **source.description},
         "images": image_stats,
         "dedup": {
-            "method": f"phash{HASH_BITS}+mirror",
+            "method": f"phash{HASH_BITS}+mirror+windows{WINDOWS}",
             "distance": config.distance(len(source)),
             "search": resolved_search(config.dedup_search, len(source)),
             "groups": near_duplicate_groups,

@@ -72,3 +72,20 @@ def test_a_missing_report_run_is_named_without_training(runs, tmp_path):
         main_job.main(
             ["--candidates", *VAL, "--runs", str(runs), "--no-train", "--out", str(tmp_path / "o")]
         )
+
+
+def test_report_only_reads_the_report_seeds_of_the_given_candidates(runs, tmp_path):
+    for name in VAL:
+        for seed in main_job.TUNING_SEEDS:  # tuning runs are not needed: the choice was made
+            (runs / name / f"seed{seed}" / "summary.json").unlink()
+    out = tmp_path / "report.json"
+    given = ["iam_elr", "ceiling"]
+    main_job.main(["--candidates", *given, "--runs", str(runs), "--no-train", "--report-only",
+                   "--out", str(out)])  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["chosen"] is None and result["protocol"].startswith("chosen before")
+    assert set(result["results"]) == set(given)
+    assert result["results"]["iam_elr"]["summary"]["test_clean_mean"] == pytest.approx(0.855)
+    assert result["results"]["iam_elr"]["summary"]["val_clean_mean"] is None
+    with pytest.raises(SystemExit):
+        main_job.main(["--runs", str(runs), "--no-train", "--report-only", "--out", str(out)])

@@ -150,8 +150,8 @@ def test_near_duplicates_share_a_split_and_splits_are_disjoint(image_folder, tmp
     meta = json.loads((out / "dataset.json").read_text())
     assert meta["dedup"]["groups"] == 90  # 105 images, 15 of them near copies
     assert meta["dedup"] == {
-        "method": "phash256+mirror",
-        "distance": 28,
+        "method": "phash256+mirror+windows16",
+        "distance": 26,
         "search": "exact",
         "groups": 90,
     }
@@ -390,6 +390,6 @@ def test_help_shows_every_option_with_its_default():
     for option in [a[0] for a, _ in CLI_ARGS.values() if a[0].startswith("--")]:
         assert option in text
     assert text.count("(default: ") == len(CLI_ARGS)
-    for shown in ("(default: 0.7,0.1,0.2)", "(default: 28 up to 30,000 images", "(default: 1000)"):
+    for shown in ("(default: 0.7,0.1,0.2)", "(default: 26 up to 30,000 images", "(default: 1000)"):
         assert shown in text
     assert "{none,symmetric,asymmetric,instance}" in text
