@@ -67,6 +67,11 @@ CANDIDATES: dict[str, tuple[str, str, list[str]]] = {
         "con_elr",
         ["method.lambda_con=0"],
     ),
+    "con_elr_rounds": (
+        "the default + one clean-up round (relabel the suspects it disagrees with, train again)",
+        "con_elr",
+        ["train.refine_rounds=1"],
+    ),
     "ceiling": ("the method on the clean training labels", "iam", ["data.train_labels=clean"]),
 }
 ALWAYS_REPORTED = ("iam", "ceiling")

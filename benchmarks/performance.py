@@ -10,7 +10,8 @@ Blocks (`BLOCKS`): `performance` (the step breakdown, the loader, the mixup op, 
 `at-scale` (the scale model), `study-cells`, `study-selection`, `study-cleanlab` (sections of
 `study/study.md`, which benchmarks/study_report.py writes), `accuracy-quick`, `tune`,
 `review-gain`, `tracker-overhead`, `selection-remeasure`, `growth`, `dedup-quality`, `dedup-scale`,
-`prepare-throughput`, `main-job`; and `figure:PATH`, a PNG under
+`prepare-throughput`, `main-job`, `main-job-windows`, `main-job-windows-rounds` (the main job
+on today's split); and `figure:PATH`, a PNG under
 benchmarks/results/ (the hook serves them under the site's `figures/`)."""
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -436,10 +438,11 @@ def growth_md() -> list[str]:
     return [head, "", *_table([*header, "+µs/image"], rows), ""]
 
 
-def main_job_md() -> list[str]:
-    results = _load("main_job.json")
+def main_job_md(file: str = "main_job.json") -> list[str]:
+    """A main_job.py result: the default grid, or one written with --out."""
+    results = _load(file)
     if not results:
-        return ["Not run yet: `python benchmarks/main_job.py`."]
+        return [f"Not run yet: `python benchmarks/main_job.py` (writes {file})."]
     r = results[0]
     tuning, report = r["tuning_seeds"], r["report_seeds"]
 
@@ -679,6 +682,8 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
     "dedup-scale": dedup_scale_md,
     "prepare-throughput": prepare_throughput_md,
     "main-job": main_job_md,
+    "main-job-windows": partial(main_job_md, "main_job_windows.json"),
+    "main-job-windows-rounds": partial(main_job_md, "main_job_windows_rounds.json"),
 }
 FIGURE = "figure:"  # `figure:study/study.png`: a PNG under RESULTS
 # a marker is a line of its own (one quoted inside a sentence or a code span is text)

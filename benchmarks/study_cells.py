@@ -65,6 +65,8 @@ METHODS = {  # name in the tables: (preset, extra overrides)
     # the default with label refinement from a quarter of the 12 epochs (as iam_elr+refine):
     # the suspect part of a per-class GMM on the losses trains towards its ELR target
     "con_elr+refine": ("con_elr", ["method.elr_refine_from=3"]),
+    # the default with one clean-up round, the main job's choice on today's split
+    "con_elr+rounds": ("con_elr", ["train.refine_rounds=1"]),
     # the cell's ceilings: the same images with their clean labels, CE and the method
     CEILING: ("ce", ["data.train_labels=clean"]),
     "iam_elr(clean labels)": ("iam_elr", ["data.train_labels=clean"]),
