@@ -1,7 +1,9 @@
 """Near-duplicate detection on synthetic chest films (benchmarks/synthetic_patients.py): every
 original is its own patient, and planted copies of a scan are filed under new patient ids.
 
-For each Hamming distance it measures what a split depends on:
+For each Hamming distance it measures what a split depends on (at the default distance also
+the exact search against `auto`'s, which above dedup.EXACT_UP_TO images searches an inverted
+file: the seconds each took and the images they group differently):
 - recall per copy kind: copies grouped with their original (and so never in another split);
 - the false-join rate: originals whose group holds another patient's original, and the largest
   group in patients;
@@ -21,14 +23,21 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import time
 from pathlib import Path
 
 import numpy as np
 from common import REPO, Column, Table, write_result
+from dedup_scale import regrouped
 from PIL import Image
 from synthetic_patients import generate
 
-from dtrain.prepare.dedup import fingerprint, near_duplicate_groups
+from dtrain.prepare.dedup import (
+    DEFAULT_DISTANCE,
+    fingerprint,
+    near_duplicate_groups,
+    resolved_search,
+)
 from dtrain.prepare.fingerprints import scan_images
 from dtrain.prepare.sources import open_source
 from dtrain.prepare.split import SPLITS, join_groups, stratified_group_split
@@ -117,7 +126,11 @@ def crop_recall(folder: Path, rows: list[dict], distance: int, count: int = 300)
     return out
 
 
-def evaluate(folder: Path, distances: list[int], seed: int, table: Table, tag: str) -> dict:
+def evaluate(
+    folder: Path, distances: list[int], seed: int, table: Table, tag: str, exact_at: int | None
+) -> dict:
+    """Each grouping's `measure` on one set; at distance `exact_at` also the exact search's
+    (the default `auto` may search an inverted file), with the time each took."""
     with open(folder / "manifest.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     index = {r["path"]: i for i, r in enumerate(rows)}
@@ -136,16 +149,34 @@ def evaluate(folder: Path, distances: list[int], seed: int, table: Table, tag: s
     results = {
         "before: corr16 > 0.95": measure(correlation_groups(scan.thumbs), rows, original, seed)
     }
+    found = {}
     for d in distances:
-        groups = near_duplicate_groups(
-            scan.hashes, scan.mirrors, scan.constant, scan.values, d, windows=scan.windows
+        for search in ("auto", "exact") if d == exact_at else ("auto",):
+            start = time.perf_counter()
+            found[d, search] = near_duplicate_groups(
+                scan.hashes,
+                scan.mirrors,
+                scan.constant,
+                scan.values,
+                d,
+                search_kind=search,
+                windows=scan.windows,
+            )
+            name = f"phash256 <= {d}" + (", exact" if search == "exact" else "")
+            results[name] = measure(found[d, search], rows, original, seed)
+            results[name]["search"] = resolved_search(search, len(rows))
+            results[name]["seconds"] = time.perf_counter() - start
+    if exact_at in distances:  # what the inverted file misses against every pair compared
+        results[f"phash256 <= {exact_at}"]["regrouped_against_exact"] = regrouped(
+            found[exact_at, "auto"], found[exact_at, "exact"]
         )
-        results[f"phash256 <= {d}"] = measure(groups, rows, original, seed)
     for name, r in results.items():
         table.row(
             tag,
             len(rows),
             name,
+            r.get("search", ""),
+            r.get("seconds"),
             r["recall_all"],
             r["recall"].get("cropped"),
             r["false_join_rate"],
@@ -168,6 +199,8 @@ def main() -> None:
         Column("set", 6, left=True),
         Column("images", 7, "d"),
         Column("grouping", 22, left=True),
+        Column("search", 8, left=True),
+        Column("seconds", 7, ".1f"),
         Column("recall", 7, ".3f"),
         Column("crop3-8%", 8, ".3f"),
         Column("false-join", 10, ".4f"),
@@ -176,7 +209,8 @@ def main() -> None:
         Column("train/val/test", 18),
     )
     table.header()
-    tune = evaluate(synthetic_set(args.work, args.tune_n, 0), args.distances, 0, table, "tune")
+    tune_set = synthetic_set(args.work, args.tune_n, 0)
+    tune = evaluate(tune_set, args.distances, 0, table, "tune", DEFAULT_DISTANCE)
     allowed = [
         d
         for d in args.distances
@@ -185,7 +219,7 @@ def main() -> None:
     chosen = max(allowed) if allowed else min(args.distances)
     print(f"chosen on the tuning set (false-join rate <= {MAX_FALSE_JOINS}): distance {chosen}")
     folder = synthetic_set(args.work, args.report_n, 1)
-    report = evaluate(folder, [chosen], 1, table, "report")
+    report = evaluate(folder, [chosen], 1, table, "report", chosen)
     crops = crop_recall(folder, report.pop("rows"), chosen)
     tune.pop("rows")
     print(f"cropped copies within {chosen} bits, per crop: {crops}")

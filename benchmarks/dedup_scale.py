@@ -1,5 +1,5 @@
 """Near-duplicate grouping beyond the tuning set's 30k images: the default distance as the data
-grows, and the inverted file that replaces the exact search above 200k images.
+grows, and the inverted file that replaces the exact search (above dedup.EXACT_UP_TO images).
 
 At a fixed distance the other patients within it grow with the data, and chains of them join
 into ever larger groups. The default distance therefore shrinks with N

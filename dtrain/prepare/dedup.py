@@ -14,12 +14,15 @@ patient's. Each image therefore also hashes 16 windows of itself, each side cut 
 (WINDOW_INSETS): a copy cut by 2.5-8.5 % a side lies within 1.5 % a side of one of them, and its
 hash near that window's. The windows are queries only; the index holds one hash per image.
 
-The search is exact: faiss compares every pair (N^2 popcounts of 256 bits: 0.25 s at 30k
-images, minutes at a million; the windows' queries 8 times that), in blocks of queries that run
-as tasks on prepare's engine, so on every core or a cluster; each worker holds the hashes (32
-bytes an image), a block carries its windows, and only the pairs found come back. Multi-index
-hashing, which is exact and sub-quadratic on uniform hashes, was slower here: films that share
-a layout share bits.
+Up to EXACT_UP_TO images the search is exact: faiss compares every pair (N^2 popcounts of 256
+bits). Above, it searches an inverted file: each query compares the images of the PROBES lists
+whose centres lie nearest to it, about N * PROBES * LIST_SIZE popcounts, so its time per image
+does not grow with N as the exact search's does (which the windows' 16 queries an image made the
+larger part of prepare at 100k images). Either way the queries run in blocks, as tasks on
+prepare's engine, so on every core or a cluster; each worker holds the hashes (32 bytes an
+image), a block carries its windows, and only the pairs found come back. Multi-index hashing,
+which is exact and sub-quadratic on uniform hashes, was slower here: films that share a layout
+share bits.
 """
 
 from __future__ import annotations
@@ -51,9 +54,12 @@ DEFAULT_DISTANCE = 26
 REFERENCE_IMAGES = 30_000
 BITS_PER_DECADE = 4
 QUERY_BLOCK = 1 << 15  # queries per task: 32 tasks at a million images
-EXACT_UP_TO = 200_000  # images `auto` compares pair by pair; above, an inverted file
 LIST_SIZE = 256  # images per inverted list, on average
 PROBES = 16  # lists each query searches; chosen on synthetic patients (benchmarks/dedup_scale.py)
+# images `auto` compares pair by pair: up to here the inverted file would search every list
+# anyway; above, it is faster (0.6x the time at 10k, 0.25x at 30k, with the windows) and groups
+# all but a few images alike (benchmarks/dedup_quality.py)
+EXACT_UP_TO = LIST_SIZE * PROBES
 
 
 SearchKind = Literal["auto", "exact", "inverted"]

@@ -133,8 +133,8 @@ class PrepareConfig:
     dedup_search: SearchKind = option(
         "auto",
         "how images within --dedup-distance are found: exact (every pair compared, quadratic: "
-        "about 15 min per million images on 2 cores) or inverted (an inverted file: each image "
-        "against the lists of its nearest centres, near-linear, may miss a rare pair)",
+        "10 s at 30k images on 2 cores, hours at a million) or inverted (an inverted file: each "
+        "image against the lists of its nearest centres, near-linear, may miss a rare pair)",
         default_help=f"exact up to {EXACT_UP_TO:,} images, inverted above",
     )
     shard_size: int = option(1000, "samples per shard")
