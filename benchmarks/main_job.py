@@ -72,6 +72,12 @@ CANDIDATES: dict[str, tuple[str, str, list[str]]] = {
         "con_elr",
         ["train.refine_rounds=1"],
     ),
+    "con_elr_crossfit": (
+        "the default + one cross-fitted clean-up round (two fold models, each judging the labels "
+        "it hid; train again)",
+        "con_elr",
+        ["train.refine_rounds=1", "train.refine_folds=2"],
+    ),
     "ceiling": ("the method on the clean training labels", "iam", ["data.train_labels=clean"]),
 }
 ALWAYS_REPORTED = ("iam", "ceiling")

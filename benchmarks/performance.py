@@ -9,10 +9,11 @@ committed; `python benchmarks/run.py --render docs/PAGE.md` prints one page as t
 Blocks (`BLOCKS`): `performance` (the step breakdown, the loader, the mixup op, scaling),
 `at-scale` (the scale model), `study-cells`, `study-selection`, `study-cleanlab` (sections of
 `study/study.md`, which benchmarks/study_report.py writes), `accuracy-quick`, `tune`,
-`review-gain`, `tracker-overhead`, `selection-remeasure`, `growth`, `dedup-quality`, `dedup-scale`,
-`prepare-throughput`, `main-job`, `main-job-windows`, `main-job-windows-rounds` (the main job
-on today's split); and `figure:PATH`, a PNG under
-benchmarks/results/ (the hook serves them under the site's `figures/`)."""
+`review-gain`, `tracker-overhead`, `selection-remeasure`, `growth`, `growth-inverted`,
+`dedup-quality`, `dedup-scale`, `prepare-throughput`, `main-job`, `main-job-windows`,
+`main-job-windows-rounds`, `main-job-windows-crossfit` (the main job on today's split); and
+`figure:PATH`, a PNG under benchmarks/results/ (the hook serves them under the site's
+`figures/`)."""
 
 from __future__ import annotations
 
@@ -406,10 +407,11 @@ def selection_remeasure_md() -> list[str]:
     return [head, "", *_table(header, rows), ""]
 
 
-def growth_md() -> list[str]:
-    results = _load("growth.json")
+def growth_md(file: str = "growth.json") -> list[str]:
+    """A growth.py result: the default sizes, or one written with --out."""
+    results = _load(file)
     if not results:
-        return ["Not run yet: `python benchmarks/growth.py`."]
+        return [f"Not run yet: `python benchmarks/growth.py` (writes {file})."]
     r = results[0]
     smallest = min(r["sizes"])
     against = {(x["size"], x["step"]): x for x in r["ratios"]}
@@ -678,12 +680,14 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
     "tune-objectives": tune_objectives_md,
     "study-40epochs": study_40epochs_md,
     "growth": growth_md,
+    "growth-inverted": partial(growth_md, "growth_inverted.json"),
     "dedup-quality": dedup_quality_md,
     "dedup-scale": dedup_scale_md,
     "prepare-throughput": prepare_throughput_md,
     "main-job": main_job_md,
     "main-job-windows": partial(main_job_md, "main_job_windows.json"),
     "main-job-windows-rounds": partial(main_job_md, "main_job_windows_rounds.json"),
+    "main-job-windows-crossfit": partial(main_job_md, "main_job_windows_crossfit.json"),
 }
 FIGURE = "figure:"  # `figure:study/study.png`: a PNG under RESULTS
 # a marker is a line of its own (one quoted inside a sentence or a code span is text)

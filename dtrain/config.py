@@ -165,6 +165,10 @@ class TrainConfig:
     # round trains on the corrected labels; 0: train once
     refine_rounds: int = 0
     refine_init: Literal["scratch", "warm"] = "scratch"  # warm: from the previous round's weights
+    # 0: a round's own training proposes its corrections. K >= 2: cross-fitted, a round trains
+    # K models, each with one fold's labels hidden, and a sample's label is judged by the model
+    # that never saw it (dtrain.train.folds); K + 1 trainings for one round
+    refine_folds: int = 0
     # torch.compile the training step (network and losses) in place; evaluation stays eager.
     # true: inductor; or a backend name (aot_eager tells a compile bug from an inductor one).
     # Off until it measures faster (benchmarks/step_breakdown.py)
@@ -267,6 +271,14 @@ class Config:
         _check(t.select_window >= 1, "train.select_window", t.select_window, ">= 1")
         _check(t.ema_epochs >= 0, "train.ema_epochs", t.ema_epochs, ">= 0 (0: none)")
         _check(0 <= t.refine_rounds <= 10, "train.refine_rounds", t.refine_rounds, "in 0..10")
+        _check(
+            t.refine_folds == 0 or 2 <= t.refine_folds <= 10,
+            "train.refine_folds",
+            t.refine_folds,
+            "0 (no cross-fitting) or in 2..10",
+        )
+        if t.refine_folds:
+            self._check_folds()
         _check(t.dist_timeout_s >= 1, "train.dist_timeout_s", t.dist_timeout_s, ">= 1")
         _check(
             not self.run_path.exists() or self.run_path.is_dir(),
@@ -294,6 +306,31 @@ class Config:
             from dtrain.methods.pretrained import checked_weights_file
 
             checked_weights_file(mo.pretrained, mo.backbone)
+
+    def _check_folds(self) -> None:
+        """What a cross-fitted round (train.refine_folds) needs: a round to fit, a method that
+        trains without a label, and no step that reads the hidden labels."""
+        t, m = self.train, self.method
+        unlabelled = [name for name, spec in METHODS.items() if spec.unlabelled]
+        _check(t.refine_rounds >= 1, "train.refine_rounds", t.refine_rounds, ">= 1 with folds")
+        _check(
+            METHODS[m.name].unlabelled,
+            "method.name",
+            m.name,
+            f"one that trains on hidden labels with train.refine_folds ({', '.join(unlabelled)})",
+        )
+        _check(
+            m.elr_refine_from == 0,
+            "method.elr_refine_from",
+            m.elr_refine_from,
+            "0 with train.refine_folds (its division reads every label)",
+        )
+        _check(
+            t.refine_init == "scratch",
+            "train.refine_init",
+            t.refine_init,
+            "scratch with train.refine_folds (no one fold's weights to start from)",
+        )
 
     @property
     def run_path(self) -> Path:

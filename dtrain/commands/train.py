@@ -20,7 +20,8 @@ DESCRIPTION = (
     + SELECTION_HELP
     + "\n\nlabel clean-up rounds (train.refine_rounds=N): after each round, relabel to the "
     "model's prediction\nthe samples it suspects most and disagrees with; the next round "
-    "trains on the corrected labels"
+    "trains on the corrected labels;\ntrain.refine_folds=K cross-fits a round: K models, "
+    "each judging the labels it hid"
 )
 
 

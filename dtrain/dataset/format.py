@@ -158,7 +158,8 @@ def decode_sample(
     label_key: str | None = None,
     classes: list[str] | None = None,
 ) -> dict:
-    """A raw sample's image (PIL, decoded at `min_side`), label, clean label and key; a
+    """A raw sample's image (PIL, decoded at `min_side`), label, clean label, key and
+    near-duplicate group (-1 where the shards do not record it); a
     CorruptSampleError naming the shard and the member otherwise. Shards of `dtrain prepare`
     hold `.cls` and a `.json` record with the clean label; shards indexed with `dtrain index`
     hold their label under `label_key` (`raw_label`), an index or a name of `classes`, and
@@ -193,6 +194,7 @@ def decode_sample(
     try:
         record = json.loads(members["json"]) if "json" in members else {}
         clean_label = int(record.get("clean_label", label))
+        group = int(record.get("group", -1))
     except (ValueError, TypeError, AttributeError, RecursionError) as err:
         raise CorruptSampleError(f"{member}.json: not a dtrain sample record ({err})") from err
     if clean_label < 0 or (num_classes is not None and clean_label >= num_classes):
@@ -200,7 +202,13 @@ def decode_sample(
             f"{member}.json: clean_label {clean_label} is outside [0, {num_classes})"
         )
     image = _decode_member(members, image_keys[0], member, channels, min_side)
-    return {"image": image, "label": label, "clean_label": clean_label, "key": sample.key}
+    return {
+        "image": image,
+        "label": label,
+        "clean_label": clean_label,
+        "key": sample.key,
+        "group": group,
+    }
 
 
 def _decode_member(members: dict, ext: str, member: str, channels: int, min_side: int):

@@ -100,7 +100,7 @@ def decode_side(image_size: int, train: bool) -> int:
 
 def collate(samples: list[dict], size: int, train: bool) -> dict:
     """Decoded samples -> a batch: two augmented views (`view1`, `view2`) for training, the
-    centre square (`image`) for evaluation, plus labels, clean labels, flags and keys, and
+    centre square (`image`) for evaluation, plus labels, clean labels, flags, keys and groups, and
     `skipped`: why each corrupt padding sample's original was skipped (one line each)."""
     batch = {
         "label": torch.tensor([s["label"] for s in samples]),
@@ -108,6 +108,7 @@ def collate(samples: list[dict], size: int, train: bool) -> dict:
         "valid": torch.tensor([s["valid"] for s in samples]),
         "corrupt": torch.tensor([s["corrupt"] for s in samples]),
         "key": [s["key"] for s in samples],
+        "group": torch.tensor([s.get("group", -1) for s in samples]),
         "skipped": [s["skipped"] for s in samples if s["corrupt"]],
     }
     if train:

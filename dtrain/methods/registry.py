@@ -24,6 +24,9 @@ class MethodSpec:
     mixup: bool = False  # has the L_iam term (trains the attention block)
     contrastive: bool = False  # has the NT-Xent term (second view, projection head)
     elr: bool = False  # adds ELR's regulariser (dtrain.methods.losses.elr_term)
+    # trains on samples whose label is hidden (label -1: the CE skips them, the label-free terms
+    # keep them), as the folds of a cross-fitted clean-up round do (train.refine_folds)
+    unlabelled: bool = False
     # "module:function" building its per-sample memory (dtrain.methods.steps.MemoryRule)
     memory: str = ""
     # config values the method implies unless the user sets them (`method.name=afm` alone gives
@@ -67,6 +70,7 @@ METHODS: dict[str, MethodSpec] = {
             "ablation: the method without the attention mixup (CE + NT-Xent)",
             _steps("attention_method_step"),
             contrastive=True,
+            unlabelled=True,
         ),
         MethodSpec(
             "afm",
@@ -94,6 +98,7 @@ METHODS: dict[str, MethodSpec] = {
             _steps("attention_method_step"),
             contrastive=True,
             elr=True,
+            unlabelled=True,
             memory=_steps("elr_targets_rule"),
             implies={"method.elr_rampup_epochs": 30},
         ),

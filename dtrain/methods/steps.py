@@ -71,7 +71,10 @@ def attention_method_step(model: NoiseRobustNet, batch: dict, ctx: StepContext) 
     """L = L_ce + lambda_iam L_iam + lambda_con L_con (method.md), its ablations, and AFM."""
     cfg = ctx.cfg
     spec = METHODS[cfg.name]
-    x1, labels, valid = batch["view1"], batch["label"], batch["valid"]
+    x1, valid = batch["view1"], batch["valid"]
+    # a hidden label (-1, spec.unlabelled) leaves the CE; the contrastive and ELR terms need none
+    labelled = valid & (batch["label"] >= 0)
+    labels = batch["label"].clamp_min(0)
     contrastive = spec.contrastive and cfg.lambda_con > 0
     if contrastive:
         h1, h2 = model.encoder(torch.cat([x1, batch["view2"]])).chunk(2)
@@ -91,8 +94,10 @@ def attention_method_step(model: NoiseRobustNet, batch: dict, ctx: StepContext) 
             loss = losses.afm_loss(h1, attention, labels, model.classifier, ctx.num_classes, valid)
         terms["afm"] = loss.detach()
     else:
-        ce = _label_ce(logits, sample_loss, batch, ctx) if spec.elr else sample_loss
-        loss = losses.masked_mean(ce, valid)
+        ce = sample_loss
+        if spec.elr:
+            ce = _label_ce(logits, sample_loss, labels, batch["memory"], ctx)
+        loss = losses.masked_mean(ce, labelled)
         terms["ce"] = loss.detach()
         # the attention learns only through L_iam: without it its weights are noise, not a score
         if spec.mixup and cfg.lambda_iam > 0 and ctx.epoch >= cfg.warmup_epochs:
@@ -196,7 +201,7 @@ def elr_step(model: torch.nn.Module, batch: dict, ctx: StepContext) -> StepOutpu
     """ELR: CE + elr_lambda * ELR's regulariser on view 1 (losses.elr_term)."""
     logits, labels, valid = model(batch["view1"]), batch["label"], batch["valid"]
     sample_loss = F.cross_entropy(losses.wide(logits), labels, reduction="none")
-    ce = _label_ce(logits, sample_loss, batch, ctx)
+    ce = _label_ce(logits, sample_loss, labels, batch["memory"], ctx)
     elr, observed = _elr(logits, labels, sample_loss, batch["memory"], ctx, valid)
     loss = losses.masked_mean(ce, valid)
     out = _baseline_output(loss + elr_weight(ctx.cfg, ctx.epoch) * elr, logits, labels, "ce")
@@ -229,13 +234,17 @@ def _elr(
 
 
 def _label_ce(
-    logits: torch.Tensor, sample_loss: torch.Tensor, batch: dict, ctx: StepContext
+    logits: torch.Tensor,
+    sample_loss: torch.Tensor,
+    labels: torch.Tensor,
+    memory: torch.Tensor,
+    ctx: StepContext,
 ) -> torch.Tensor:
     """The per-sample CE term of an ELR method: against the given label, or against the refined
     target once refining (method.elr_refine_from)."""
     if not refining(ctx.cfg, ctx.epoch):
         return sample_loss
-    target = refined_targets(batch["memory"], batch["label"], ctx.num_classes)
+    target = refined_targets(memory, labels, ctx.num_classes)
     return losses.soft_cross_entropy(logits, target)
 
 

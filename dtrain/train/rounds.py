@@ -8,10 +8,17 @@ disagrees with its label; q is the fraction of all samples whose prediction disa
 data's own estimate of its noise rate. The next round trains from scratch (or warm, from the
 previous round's last weights: `train.refine_init`) on the corrected labels.
 
-A run folder with rounds holds `rounds/<i>/` (a complete run each, with its
-`corrections.parquet`: key, old, new, suspicion, rank, for a person to audit) and the final
-round in the folder itself, so `dtrain eval`, `dtrain.load` and `dtrain predict` see the final
-model. A round that finished is not repeated under `--resume`."""
+Cross-fitted (`train.refine_folds=K`): a round trains K models instead of one, model k with
+the labels of fold k hidden (dtrain.train.folds; its contrastive and ELR terms still see those
+images), and each sample's suspicion and prediction come from the model that did not see its
+label. A round's own training has learnt some of the wrong labels it kept; it then vouches for
+them, and relabels clean samples to its own mistakes, which the next round learns back
+(docs/results.md). A model that never saw a label cannot vouch for it.
+
+A run folder with rounds holds `rounds/<i>/` (a complete run each, or its folds'
+`rounds/<i>/fold<k>/`, with its `corrections.parquet`: key, old, new, suspicion, rank, for a
+person to audit) and the final round in the folder itself, so `dtrain eval`, `dtrain.load` and
+`dtrain predict` see the final model. A round that finished is not repeated under `--resume`."""
 
 from __future__ import annotations
 
@@ -19,9 +26,9 @@ import json
 import math
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
+import pyarrow as pa
 
 from dtrain.config import Config, load_config
 from dtrain.distributed import from_rank_0
@@ -34,9 +41,6 @@ from dtrain.train.resolve import ResolvedRun
 from dtrain.train.trackers import parent_run
 from dtrain.train.trainer import EpochHook, StepHook, Trainer
 
-if TYPE_CHECKING:
-    import pyarrow as pa
-
 ROUNDS = "rounds"
 CORRECTIONS = "corrections.parquet"
 CORRECTION_COLUMNS = ("key", "old", "new", "suspicion", "rank", "was_wrong")
@@ -47,12 +51,18 @@ def round_dirs(run_dir: Path, rounds: int) -> list[Path]:
     return [run_dir / ROUNDS / str(i) for i in range(rounds)] + [run_dir]
 
 
+def fold_dirs(round_dir: Path, folds: int) -> list[Path]:
+    """Where a cross-fitted round trains its models: `fold0 .. fold<K-1>`."""
+    return [round_dir / f"fold{k}" for k in range(folds)]
+
+
 def has_progress(config: Config, saved_only: bool = False) -> bool:
     """Whether any round of this run has written anything (what `--resume auto` looks for);
     `saved_only`: a checkpoint or a finished round, what a fresh start would overwrite."""
     marks = (LAST, CORRECTIONS) if saved_only else (LAST, CORRECTIONS, "config.yaml")
     dirs = round_dirs(config.run_path, config.train.refine_rounds)
-    return any((d / mark).exists() for d in dirs for mark in marks)
+    folds = [f for d in dirs[:-1] for f in fold_dirs(d, config.train.refine_folds)]
+    return any((d / mark).exists() for d in dirs + folds for mark in marks)
 
 
 def propose(scores: pa.Table) -> list[dict]:
@@ -99,23 +109,38 @@ def read_corrections(path: Path) -> list[dict]:
     return pq.read_table(path).to_pylist()
 
 
-def _round_record(index: int, trainer: Trainer, summary: dict, corrections: list[dict]) -> dict:
-    """What a round did, for rounds.json (rank 0: it holds the score rows)."""
-    scores = trainer.scores.table
+def _round_record(
+    index: int,
+    folder: Path,
+    trainer: Trainer,
+    scores: pa.Table,
+    summaries: list[dict],
+    corrections: list[dict],
+) -> dict:
+    """What a round did, for rounds.json (rank 0: it holds the score rows). A cross-fitted
+    round's AUROC and test accuracies are its folds' means."""
     # without injected noise the shipped label is the only one known: the label error and the
     # ranking's AUROC against it would only measure the corrections themselves
     known = trainer.meta.get("noise", {}).get("model", "none") != "none"
     wrong = int(scores.column("is_noisy").to_numpy().sum())
+    aurocs = [s.get("mislabel_auroc", {}) for s in summaries]
+
+    def test(which: str) -> float | None:
+        found = [(s.get(which) or {}).get("clean_accuracy") for s in summaries]
+        found = [f for f in found if f is not None]
+        return float(np.mean(found)) if found else None
+
     return {
         "round": index,
-        "run_dir": str(trainer.run_dir),
+        "run_dir": str(folder),
+        "folds": len(summaries) if len(summaries) > 1 else 0,
         "clean_labels_known": known,
         "labels_corrected_before": len(trainer.relabel or {}),
         # of the labels this round trained on
         "label_error": wrong / max(1, scores.num_rows) if known else None,
-        "mislabel_auroc": summary.get("mislabel_auroc", {}),
-        "test_best_clean_accuracy": (summary.get("test_best") or {}).get("clean_accuracy"),
-        "test_last_clean_accuracy": (summary.get("test_last") or {}).get("clean_accuracy"),
+        "mislabel_auroc": {k: float(np.mean([a[k] for a in aurocs])) for k in aurocs[0]},
+        "test_best_clean_accuracy": test("test_best"),
+        "test_last_clean_accuracy": test("test_last"),
         "corrections": len(corrections),
         "corrections_of_wrong_labels": sum(c["was_wrong"] for c in corrections) if known else None,
     }
@@ -171,34 +196,46 @@ def _run_rounds(
     relabel: dict[str, int] = {}
     records: list[dict] = []
     result: dict = {}
+    folds = config.train.refine_folds
     for index, folder in enumerate(dirs):
         corrections_file = folder / CORRECTIONS
-        if folder != run_dir and corrections_file.is_file():  # finished earlier
-            _check_same_config(folder, config)
+        final = folder == run_dir
+        if not final and corrections_file.is_file():  # finished earlier
+            _check_same_config(fold_dirs(folder, folds)[0] if folds else folder, config)
             records.append(json.loads((folder / "round.json").read_text()))
             relabel.update({c["key"]: c["new"] for c in read_corrections(corrections_file)})
             continue
         if engine.is_main and rounds:
             print(f"label clean-up round {index} of {rounds} in {folder}")
-        trainer = Trainer(
-            run.with_run_dir(str(folder)),
-            on_epoch_end=hooks[0],
-            on_step=hooks[1],
-            resume=resume and (folder / "config.yaml").exists(),
-            stop=stop,
-            stop_file=stop_file,
-            engine=engine,
-            relabel=dict(relabel),
-            init_weights=_warm_start(config, dirs, index),
-        )
-        result = trainer.fit()
-        if result.get("stopped"):
-            return result
+        # (run folder, hidden fold): one training, or one per fold of a cross-fitted round
+        runs = [(folder, None)]
+        if folds and not final:
+            runs = [(d, (k, folds)) for k, d in enumerate(fold_dirs(folder, folds))]
+        tables, summaries = [], []
+        for where, hidden in runs:
+            trainer = Trainer(
+                run.with_run_dir(str(where)),
+                on_epoch_end=hooks[0],
+                on_step=hooks[1],
+                resume=resume and (where / "config.yaml").exists(),
+                stop=stop,
+                stop_file=stop_file,
+                engine=engine,
+                relabel=dict(relabel),
+                init_weights=_warm_start(config, dirs, index),
+                hidden_fold=hidden,
+            )
+            result = trainer.fit()
+            if result.get("stopped"):
+                return result
+            tables.append(trainer.scores.table)  # a fold's rows: only the samples it hid
+            summaries.append(result)
+        scores = pa.concat_tables(tables) if engine.is_main else None
         corrections = []
-        if folder != run_dir:  # rank 0 holds the score rows: it proposes for every rank
-            corrections = from_rank_0(propose(trainer.scores.table) if engine.is_main else None)
+        if not final:  # rank 0 holds the score rows: it proposes for every rank
+            corrections = from_rank_0(propose(scores) if engine.is_main else None)
         if engine.is_main:
-            record = _round_record(index, trainer, result, corrections)
+            record = _round_record(index, folder, trainer, scores, summaries, corrections)
             records.append(record)
             if folder != run_dir:  # round.json before the corrections: they mark it done
                 write_json_atomic(folder / "round.json", record)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from dtrain import distributed
 from dtrain.config import save_config
@@ -47,6 +48,7 @@ from dtrain.train.ema import WeightAverage, horizon_steps
 from dtrain.train.engine import Engine, make_engine
 from dtrain.train.evaluation import evaluate
 from dtrain.train.export import export_best
+from dtrain.train.folds import sample_folds
 from dtrain.train.label_scores import ScoreAccumulator
 from dtrain.train.lr_schedule import lr_factor
 from dtrain.train.resolve import ResolvedRun
@@ -76,7 +78,8 @@ class Trainer:
     checkpoint and return at the next log step (`train.log_every`), on every rank at the same
     step. Label clean-up rounds (`dtrain.train.rounds`) hand over an `engine` to share, the
     training labels they corrected (`relabel`, by sample key) and the weights to start from
-    (`init_weights`, a checkpoint)."""
+    (`init_weights`, a checkpoint); a cross-fitted round's fold run hides the labels of fold k
+    of K (`hidden_fold=(k, K)`, dtrain.train.folds) and scores only those samples."""
 
     def __init__(
         self,
@@ -89,6 +92,7 @@ class Trainer:
         engine: Engine | None = None,
         relabel: dict[str, int] | None = None,
         init_weights: Path | None = None,
+        hidden_fold: tuple[int, int] | None = None,
     ) -> None:
         self.config = config = run.config
         self.on_epoch_end, self.on_step = on_epoch_end, on_step
@@ -100,6 +104,7 @@ class Trainer:
         self._owns_engine = engine is None
         self.engine = engine or make_engine(run)
         self.relabel, self.init_weights = relabel, init_weights
+        self.hidden_fold = hidden_fold
         self.run_dir = config.run_path
 
     def request_stop(self) -> None:
@@ -287,10 +292,16 @@ class Trainer:
             memory = (
                 None if self.memory is None else self.memory.lookup(batch["key"], engine.device)
             )
+            labels, scored = batch["label"], valid
+            if self.hidden_fold is not None:
+                fold, folds = self.hidden_fold
+                hidden = sample_folds(batch["group"], batch["key"], folds) == fold
+                hidden = hidden.to(valid.device)
+                labels, scored = torch.where(hidden, -1, labels), valid & hidden
             with engine.accumulating(boundary):
                 with engine.autocast():
                     out = engine.model(
-                        batch["view1"], batch["view2"], batch["label"], valid, state.epoch, memory
+                        batch["view1"], batch["view2"], labels, valid, state.epoch, memory
                     )
                 engine.backward(out["loss"] * weight)
             if boundary:
@@ -306,12 +317,17 @@ class Trainer:
             if self.memory is not None:
                 self.memory.add(batch["key"], valid, out["memory"])
             if scoring:
+                sample_loss = out["sample_loss"]
+                if self.hidden_fold is not None:  # the step saw no label for these: score them
+                    sample_loss = F.cross_entropy(
+                        out["logits"].float(), batch["label"], reduction="none"
+                    )
                 self.scores.add(
                     batch["key"],
-                    valid,
+                    scored,
                     batch["label"],
                     batch["clean_label"],
-                    out["sample_loss"],
+                    sample_loss,
                     out["logits"].argmax(-1),
                     out["attention"],
                 )

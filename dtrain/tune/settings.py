@@ -169,8 +169,9 @@ def load_search(
     base.validate()
     _one_round(base)
     space = parse_space(values.get("space"), base, str(path))
-    if any(d.key == "train.refine_rounds" for d in space):
-        raise ConfigError(f"search file {path}: train.refine_rounds cannot be searched")
+    for key in ("train.refine_rounds", "train.refine_folds"):
+        if any(d.key == key for d in space):
+            raise ConfigError(f"search file {path}: {key} cannot be searched")
     _absolute_paths(base)  # last: it may prepare the embedded set
     if settings.algorithm == "tpe" and settings.num_samples < 2:
         raise ConfigError("search.algorithm=tpe needs search.num_samples >= 2")
@@ -197,7 +198,7 @@ def _one_round(base: Config) -> None:
             "train.refine_rounds: a search trial trains one round (drop the key, then train the "
             "best trial's config with rounds)"
         )
-    base.train.refine_rounds = 0
+    base.train.refine_rounds = base.train.refine_folds = 0
 
 
 def max_epochs_of(search: Search) -> int:

@@ -99,6 +99,7 @@ BAD_VALUES: dict[str, tuple[str, ...] | None] = {
     "train.select_window": ("0",),
     "train.ema_epochs": ("-0.1",),
     "train.refine_rounds": ("-1", "11"),
+    "train.refine_folds": ("-1", "1", "11"),
     "train.refine_init": ("hot",),
     "train.compile": ("indcutor",),
     "train.channels_last": None,  # a bool

@@ -1,5 +1,5 @@
 """The method registry, its presets and implied values; input mixup's reported logits; the
-Co-teaching forget rate."""
+Co-teaching forget rate; hidden labels."""
 
 from __future__ import annotations
 
@@ -90,3 +90,31 @@ def test_forget_rate_explicit_then_nominal_never_realised():
     with pytest.raises(ConfigError, match="relabelled after a review"):
         forget_rate(nominal, reviewed)
     assert forget_rate(explicit, reviewed) == 0.25
+
+
+@pytest.mark.parametrize("name", [n for n, spec in METHODS.items() if spec.unlabelled])
+def test_a_hidden_label_leaves_the_ce_and_nothing_else_reads_it(name):
+    """What a cross-fitted round's fold model relies on: label -1 is unseen, and the CE term is
+    the mean over the labelled samples alone."""
+    config = load_config(None, [f"method.name={name}", "model.backbone=test_resnet"])
+    torch.manual_seed(0)
+    net = build_model(config.model, name, num_classes=2, in_chans=1)
+    views = torch.randn(2, 8, 1, 32, 32)
+    memory = torch.rand(8, 4)
+
+    def step(label: list[int]):
+        batch = {
+            "view1": views[0],
+            "view2": views[1],
+            "label": torch.tensor(label),
+            "valid": torch.ones(8, dtype=torch.bool),
+            "memory": memory,
+        }
+        torch.manual_seed(1)  # the same step each time
+        return training_step(net, batch, config.method, 12, 2, 0.0)
+
+    shown = [0, 1, 1, 0, 1, 0, 0, 1]
+    hidden = step(shown[:4] + [-1] * 4)
+    torch.testing.assert_close(hidden.terms["ce"], step(shown).sample_loss[:4].mean())
+    everyone = step(shown)
+    assert not torch.allclose(everyone.terms["ce"], hidden.terms["ce"])

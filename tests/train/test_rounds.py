@@ -161,3 +161,76 @@ def test_a_search_trains_one_round():
     assert quiet.train.refine_rounds == 0
     with pytest.raises(ConfigError, match="train.refine_rounds"):
         _one_round(load_config(None, ["train.refine_rounds=2"]))
+
+
+def test_a_fold_model_never_sees_the_labels_it_hides(tiny, tmp_path):
+    """Whatever labels fold 0 holds, a model that hides them trains to the same weights; it
+    scores exactly those samples, against their labels."""
+
+    def fold_run(name: str, relabel: dict[str, int] | None) -> Trainer:
+        cfg = config(tiny, tmp_path / name, "train.refine_rounds=1", "train.refine_folds=2")
+        trainer = Trainer(resolve(cfg), relabel=relabel, hidden_fold=(0, 2))
+        trainer.fit()
+        return trainer
+
+    plain = fold_run("plain", None)
+    rows = plain.scores.table.to_pylist()
+    all_keys = {
+        r["key"]
+        for r in pq.read_table(tiny / "manifest.parquet").to_pylist()
+        if r["split"] == "train"
+    }
+    assert 0 < len(rows) < len(all_keys)  # fold 0 alone, scored
+    flipped = fold_run("flipped", {r["key"]: 1 - r["label"] for r in rows})
+    for name, tensor in plain.net.state_dict().items():
+        assert torch.equal(tensor, flipped.net.state_dict()[name]), name
+    again = {r["key"]: r["label"] for r in flipped.scores.table.to_pylist()}
+    assert again == {r["key"]: 1 - r["label"] for r in rows}  # scored against the labels it hid
+
+
+@pytest.mark.slow
+def test_a_cross_fitted_round_judges_each_label_by_the_model_that_hid_it(tiny, tmp_path):
+    run = tmp_path / "run"
+    summary = train(config(tiny, run, "train.refine_rounds=1", "train.refine_folds=2"))
+    folds = [
+        {
+            r["key"]: r
+            for r in pq.read_table(run / f"rounds/0/fold{k}/label_scores.parquet").to_pylist()
+        }
+        for k in range(2)
+    ]
+    final = pq.read_table(run / "label_scores.parquet").to_pylist()
+    assert folds[0] and folds[1] and not folds[0].keys() & folds[1].keys()
+    assert folds[0].keys() | folds[1].keys() == {r["key"] for r in final}
+    groups = {}  # copies of one scan share a fold
+    for r in pq.read_table(tiny / "manifest.parquet").to_pylist():
+        groups.setdefault(r["group"], set()).add(r["key"])
+    for members in groups.values():
+        assert all(m in folds[0] for m in members) or not any(m in folds[0] for m in members)
+    corrections = pq.read_table(run / "rounds/0/corrections.parquet").to_pylist()
+    assert corrections
+    for c in corrections:  # each proposed by the fold that hid its label
+        held = folds[0].get(c["key"]) or folds[1][c["key"]]
+        assert c["new"] == held["predicted_label"] != c["old"] == held["noisy_label"]
+    record = summary["rounds"][0]
+    assert record["folds"] == 2 and record["corrections"] == len(corrections)
+    assert json.loads((run / "rounds/0/round.json").read_text()) == record
+
+
+def test_cross_fitting_is_refused_where_it_cannot_hide_a_label():
+    for extra, key in [
+        ([], "train.refine_rounds"),
+        (["train.refine_rounds=1", "method.name=iam"], "method.name"),
+        (["train.refine_rounds=1", "method.elr_refine_from=3"], "method.elr_refine_from"),
+        (["train.refine_rounds=1", "train.refine_init=warm"], "train.refine_init"),
+        (["train.refine_rounds=1", "train.refine_folds=1"], "train.refine_folds"),
+    ]:
+        cfg = load_config(None, ["train.refine_folds=2", *extra])
+        with pytest.raises(ConfigError, match=key):
+            cfg.validate()
+    load_config(None, ["train.refine_folds=2", "train.refine_rounds=1"]).validate()
+    search_base = load_config(None, ["train.refine_folds=2", "train.refine_rounds=1"])
+    search_base.explicit_keys.discard("train.refine_rounds")
+    _one_round(search_base)
+    assert search_base.train.refine_folds == search_base.train.refine_rounds == 0
+    search_base.validate()
