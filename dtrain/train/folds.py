@@ -10,9 +10,10 @@ import torch
 
 
 def sample_folds(groups: torch.Tensor, keys: list[str], folds: int) -> torch.Tensor:
-    """Each sample's fold in 0..folds-1 (on the host): its near-duplicate group's, so copies of
-    one scan share a fold and none is judged by a model that learned its copy's label; its key's
-    (CRC-32) where the shards record no group (-1)."""
-    by_key = torch.tensor([zlib.crc32(key.encode()) for key in keys], dtype=torch.int64)
-    groups = groups.detach().cpu().to(torch.int64)
-    return torch.where(groups >= 0, groups, by_key) % folds
+    """Each sample's fold in 0..folds-1, on the groups' device (nothing is read back): its
+    near-duplicate group's, so copies of one scan share a fold and none is judged by a model
+    that learned its copy's label; its key's (CRC-32) where the shards record no group (-1)."""
+    by_key = torch.tensor(
+        [zlib.crc32(key.encode()) for key in keys], dtype=torch.int64, device=groups.device
+    )
+    return torch.where(groups >= 0, groups.to(torch.int64), by_key) % folds

@@ -296,7 +296,6 @@ class Trainer:
             if self.hidden_fold is not None:
                 fold, folds = self.hidden_fold
                 hidden = sample_folds(batch["group"], batch["key"], folds) == fold
-                hidden = hidden.to(valid.device)
                 labels, scored = torch.where(hidden, -1, labels), valid & hidden
             with engine.accumulating(boundary):
                 with engine.autocast():
