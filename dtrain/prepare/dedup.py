@@ -57,8 +57,8 @@ QUERY_BLOCK = 1 << 15  # queries per task: 32 tasks at a million images
 LIST_SIZE = 256  # images per inverted list, on average
 PROBES = 16  # lists each query searches; chosen on synthetic patients (benchmarks/dedup_scale.py)
 # images `auto` compares pair by pair: up to here the inverted file would search every list
-# anyway; above, it is faster (0.6x the time at 10k, 0.25x at 30k, with the windows) and groups
-# all but a few images alike (benchmarks/dedup_quality.py)
+# anyway; above, it is faster (with the windows: 0.25x the time at 30k, 0.06x at 100k) and
+# groups all but a few images alike (benchmarks/dedup_quality.py)
 EXACT_UP_TO = LIST_SIZE * PROBES
 
 

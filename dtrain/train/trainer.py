@@ -30,7 +30,7 @@ from dtrain.config import save_config
 from dtrain.dataset.format import read_dataset_json, split_urls, training_splits
 from dtrain.dataset.loader import ShardLoader, make_loader
 from dtrain.errors import ConfigError, NonFiniteLossError
-from dtrain.methods.losses import rank_weight
+from dtrain.methods.losses import rank_weight, wide
 from dtrain.methods.model import build_model
 from dtrain.methods.steps import TrainStep, forget_rate, memory_rule
 from dtrain.prepare.data_folder import resolve_data_dir
@@ -319,7 +319,7 @@ class Trainer:
                 sample_loss = out["sample_loss"]
                 if self.hidden_fold is not None:  # the step saw no label for these: score them
                     sample_loss = F.cross_entropy(
-                        out["logits"].float(), batch["label"], reduction="none"
+                        wide(out["logits"]), batch["label"], reduction="none"
                     )
                 self.scores.add(
                     batch["key"],
