@@ -78,6 +78,17 @@ CANDIDATES: dict[str, tuple[str, str, list[str]]] = {
         "con_elr",
         ["train.refine_rounds=1", "train.refine_folds=2"],
     ),
+    "con_elr_80": (
+        "the default over 80 epochs, ELR's weight ramped over 60",
+        "con_elr",
+        ["train.epochs=80", "method.elr_rampup_epochs=60"],
+    ),
+    "con_elr_consistency": (
+        "the default + FixMatch's consistency between the views (confidence 0.95, weight 1, "
+        "ramped over 30 epochs)",
+        "con_elr",
+        ["method.consistency_lambda=1"],
+    ),
     "ceiling": ("the method on the clean training labels", "iam", ["data.train_labels=clean"]),
 }
 ALWAYS_REPORTED = ("iam", "ceiling")

@@ -105,6 +105,12 @@ class MethodConfig:
     # from this epoch on (0: never) the CE term trains each sample towards w y + (1 - w) t: its
     # label where a per-class GMM on the last epoch's losses trusts it, else its ELR target t
     elr_refine_from: int = 0
+    # FixMatch's confident-prediction consistency between the two views (methods with the
+    # contrastive term; 0: off): its weight, reached over consistency_rampup_epochs as ELR's,
+    # and the confidence a first-view prediction needs to become the second view's target
+    consistency_lambda: float = 0.0
+    consistency_threshold: float = 0.95
+    consistency_rampup_epochs: int = 30
     # DivideMix (the paper's CIFAR-10 values; method.warmup_epochs is its CE warm-up): the
     # unlabelled loss weight (ramped up over dividemix_rampup_epochs after the warm-up), the
     # clean probability that keeps a label, the sharpening temperature, the Beta(a, a) of MixMatch
@@ -225,6 +231,19 @@ class Config:
         _check(m.score_epochs >= 1, "method.score_epochs", m.score_epochs, ">= 1")
         _check(0 <= m.elr_beta < 1, "method.elr_beta", m.elr_beta, "in [0, 1)")
         _check(
+            0 < m.consistency_threshold <= 1,
+            "method.consistency_threshold",
+            m.consistency_threshold,
+            "in (0, 1]",
+        )
+        _check(
+            m.consistency_lambda == 0 or (spec.contrastive and m.lambda_con > 0),
+            "method.consistency_lambda",
+            m.consistency_lambda,
+            "0 for a method without the contrastive term's second view (method.lambda_con > 0 "
+            "of " + ", ".join(n for n, s in METHODS.items() if s.contrastive) + ")",
+        )
+        _check(
             0 <= m.dividemix_threshold <= 1,
             "method.dividemix_threshold",
             m.dividemix_threshold,
@@ -248,6 +267,8 @@ class Config:
             "elr_lambda",
             "elr_rampup_epochs",
             "elr_refine_from",
+            "consistency_lambda",
+            "consistency_rampup_epochs",
             "dividemix_lambda_u",
             "dividemix_alpha",
         ):

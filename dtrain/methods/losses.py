@@ -179,6 +179,26 @@ def sce_loss(logits: torch.Tensor, labels: torch.Tensor, alpha: float, beta: flo
     return alpha * ce + beta * reverse
 
 
+def confident_consistency(
+    teacher_logits: torch.Tensor,
+    student_logits: torch.Tensor,
+    threshold: float,
+    valid: torch.Tensor | None,
+) -> torch.Tensor:
+    """FixMatch's unlabelled loss (Sohn et al., NeurIPS 2020, Eq. 4) between two views of each
+    image: (1 / B) sum_i 1[max q_i >= threshold] CE(argmax q_i, z'_i), q_i = softmax(z_i) of the
+    first view, detached. It needs no label, so it teaches the images a noisy label gets wrong
+    what the model is already sure of on another view."""
+    q = wide(teacher_logits.detach()).softmax(-1)
+    confidence, pseudo = q.max(-1)
+    per_sample = F.cross_entropy(wide(student_logits), pseudo, reduction="none")
+    confident = (confidence >= threshold).to(per_sample.dtype)
+    if valid is None:
+        return (per_sample * confident).mean()
+    weights = valid.to(per_sample.dtype)
+    return (per_sample * confident * weights).sum() / weights.sum().clamp_min(1)
+
+
 def elr_term(
     logits: torch.Tensor, previous: torch.Tensor, beta: float, valid: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -125,6 +125,12 @@ def attention_method_step(model: NoiseRobustNet, batch: dict, ctx: StepContext) 
             con = losses.nt_xent(model.project(h1), model.project(h2), cfg.temperature, valid)
         loss = loss + cfg.lambda_con * con
         terms["con"] = con.detach()
+        if cfg.consistency_lambda > 0:
+            logits2 = model.classifier(h2)
+            cons = losses.confident_consistency(logits, logits2, cfg.consistency_threshold, valid)
+            weight = ramp(cfg.consistency_lambda, cfg.consistency_rampup_epochs, ctx.epoch)
+            loss = loss + weight * cons
+            terms["cons"] = cons.detach()
     observed = None
     if spec.elr:
         elr, observed = _elr(logits, labels, sample_loss, batch["memory"], ctx, valid)
@@ -210,13 +216,18 @@ def elr_step(model: torch.nn.Module, batch: dict, ctx: StepContext) -> StepOutpu
 
 
 def elr_weight(cfg: MethodConfig, epoch: int) -> float:
-    """ELR's weight in epoch `epoch` (from 0): elr_lambda exp(-5 (1 - t)^2), t the share of
-    method.elr_rampup_epochs done (the ramp of Laine and Aila's temporal ensembling, ICLR 2017):
+    """ELR's weight in epoch `epoch` (from 0): elr_lambda ramped over method.elr_rampup_epochs,
     near zero while the model is still at chance, whose confident guesses the term would lock
-    in, then elr_lambda from the end of the ramp."""
-    if epoch >= cfg.elr_rampup_epochs:
-        return cfg.elr_lambda
-    return cfg.elr_lambda * math.exp(-5 * (1 - epoch / cfg.elr_rampup_epochs) ** 2)
+    in."""
+    return ramp(cfg.elr_lambda, cfg.elr_rampup_epochs, epoch)
+
+
+def ramp(weight: float, rampup_epochs: int, epoch: int) -> float:
+    """weight exp(-5 (1 - t)^2), t the share of `rampup_epochs` done at `epoch` (from 0), then
+    `weight` (the ramp of Laine and Aila's temporal ensembling, ICLR 2017; 0 epochs: constant)."""
+    if epoch >= rampup_epochs:
+        return weight
+    return weight * math.exp(-5 * (1 - epoch / rampup_epochs) ** 2)
 
 
 def _elr(
