@@ -89,6 +89,16 @@ CANDIDATES: dict[str, tuple[str, str, list[str]]] = {
         "con_elr",
         ["method.consistency_lambda=1"],
     ),
+    "con_elr_con2": (
+        "the default with the contrastive term's weight doubled",
+        "con_elr",
+        ["method.lambda_con=2"],
+    ),
+    "con_elr_lr01": (
+        "the default with the learning rate doubled (0.1)",
+        "con_elr",
+        ["optim.lr=0.1"],
+    ),
     "ceiling": ("the method on the clean training labels", "iam", ["data.train_labels=clean"]),
 }
 ALWAYS_REPORTED = ("iam", "ceiling")
