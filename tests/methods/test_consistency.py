@@ -11,7 +11,8 @@ import torch
 from dtrain.config import load_config
 from dtrain.errors import ConfigError
 from dtrain.methods import losses
-from dtrain.methods.steps import ramp
+from dtrain.methods.model import build_model
+from dtrain.methods.steps import ramp, training_step
 
 
 def test_only_confident_first_views_teach_the_second_and_the_mean_is_over_the_batch():
@@ -48,3 +49,32 @@ def test_the_ramp_reaches_its_weight_and_stays():
 def test_it_is_refused_where_there_is_no_second_view_to_teach(overrides):
     with pytest.raises(ConfigError, match="method.consistency_"):
         load_config(None, overrides).validate()
+
+
+@pytest.mark.parametrize("epoch", [0, 12, 40])
+def test_the_step_adds_the_ramped_term_on_its_own_two_views(epoch):
+    """The default's step with consistency = the step without + ramp(λ) x the loss of the
+    second view's logits against the first view's confident predictions."""
+    overrides = ["method.name=con_elr", "model.backbone=test_resnet"]
+    plain = load_config(None, overrides)
+    with_it = load_config(None, [*overrides, "method.consistency_lambda=2"])
+    with_it.method.consistency_threshold = 0.5  # every prediction of two classes is confident
+    torch.manual_seed(0)
+    net = build_model(plain.model, "con_elr", num_classes=2, in_chans=1)
+    views = torch.randn(2, 8, 1, 32, 32)
+    batch = {
+        "view1": views[0],
+        "view2": views[1],
+        "label": torch.tensor([0, 1, 1, 0, 1, 0, 0, 1]),
+        "valid": torch.tensor([True] * 7 + [False]),
+        "memory": torch.rand(8, 4),
+    }
+    out = training_step(net, batch, with_it.method, epoch, 2, 0.0)
+    base = training_step(net, batch, plain.method, epoch, 2, 0.0)
+    # the step encodes both views in one batch (one set of batch-norm statistics), as here
+    logits1, logits2 = net.classifier(net.encoder(views.flatten(0, 1))).chunk(2)
+    expected = losses.confident_consistency(logits1, logits2, 0.5, batch["valid"])
+    assert expected.item() > 0
+    torch.testing.assert_close(out.terms["cons"], expected)
+    weight = ramp(2.0, 30, epoch)
+    torch.testing.assert_close(out.loss, base.loss + weight * expected)
