@@ -38,8 +38,9 @@ import torch.nn.functional as F
 from dtrain.config import MethodConfig
 from dtrain.methods import losses
 from dtrain.methods.division import divide
+from dtrain.methods.memory import MemoryRule
 from dtrain.methods.model import CoTeachingNet
-from dtrain.methods.steps import MemoryRule, StepContext, StepOutput
+from dtrain.methods.steps import StepContext, StepOutput
 
 
 def division_rule(cfg: MethodConfig, num_classes: int) -> MemoryRule:

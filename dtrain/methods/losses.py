@@ -17,6 +17,14 @@ def wide(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
+def ramp(weight: float, rampup_epochs: int, epoch: int) -> float:
+    """weight exp(-5 (1 - t)^2), t the share of `rampup_epochs` done at `epoch` (from 0), then
+    `weight` (the ramp of Laine and Aila's temporal ensembling, ICLR 2017; 0 epochs: constant)."""
+    if epoch >= rampup_epochs:
+        return weight
+    return weight * math.exp(-5 * (1 - epoch / rampup_epochs) ** 2)
+
+
 def masked_mean(values: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     if valid is None:
         return values.mean()

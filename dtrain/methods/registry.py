@@ -27,7 +27,7 @@ class MethodSpec:
     # trains on samples whose label is hidden (label -1: the CE skips them, the label-free terms
     # keep them), as the folds of a cross-fitted clean-up round do (train.refine_folds)
     unlabelled: bool = False
-    # "module:function" building its per-sample memory (dtrain.methods.steps.MemoryRule)
+    # "module:function" building its per-sample memory (dtrain.methods.memory.MemoryRule)
     memory: str = ""
     # config values the method implies unless the user sets them (`method.name=afm` alone gives
     # AFM's feature-only attention, as configs/afm.yaml does)
@@ -87,7 +87,7 @@ METHODS: dict[str, MethodSpec] = {
             mixup=True,
             contrastive=True,
             elr=True,
-            memory=_steps("elr_targets_rule"),
+            memory="dtrain.methods.elr:elr_targets_rule",
             # chosen on the main job's tuning seeds (docs/results.md): without a ramp one seed
             # of two collapsed to one class
             implies={"method.elr_rampup_epochs": 30},
@@ -99,7 +99,7 @@ METHODS: dict[str, MethodSpec] = {
             contrastive=True,
             elr=True,
             unlabelled=True,
-            memory=_steps("elr_targets_rule"),
+            memory="dtrain.methods.elr:elr_targets_rule",
             implies={"method.elr_rampup_epochs": 30},
         ),
         MethodSpec("ce", "baseline: plain cross-entropy", _steps("ce_step")),
@@ -112,7 +112,7 @@ METHODS: dict[str, MethodSpec] = {
             "elr",
             "baseline: ELR, CE + early-learning regularisation (Liu et al. 2020)",
             _steps("elr_step"),
-            memory=_steps("elr_targets_rule"),
+            memory="dtrain.methods.elr:elr_targets_rule",
         ),
         MethodSpec(
             "dividemix",

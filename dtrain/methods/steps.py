@@ -10,7 +10,6 @@ cost apart from the network's."""
 from __future__ import annotations
 
 import importlib
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -20,8 +19,8 @@ from torch.profiler import record_function
 
 from dtrain.config import Config, MethodConfig
 from dtrain.errors import ConfigError
-from dtrain.methods import losses
-from dtrain.methods.division import divide
+from dtrain.methods import elr, losses
+from dtrain.methods.memory import MemoryRule
 from dtrain.methods.model import CoTeachingNet, NoiseRobustNet
 from dtrain.methods.registry import METHODS
 
@@ -37,21 +36,6 @@ class StepOutput:
     terms: dict[str, torch.Tensor] = field(default_factory=dict)  # detached loss terms
     # per sample, detached: what the method keeps between epochs (MemoryRule)
     memory: torch.Tensor | None = None
-
-
-@dataclass(frozen=True)
-class MemoryRule:
-    """A method's per-sample memory (ELR's targets, DivideMix's division), kept by the trainer:
-    a row per sample, `initial` before its first epoch. A step reads the sample's row as
-    batch["memory"] and hands back StepOutput.memory; at each epoch's end the rows of the
-    samples seen become end_epoch(row, what the steps handed back)."""
-
-    initial: tuple[float, ...]
-    end_epoch: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-    @property
-    def width(self) -> int:
-        return len(self.initial)
 
 
 @dataclass(frozen=True)
@@ -96,7 +80,7 @@ def attention_method_step(model: NoiseRobustNet, batch: dict, ctx: StepContext) 
     else:
         ce = sample_loss
         if spec.elr:
-            ce = _label_ce(logits, sample_loss, labels, batch["memory"], ctx)
+            ce = elr.label_ce(logits, sample_loss, labels, batch["memory"], cfg, ctx.epoch)
         loss = losses.masked_mean(ce, labelled)
         terms["ce"] = loss.detach()
         # the attention learns only through L_iam: without it its weights are noise, not a score
@@ -128,14 +112,16 @@ def attention_method_step(model: NoiseRobustNet, batch: dict, ctx: StepContext) 
         if cfg.consistency_lambda > 0:
             logits2 = model.classifier(h2)
             cons = losses.confident_consistency(logits, logits2, cfg.consistency_threshold, valid)
-            weight = ramp(cfg.consistency_lambda, cfg.consistency_rampup_epochs, ctx.epoch)
+            weight = losses.ramp(cfg.consistency_lambda, cfg.consistency_rampup_epochs, ctx.epoch)
             loss = loss + weight * cons
             terms["cons"] = cons.detach()
     observed = None
     if spec.elr:
-        elr, observed = _elr(logits, labels, sample_loss, batch["memory"], ctx, valid)
-        loss = loss + elr_weight(cfg, ctx.epoch) * elr
-        terms["elr"] = elr.detach()
+        regulariser, observed = elr.elr_and_row(
+            logits, labels, sample_loss, batch["memory"], cfg, valid
+        )
+        loss = loss + elr.elr_weight(cfg, ctx.epoch) * regulariser
+        terms["elr"] = regulariser.detach()
     return StepOutput(
         loss,
         logits.detach(),
@@ -207,88 +193,14 @@ def elr_step(model: torch.nn.Module, batch: dict, ctx: StepContext) -> StepOutpu
     """ELR: CE + elr_lambda * ELR's regulariser on view 1 (losses.elr_term)."""
     logits, labels, valid = model(batch["view1"]), batch["label"], batch["valid"]
     sample_loss = F.cross_entropy(losses.wide(logits), labels, reduction="none")
-    ce = _label_ce(logits, sample_loss, labels, batch["memory"], ctx)
-    elr, observed = _elr(logits, labels, sample_loss, batch["memory"], ctx, valid)
+    cfg, memory = ctx.cfg, batch["memory"]
+    ce = elr.label_ce(logits, sample_loss, labels, memory, cfg, ctx.epoch)
+    regulariser, observed = elr.elr_and_row(logits, labels, sample_loss, memory, cfg, valid)
     loss = losses.masked_mean(ce, valid)
-    out = _baseline_output(loss + elr_weight(ctx.cfg, ctx.epoch) * elr, logits, labels, "ce")
-    out.terms["ce"], out.terms["elr"], out.memory = loss.detach(), elr.detach(), observed
+    total = loss + elr.elr_weight(cfg, ctx.epoch) * regulariser
+    out = _baseline_output(total, logits, labels, "ce")
+    out.terms["ce"], out.terms["elr"], out.memory = loss.detach(), regulariser.detach(), observed
     return out
-
-
-def elr_weight(cfg: MethodConfig, epoch: int) -> float:
-    """ELR's weight in epoch `epoch` (from 0): elr_lambda ramped over method.elr_rampup_epochs,
-    near zero while the model is still at chance, whose confident guesses the term would lock
-    in."""
-    return ramp(cfg.elr_lambda, cfg.elr_rampup_epochs, epoch)
-
-
-def ramp(weight: float, rampup_epochs: int, epoch: int) -> float:
-    """weight exp(-5 (1 - t)^2), t the share of `rampup_epochs` done at `epoch` (from 0), then
-    `weight` (the ramp of Laine and Aila's temporal ensembling, ICLR 2017; 0 epochs: constant)."""
-    if epoch >= rampup_epochs:
-        return weight
-    return weight * math.exp(-5 * (1 - epoch / rampup_epochs) ** 2)
-
-
-def _elr(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    sample_loss: torch.Tensor,
-    memory: torch.Tensor,
-    ctx: StepContext,
-    valid: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """ELR's regulariser, and the row the step hands back: p, the CE against the given label
-    (for the division) and the label."""
-    elr, p = losses.elr_term(logits, memory[:, : ctx.num_classes], ctx.cfg.elr_beta, valid)
-    return elr, torch.cat([p, sample_loss.detach()[:, None], labels.float()[:, None]], 1)
-
-
-def _label_ce(
-    logits: torch.Tensor,
-    sample_loss: torch.Tensor,
-    labels: torch.Tensor,
-    memory: torch.Tensor,
-    ctx: StepContext,
-) -> torch.Tensor:
-    """The per-sample CE term of an ELR method: against the given label, or against the refined
-    target once refining (method.elr_refine_from)."""
-    if not refining(ctx.cfg, ctx.epoch):
-        return sample_loss
-    target = refined_targets(memory, labels, ctx.num_classes)
-    return losses.soft_cross_entropy(logits, target)
-
-
-def refining(cfg: MethodConfig, epoch: int) -> bool:
-    """Whether the CE term trains towards the refined targets (method.elr_refine_from)."""
-    return 0 < cfg.elr_refine_from <= epoch
-
-
-def refined_targets(memory: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """w y + (1 - w) t / sum(t): the given label where the division trusts it, the sample's
-    running-average prediction where it does not (DivideMix's label co-refinement, with ELR's
-    targets in place of the current prediction)."""
-    t = memory[:, :num_classes].float()
-    t = t / t.sum(-1, keepdim=True).clamp_min(1e-12)
-    w = memory[:, num_classes : num_classes + 1].float()
-    return w * F.one_hot(labels, num_classes).float() + (1 - w) * t
-
-
-def elr_targets_rule(cfg: MethodConfig, num_classes: int) -> MemoryRule:
-    """Per sample: ELR's target t(k) = beta t(k-1) + (1 - beta) p (t(0) = 0), the probability
-    that its label is clean (a per-class GMM on the epoch's CE losses, while refining; 1
-    otherwise) and its label."""
-
-    def end_epoch(previous: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
-        c = num_classes
-        targets = cfg.elr_beta * previous[:, :c] + (1 - cfg.elr_beta) * observed[:, :c]
-        clean = torch.ones(len(observed), 1, dtype=previous.dtype)
-        if cfg.elr_refine_from > 0:
-            loss, labels = observed[:, c].double().numpy(), observed[:, c + 1].numpy()
-            clean[:, 0] = torch.from_numpy(divide(loss, labels, per_class=True))
-        return torch.cat([targets, clean, observed[:, c + 1 :].to(previous.dtype)], 1)
-
-    return MemoryRule(initial=(0.0,) * num_classes + (1.0, -1.0), end_epoch=end_epoch)
 
 
 def mixup_step(model: torch.nn.Module, batch: dict, ctx: StepContext) -> StepOutput:

@@ -1,5 +1,5 @@
 """The per-sample memory of the methods that keep one (ELR's targets, DivideMix's division:
-dtrain.methods.steps.MemoryRule), by sample key.
+dtrain.methods.memory.MemoryRule), by sample key.
 
 A row changes only at an epoch's end, from what the steps handed back for that sample during the
 epoch; a step reads the rows as they were at the epoch's start. So the order in which ranks see
@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from dtrain.distributed import world
-from dtrain.methods.steps import MemoryRule
+from dtrain.methods.memory import MemoryRule
 
 
 class SampleMemory:

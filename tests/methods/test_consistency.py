@@ -11,8 +11,9 @@ import torch
 from dtrain.config import load_config
 from dtrain.errors import ConfigError
 from dtrain.methods import losses
+from dtrain.methods.losses import ramp
 from dtrain.methods.model import build_model
-from dtrain.methods.steps import ramp, training_step
+from dtrain.methods.steps import training_step
 
 
 def test_only_confident_first_views_teach_the_second_and_the_mean_is_over_the_batch():

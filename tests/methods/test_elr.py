@@ -9,7 +9,7 @@ import torch
 
 from dtrain.config import load_config
 from dtrain.methods import losses
-from dtrain.methods.steps import elr_targets_rule, elr_weight, refined_targets, refining
+from dtrain.methods.elr import elr_targets_rule, elr_weight, refined_targets, refining
 
 
 def test_the_regulariser_on_a_hand_computed_case():

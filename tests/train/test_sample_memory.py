@@ -13,7 +13,7 @@ import torch
 from conftest import small_overrides, stripes_dataset
 
 from dtrain.config import load_config
-from dtrain.methods.steps import MemoryRule
+from dtrain.methods.memory import MemoryRule
 from dtrain.train import train
 from dtrain.train.sample_memory import SampleMemory
 
