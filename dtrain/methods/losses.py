@@ -200,11 +200,7 @@ def confident_consistency(
     q = wide(teacher_logits.detach()).softmax(-1)
     confidence, pseudo = q.max(-1)
     per_sample = F.cross_entropy(wide(student_logits), pseudo, reduction="none")
-    confident = (confidence >= threshold).to(per_sample.dtype)
-    if valid is None:
-        return (per_sample * confident).mean()
-    weights = valid.to(per_sample.dtype)
-    return (per_sample * confident * weights).sum() / weights.sum().clamp_min(1)
+    return masked_mean(per_sample * (confidence >= threshold), valid)
 
 
 def elr_term(
