@@ -11,8 +11,8 @@ Blocks (`BLOCKS`): `performance` (the step breakdown, the loader, the mixup op, 
 `study/study.md`, which benchmarks/study_report.py writes), `accuracy-quick`, `tune`,
 `review-gain`, `tracker-overhead`, `selection-remeasure`, `growth`, `growth-inverted`,
 `dedup-quality`, `dedup-scale`, `prepare-throughput`, `main-job`, `main-job-windows`,
-`main-job-windows-rounds`, `main-job-windows-crossfit`, `main-job-windows-tries` (the main job
-on today's split); and
+`main-job-windows-rounds`, `main-job-windows-rounds-xeon`, `main-job-windows-crossfit`,
+`main-job-windows-tries` (the main job on today's split); and
 `figure:PATH`, a PNG under benchmarks/results/ (the hook serves them under the site's
 `figures/`)."""
 
@@ -692,6 +692,7 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
     "main-job": main_job_md,
     "main-job-windows": partial(main_job_md, "main_job_windows.json"),
     "main-job-windows-rounds": partial(main_job_md, "main_job_windows_rounds.json"),
+    "main-job-windows-rounds-xeon": partial(main_job_md, "main_job_windows_rounds_xeon.json"),
     "main-job-windows-crossfit": partial(main_job_md, "main_job_windows_crossfit.json"),
     "main-job-windows-tries": partial(main_job_md, "main_job_windows_tries.json"),
 }
